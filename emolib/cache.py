@@ -1,0 +1,141 @@
+"""On-disk cache for expensive artefacts (converted models, activations, SAEs, results).
+
+Every entry lives under a key derived from its full config, is written atomically (temporary name, then rename),
+and carries a manifest of checksums so that a truncated or corrupt entry is detected and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def project_root() -> Path:
+    """The repository root (the folder holding `emolib/`)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def cache_dir(*parts: str) -> Path:
+    """`$EMOLIB_CACHE_DIR/<parts>` (default `<project>/.cache/emolib`), created on demand."""
+    root = Path(os.environ.get("EMOLIB_CACHE_DIR", project_root() / ".cache" / "emolib"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_dir(*parts: str) -> Path:
+    """`$EMOLIB_BUILD_DIR/<parts>` (default `<project>/_build`), created on demand."""
+    root = Path(os.environ.get("EMOLIB_BUILD_DIR", project_root() / "_build"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def config_key(*configs: Any, length: int = 16) -> str:
+    """A stable hex digest of configs (dataclasses, dicts, scalars): equal configs give equal keys."""
+    payload = json.dumps([_jsonable(c) for c in configs], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps({"meta": meta, "files": files}, indent=2))
+
+
+def verify_entry(folder: Path) -> bool:
+    """True if `folder` holds a complete entry whose files match the checksums in its manifest."""
+    manifest_path = Path(folder) / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        for rel, info in manifest["files"].items():
+            file = Path(folder) / rel
+            if not file.is_file() or file.stat().st_size != info["size"] or file_sha256(file) != info["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
+    """Return `folder` if it verifies; otherwise run `build(tmp_folder)` and move the result into place atomically.
+
+    A folder that exists but fails verification (interrupted write, truncated or edited file) is removed and rebuilt.
+    """
+    folder = Path(folder)
+    if verify_entry(folder):
+        return folder
+    if folder.exists():
+        logger.warning("cache entry %s is incomplete or corrupt: rebuilding it", folder)
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        build(tmp)
+        _write_manifest(tmp, meta or {})
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
