@@ -111,9 +111,13 @@ def verify_entry(folder: Path) -> bool:
         manifest = json.loads(manifest_path.read_text())
         for rel, info in manifest["files"].items():
             file = Path(folder) / rel
-            if not file.is_file() or file.stat().st_size != info["size"] or file_sha256(file) != info["sha256"]:
+            if (
+                not file.is_file()
+                or file.stat().st_size != info["size"]
+                or file_sha256(file) != info["sha256"]
+            ):
                 return False
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return True
 

@@ -1,0 +1,198 @@
+"""Zero-shot baselines: which items to classify, how to run a model on them, and the numbers to report.
+
+The setup chapter calls these per model and dataset; later chapters reuse `evaluation_items` so that every
+analysis reads the same items the baselines were measured on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from emolib import data
+from emolib.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
+from emolib.models import LoadedModel
+from emolib.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
+from emolib.stats import Estimate, Summary, agreement_rate, paired_difference, summarize
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """One baseline run. `n_per_label=None` classifies the whole split; otherwise a seeded stratified sample.
+
+    `label_set` is "native" (every label of the dataset, as the paper did for ISEAR) or "ekman" (the six Ekman
+    emotions plus neutral, where the dataset has them); other labels are excluded and counted.
+    """
+
+    split: str = "test"
+    n_per_label: int | None = 100
+    sample_seed: int = 0
+    label_set: str = "native"
+    n_boot: int = 2000
+    order_seeds: tuple[int, ...] = (1, 2, 3)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+PRESETS: dict[str, BaselineConfig] = {
+    "quick": BaselineConfig(n_per_label=15, order_seeds=(1,), n_boot=1000),
+    "full": BaselineConfig(n_per_label=100, order_seeds=(1, 2, 3), n_boot=2000),
+}
+
+
+@dataclass
+class EvalItems:
+    """The items of one dataset a run classifies, with the bookkeeping the chapter reports."""
+
+    dataset: str
+    labels: tuple[str, ...]
+    ids: list[str]
+    texts: list[str]
+    gold: list[str]
+    excluded: pd.DataFrame
+    sampled: pd.DataFrame
+    report: data.LoadReport
+
+
+def run_labels(dataset: str, label_set: str) -> tuple[str, ...]:
+    """The labels a run scores for `dataset`, in the dataset's native order."""
+    native = data.get_spec(dataset).labels
+    if label_set == "native":
+        return native
+    if label_set == "ekman":
+        return tuple(label for label in native if label in data.EKMAN7)
+    raise ValueError(f"label_set must be 'native' or 'ekman', not {label_set!r}")
+
+
+def evaluation_items(dataset: str, config: BaselineConfig) -> EvalItems:
+    """Load `dataset`, keep the run's labels (counting exclusions) and `config.split`, then sample per label."""
+    loaded, report = data.load_with_report(dataset)
+    labels = run_labels(dataset, config.label_set)
+    kept, excluded = data.restrict_labels(loaded, labels)
+    split = data.select_split(kept, config.split)
+    if config.n_per_label is not None:
+        split, sampled = data.stratified_subsample(split, config.n_per_label, seed=config.sample_seed)
+    else:
+        counts = split.to_pandas().groupby("label").size()
+        sampled = pd.DataFrame({"split": config.split, "label": counts.index, "taken": counts.to_numpy()})
+    return EvalItems(
+        dataset=dataset,
+        labels=labels,
+        ids=list(split["id"]),
+        texts=list(split["text"]),
+        gold=list(split["label"]),
+        excluded=excluded,
+        sampled=sampled,
+        report=report,
+    )
+
+
+@dataclass
+class BaselineResult:
+    model: str
+    dataset: str
+    predictions: Predictions
+    summary: Summary
+    generated_summary: Summary | None
+    agreement: Estimate | None
+    parsed_share: float | None
+
+    def row(self) -> dict:
+        """One flat row for tables and the README."""
+        row = {
+            "model": self.model,
+            "dataset": self.dataset,
+            "n": self.summary.n,
+            "labels": len(self.summary.labels),
+            "accuracy": self.summary.accuracy.value,
+            "accuracy_low": self.summary.accuracy.low,
+            "accuracy_high": self.summary.accuracy.high,
+            "macro_f1": self.summary.macro_f1.value,
+            "macro_f1_low": self.summary.macro_f1.low,
+            "macro_f1_high": self.summary.macro_f1.high,
+            "chance": self.summary.chance_uniform,
+            "top_prediction_share": max(self.summary.prediction_shares.values()),
+        }
+        if self.agreement is not None:
+            row["generated_accuracy"] = (
+                self.generated_summary.accuracy.value if self.generated_summary else None
+            )
+            row["agreement"] = self.agreement.value
+            row["parsed"] = self.parsed_share
+        return row
+
+
+def make_classifier(
+    lm: LoadedModel,
+    labels: tuple[str, ...],
+    dataset: str,
+    config: ClassifierConfig,
+    label_order: tuple[str, ...] | None = None,
+    template: PromptTemplate | None = None,
+) -> EmotionClassifier:
+    parts = build_prompt(
+        lm.tokenizer,
+        labels,
+        chat=lm.info.chat,
+        template=template or template_for(dataset),
+        label_order=label_order,
+    )
+    return EmotionClassifier(lm.model, lm.tokenizer, parts, config)
+
+
+def run_baseline(
+    lm: LoadedModel, items: EvalItems, config: BaselineConfig, label_order: tuple[str, ...] | None = None
+) -> BaselineResult:
+    """Classify `items` (cached on disk) and summarise restricted scoring, generation and their agreement."""
+    classifier = make_classifier(lm, items.labels, items.dataset, config.classifier, label_order)
+    predictions = cached_predict(classifier, lm.info.name, items.ids, items.texts)
+    summary = summarize(items.gold, predictions.predicted, items.labels, n_boot=config.n_boot)
+    generated_summary = agreement = parsed = None
+    if predictions.generated_labels is not None:
+        # Unparsed generations count as wrong: an answer outside the scored set, not a class of macro-F1.
+        generated = [g if g is not None else "<unparsed>" for g in predictions.generated_labels]
+        generated_summary = summarize(
+            items.gold, generated, items.labels, n_boot=config.n_boot, other_predictions=("<unparsed>",)
+        )
+        agreement = agreement_rate(predictions.generated_labels, predictions.predicted, n_boot=config.n_boot)
+        parsed = predictions.agreement()["parsed"]
+    return BaselineResult(
+        lm.info.name, items.dataset, predictions, summary, generated_summary, agreement, parsed
+    )
+
+
+def label_order_check(
+    lm: LoadedModel, items: EvalItems, config: BaselineConfig, reference: BaselineResult
+) -> pd.DataFrame:
+    """Re-run with the label list shuffled (one row per seed): accuracy change with a paired bootstrap interval,
+    how many predictions flip, and the share of predictions going to the label listed first."""
+    no_generation = ClassifierConfig(**{**config.classifier.__dict__, "generate": False})
+    rows = []
+    orders = [(None, items.labels)] + [(s, shuffled_order(items.labels, s)) for s in config.order_seeds]
+    for seed, order in orders:
+        if seed is None:
+            predicted = reference.predictions.predicted
+        else:
+            classifier = make_classifier(lm, items.labels, items.dataset, no_generation, order)
+            predicted = cached_predict(classifier, lm.info.name, items.ids, items.texts).predicted
+        delta = paired_difference(
+            items.gold, reference.predictions.predicted, predicted, items.labels, n_boot=config.n_boot
+        )
+        rows.append(
+            {
+                "model": lm.info.name,
+                "dataset": items.dataset,
+                "order_seed": "listed order" if seed is None else seed,
+                "order": ", ".join(order),
+                "accuracy": delta.value + reference.summary.accuracy.value,
+                "delta_accuracy": delta.value,
+                "delta_low": delta.low,
+                "delta_high": delta.high,
+                "flipped": sum(
+                    a != b for a, b in zip(predicted, reference.predictions.predicted, strict=True)
+                )
+                / len(predicted),
+                "first_listed_share": sum(p == order[0] for p in predicted) / len(predicted),
+            }
+        )
+    return pd.DataFrame(rows)

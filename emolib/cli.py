@@ -1,0 +1,104 @@
+"""The `emolib` command: build the book (`emolib book`) and refresh the README results table (`emolib readme`).
+
+emolib book --preset quick                      # execute every chapter, then render _build/html/index.html
+emolib book --chapters 00_setup -p n_items=20   # one chapter with an override, rendered as a partial book
+emolib book --render-only                       # re-render from _build/executed/ (refuses stale notebooks)
+emolib readme                                   # rewrite the README block from _build/results/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _chapter_list(values: Sequence[str] | None) -> list[str]:
+    return [name for value in values or [] for name in value.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emolib", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    book = commands.add_parser(
+        "book",
+        help="execute the chapters with papermill and render the book with Jupyter Book",
+        description="Execute each chapter of _toc.yml (jupytext notebooks under book/) with papermill into "
+        "_build/executed/, then render everything with jupyter-book (-W -n) into _build/html/.",
+    )
+    book.add_argument(
+        "--preset", choices=("quick", "full"), default="full", help="chapter preset (default: full)"
+    )
+    book.add_argument(
+        "--chapters",
+        nargs="+",
+        metavar="NAME",
+        help="only these chapters (e.g. 00_setup, or comma-separated); the render then shows only them",
+    )
+    book.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a value of the chapters' parameters cell (a Python literal, else a string); repeatable",
+    )
+    book.add_argument(
+        "--root", type=Path, help="book folder holding _config.yml and _toc.yml (default: the project)"
+    )
+    book.add_argument(
+        "--build-dir", type=Path, help="output folder (default: $EMOLIB_BUILD_DIR or <root>/_build)"
+    )
+    only = book.add_mutually_exclusive_group()
+    only.add_argument("--execute-only", action="store_true", help="run the chapters, do not render")
+    only.add_argument("--render-only", action="store_true", help="render the already executed notebooks")
+    book.add_argument(
+        "--log-output", action="store_true", help="also echo each cell's output while executing"
+    )
+
+    readme = commands.add_parser("readme", help="rewrite the README results table from _build/results/*.json")
+    readme.add_argument("--readme", type=Path, help="the file to rewrite (default: README.md of the project)")
+    readme.add_argument(
+        "--results-dir", type=Path, help="default: $EMOLIB_BUILD_DIR/results or _build/results"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "book":
+        import logging
+
+        from emolib.book import BookError, parse_overrides, run_book
+
+        logging.basicConfig(level=logging.INFO if args.log_output else logging.WARNING, format="%(message)s")
+        try:
+            index = run_book(
+                preset=args.preset,
+                chapters=_chapter_list(args.chapters) or None,
+                overrides=parse_overrides(args.parameter),
+                root=args.root,
+                build=args.build_dir,
+                execute=not args.render_only,
+                render_html=not args.execute_only,
+                log_output=args.log_output,
+            )
+        except BookError as err:
+            print(f"\nemolib book: error: {err}", file=sys.stderr)
+            return 1
+        if index is not None:
+            print(f"[emolib] the book is at {index}")
+        return 0
+    if args.command == "readme":
+        from emolib.results import update_readme
+
+        changed = update_readme(args.readme, args.results_dir)
+        print("[emolib] README results table " + ("updated" if changed else "already up to date"))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

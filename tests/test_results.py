@@ -1,0 +1,120 @@
+"""Results as data: write/read round trip, provenance, and the README table block."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from emolib import results as rs
+from emolib.cli import main
+
+README = f"""# Project
+
+Intro text.
+
+## Results
+
+{rs.START_MARKER}
+old content
+{rs.END_MARKER}
+
+## Licence
+
+MIT.
+"""
+
+
+def test_round_trip_with_numpy_values_and_provenance(tmp_path):
+    payload = {
+        "accuracy": np.float32(0.5),
+        "counts": np.arange(3),
+        "nested": {"ci": (0.25, 0.75)},
+        "nan": float("nan"),
+    }
+    path = rs.write_results("00_setup", payload, preset="quick", results_dir=tmp_path)
+    assert path == tmp_path / "00_setup.json"
+    record = rs.read_results("00_setup", results_dir=tmp_path)
+    assert record["accuracy"] == 0.5 and record["counts"] == [0, 1, 2]
+    assert record["nested"] == {"ci": [0.25, 0.75]} and record["nan"] is None
+    prov = record["provenance"]
+    assert prov["chapter"] == "00_setup" and prov["preset"] == "quick"
+    assert set(prov) >= {"git", "emolib_version", "python_version", "torch_version", "created_utc"}
+    assert set(prov["git"]) == {"commit", "dirty"}
+    assert rs.read_results("00_setup", preset="quick", results_dir=tmp_path) == record
+    with pytest.raises(rs.ResultsPresetError, match="preset 'quick', not 'full'"):
+        rs.read_results("00_setup", preset="full", results_dir=tmp_path)
+
+
+def test_write_leaves_no_temporary_files(tmp_path):
+    rs.write_results("a", {"x": 1}, preset="full", results_dir=tmp_path)
+    rs.write_results("a", {"x": 2}, preset="full", results_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert json.loads((tmp_path / "a.json").read_text())["x"] == 2
+
+
+def test_missing_results_error_names_file_and_chapter(tmp_path):
+    with pytest.raises(rs.ResultsMissingError) as info:
+        rs.read_results("07_steering", results_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "07_steering.json") in message
+    assert "07_steering" in message and "emolib book --chapters 07_steering" in message
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_bad_payloads_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        rs.write_results("a", {"provenance": 1}, preset="full", results_dir=tmp_path)
+    with pytest.raises(TypeError, match="JSON data"):
+        rs.write_results("a", {"x": object()}, preset="full", results_dir=tmp_path)
+    with pytest.raises(TypeError, match="readme_rows"):
+        rs.write_results("a", {"readme_rows": {"claim": 1}}, preset="full", results_dir=tmp_path)
+    with pytest.raises(ValueError, match="file stem"):
+        rs.write_results("../a", {}, preset="full", results_dir=tmp_path)
+
+
+def test_table_columns_are_the_union_of_keys():
+    table = rs.render_table([{"claim": "1", "acc": 0.51234}, {"claim": "2", "verdict": "a|b"}])
+    lines = table.splitlines()
+    assert lines[0] == "| claim | acc | verdict |"
+    assert lines[2] == "| 1 | 0.512 |  |"
+    assert lines[3] == "| 2 |  | a\\|b |"
+
+
+def test_readme_block_rewrite_keeps_markers_and_is_idempotent(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    results = tmp_path / "results"
+    rows = [
+        {"claim": "baseline", "model": "smollm2", "accuracy": 0.4},
+        {"claim": "baseline", "model": "gemma3"},
+    ]
+    rs.write_results("00_setup", {"readme_rows": rows, "other": 1}, preset="full", results_dir=results)
+    rs.write_results("01_other", {"no_rows": True}, preset="full", results_dir=results)
+
+    assert rs.update_readme(readme, results) is True
+    text = readme.read_text()
+    assert text.count(rs.START_MARKER) == 1 and text.count(rs.END_MARKER) == 1
+    assert "old content" not in text
+    assert "| claim | model | accuracy |" in text and "| baseline | gemma3 |  |" in text
+    assert "preset `full`" in text
+    before, after = README.split(rs.START_MARKER)[0], README.split(rs.END_MARKER)[1]
+    assert text.startswith(before) and text.endswith(after)
+
+    assert rs.update_readme(readme, results) is False
+    assert readme.read_text() == text
+
+
+def test_readme_without_results_says_so(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert main(["readme", "--readme", str(readme), "--results-dir", str(tmp_path / "none")]) == 0
+    assert "No results yet" in readme.read_text()
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="results:start"):
+        rs.update_readme(readme, tmp_path)
