@@ -44,7 +44,9 @@ def peak_rss_gib() -> float:
 
 
 def bench_model(name: str, dataset: str, n: int, repeats: int) -> dict[str, float]:
-    items = evaluation_items(dataset, BaselineConfig(n_per_label=max(1, n // len(data.get_spec(dataset).labels))))
+    items = evaluation_items(
+        dataset, BaselineConfig(n_per_label=max(1, n // len(data.get_spec(dataset).labels)))
+    )
     texts = items.texts[:n]
     lm = load_model(name)
     hf_model, tokenizer = load_hf_model(name)
@@ -70,18 +72,24 @@ def bench_model(name: str, dataset: str, n: int, repeats: int) -> dict[str, floa
         "emolib, batch 1": prompts_per_second(emolib_run(batch_size=1), len(texts), repeats),
     }
     tokens = sum(ids.shape[1] for ids in full_prompts) / len(full_prompts)
-    print(f"\n{name} on {len(texts)} {dataset} prompts ({tokens:.0f} tokens each on average, prefix {len(prefix)})")
+    print(
+        f"\n{name} on {len(texts)} {dataset} prompts ({tokens:.0f} tokens each on average, prefix {len(prefix)})"
+    )
     base = rates["baseline (transformers, one prompt at a time)"]
     for label, rate in rates.items():
         print(f"  {label:<48} {rate:7.2f} prompts/s   {rate / base:5.2f}x")
     ratio = rates["emolib (batch 16, prefix reused)"] / base
-    print(f"  ratio emolib / baseline: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})")
+    print(
+        f"  ratio emolib / baseline: {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})"
+    )
     print(f"  peak resident memory so far: {peak_rss_gib():.2f} GiB")
     return {"ratio": ratio, **rates}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma-3-270m"])
     parser.add_argument("--dataset", default=None, help="default: isear if available, else builtin")
     parser.add_argument("--n", type=int, default=64, help="prompts per run")

@@ -196,3 +196,27 @@ def label_order_check(
             }
         )
     return pd.DataFrame(rows)
+
+
+def scoring_check(
+    lm: LoadedModel, items: EvalItems, config: BaselineConfig, reference: BaselineResult
+) -> dict:
+    """Compare the reference run's scoring mode with exact whole-sequence scoring on the same items.
+
+    First-token scoring credits a label with every answer that starts like it; this measures how often that
+    shortcut changes the prediction, and the accuracy change with a paired bootstrap interval.
+    """
+    exact = ClassifierConfig(**{**config.classifier.__dict__, "generate": False, "scoring": "sequence"})
+    classifier = make_classifier(lm, items.labels, items.dataset, exact)
+    sequence = cached_predict(classifier, lm.info.name, items.ids, items.texts).predicted
+    delta = paired_difference(
+        items.gold, reference.predictions.predicted, sequence, items.labels, n_boot=config.n_boot
+    )
+    return {
+        "model": lm.info.name,
+        "dataset": items.dataset,
+        "default mode": reference.predictions.scoring_mode,
+        "agreement with sequence scoring": agreement_rate(reference.predictions.predicted, sequence).value,
+        "accuracy, sequence scoring": delta.value + reference.summary.accuracy.value,
+        "accuracy change [95% CI]": str(delta),
+    }

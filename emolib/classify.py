@@ -33,9 +33,14 @@ from emolib.prompts import PromptParts, encode_prefix, encode_suffix
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """How to run the classifier. Results do not depend on `batch_size` or `reuse_prefix` (tested)."""
+    """How to run the classifier. Results do not depend on `batch_size` or `reuse_prefix` (tested).
+
+    `scoring` is "auto" (first-token scoring when each label's first tokens are its own, else whole sequences),
+    "first-token" or "sequence".
+    """
 
     batch_size: int = 16
+    scoring: str = "auto"
     generate: bool = True
     max_new_tokens: int = 8
     max_text_tokens: int = 256
@@ -128,14 +133,20 @@ def parse_label(generation: str, labels: tuple[str, ...]) -> str | None:
     return None if best is None else best[1]
 
 
-def _verbaliser_ids(
-    tokenizer: PreTrainedTokenizerBase, parts: PromptParts
-) -> tuple[list[tuple[int, tuple[int, ...]]], str]:
-    """(label index, token sequence) for every verbaliser, and the scoring mode.
+SCORING_MODES = ("auto", "first-token", "sequence")
 
-    First-token scoring is exact only when every verbaliser is a single token and no token is shared between
-    labels; otherwise whole sequences are scored.
+
+def _verbaliser_ids(
+    tokenizer: PreTrainedTokenizerBase, parts: PromptParts, scoring: str = "auto"
+) -> tuple[list[tuple[int, tuple[int, ...]]], str]:
+    """(label index, token sequence) pairs to score, and the scoring mode used.
+
+    "first-token" scores each label by the probability of its verbalisers' first tokens, which identifies the
+    label only if no first token belongs to two labels; "sequence" scores whole verbalisers (one extra forward
+    pass per multi-token verbaliser); "auto" picks first-token when it is valid and sequence otherwise.
     """
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {SCORING_MODES}, not {scoring!r}")
     sequences = []
     for j, label in enumerate(parts.labels):
         for verbaliser in parts.verbalisers[label]:
@@ -143,9 +154,18 @@ def _verbaliser_ids(
             if not ids:
                 raise ValueError(f"verbaliser {verbaliser!r} of label {label!r} tokenises to nothing")
             sequences.append((j, ids))
-    first_tokens = [ids[0] for _, ids in sequences]
-    single = all(len(ids) == 1 for _, ids in sequences) and len(set(first_tokens)) == len(first_tokens)
-    return list(dict.fromkeys(sequences)), ("first-token" if single else "sequence")
+    owners: dict[int, set[int]] = {}
+    for j, ids in sequences:
+        owners.setdefault(ids[0], set()).add(j)
+    shared = sorted(token for token, labels in owners.items() if len(labels) > 1)
+    if scoring == "first-token" and shared:
+        names = [tokenizer.convert_ids_to_tokens(t) for t in shared]
+        raise ValueError(
+            f"first-token scoring is ambiguous: tokens {names} start verbalisers of several labels"
+        )
+    if scoring == "sequence" or shared:
+        return list(dict.fromkeys(sequences)), "sequence"
+    return list(dict.fromkeys((j, ids[:1]) for j, ids in sequences)), "first-token"
 
 
 def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
@@ -196,7 +216,7 @@ class EmotionClassifier:
         self.parts = parts
         self.config = config or ClassifierConfig()
         self.prefix_ids = encode_prefix(tokenizer, parts)
-        self.sequences, self.scoring_mode = _verbaliser_ids(tokenizer, parts)
+        self.sequences, self.scoring_mode = _verbaliser_ids(tokenizer, parts, self.config.scoring)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         for stop in ("<|im_end|>", "<end_of_turn>", "\n"):
@@ -355,6 +375,8 @@ def predictions_key(model_name: str, classifier: EmotionClassifier, ids: list[st
         "generate": cfg.generate,
         "max_new_tokens": cfg.max_new_tokens,
         "max_text_tokens": cfg.max_text_tokens,
+        "scoring_mode": classifier.scoring_mode,
+        "sequences": classifier.sequences,
     }
     items = hashlib.sha256(
         "\x1f".join(f"{i}\x1e{t}" for i, t in zip(ids, texts, strict=True)).encode()

@@ -241,15 +241,26 @@ def _build_hooked_quietly(spec: ModelSpec) -> LoadedModel:
 
 
 def use_transposed_layout(model: HookedTransformer) -> None:
-    """Store MLP and unembedding weights transposed in memory (same values, same shapes).
+    """Store weights in the memory layout TransformerLens' forward pass reshapes them to (same values and shapes).
 
-    TransformerLens calls `W.T.contiguous()` on these weights in every forward pass to match transformers'
-    layout; when `W.T` is already contiguous that call is free instead of a full copy of each matrix (for Gemma's
-    262k-token unembedding, 670 MB per call), which dominates short forward passes such as decoding steps.
+    In every forward pass TransformerLens turns the MLP and unembedding weights into `W.T.contiguous()` and the
+    attention weights into `(head d_head) x d_model` matrices; when the stored tensor already has that layout
+    these are free views instead of full copies of each matrix (for Gemma's 262k-token unembedding, 670 MB per
+    call), which dominate short forward passes such as decoding steps.
     """
     for name, param in model.named_parameters():
-        if name.endswith(("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")) and param.dim() == 2:
+        if param.dim() == 2 and name.endswith(("mlp.W_in", "mlp.W_gate", "mlp.W_out", "unembed.W_U")):
             param.data = param.data.T.contiguous().T
+        elif param.dim() == 3 and name.endswith(
+            ("attn.W_Q", "attn.W_K", "attn.W_V", "attn._W_K", "attn._W_V")
+        ):
+            param.data = (
+                param.data.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+            )  # memory: head, d_head, d_model
+        elif param.dim() == 3 and name.endswith("attn.W_O"):
+            param.data = (
+                param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+            )  # memory: d_model, head, d_head
 
 
 def _info(

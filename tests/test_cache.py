@@ -79,7 +79,12 @@ def test_config_key_sees_every_field_of_the_real_configs():
     keys = {cache.config_key(base)}
     for f in dataclasses.fields(ClassifierConfig):
         value = getattr(base.classifier, f.name)
-        new = (not value) if isinstance(value, bool) else value + 1
+        if isinstance(value, bool):
+            new = not value
+        elif isinstance(value, str):
+            new = value + "-changed"
+        else:
+            new = value + 1
         keys.add(
             cache.config_key(
                 dataclasses.replace(base, classifier=dataclasses.replace(base.classifier, **{f.name: new}))

@@ -489,3 +489,50 @@ def test_runs_with_an_sae_attached_are_never_cached(tiny_model, tiny_tokenizer, 
         tiny_model.reset_saes()
     assert prediction_entries(tmp_cache) == []
     assert not classify._has_interventions(tiny_model)
+
+
+# ------------------------------------------------------------------------------------------ scoring modes
+
+#: " Anger" is several tokens (" An", "g", "er"), but no first token is shared between these labels.
+UNIQUE_FIRST = ("anger", "joy", "fear")
+
+
+@torch.inference_mode()
+def brute_force_first_token_scores(model, tokenizer, parts, text: str) -> np.ndarray:
+    """log sum of P(first token of each verbaliser) after the prompt, from one full forward pass."""
+    context = encode_prefix(tokenizer, parts) + encode_suffix(tokenizer, parts, text, 256)[0]
+    logprobs = torch.log_softmax(model(torch.tensor([context]))[0, -1].double(), dim=-1)
+    scores = []
+    for label in parts.labels:
+        firsts = {tokenizer(v, add_special_tokens=False).input_ids[0] for v in parts.verbalisers[label]}
+        scores.append(torch.logsumexp(logprobs[sorted(firsts)], dim=0).item())
+    return np.array(scores)
+
+
+def test_auto_scoring_uses_first_tokens_when_each_label_owns_them(tiny_model, tiny_tokenizer):
+    clf = classifier(tiny_model, tiny_tokenizer, UNIQUE_FIRST, generate=False)
+    lengths = [
+        len(tiny_tokenizer(v, add_special_tokens=False).input_ids) for v in clf.parts.verbalisers["anger"]
+    ]
+    assert max(lengths) > 1  # a multi-token verbaliser, yet first-token scoring is valid
+    assert clf.scoring_mode == "first-token"
+    predictions = clf.predict(TEXTS)
+    for i, text in enumerate(TEXTS):
+        expected = brute_force_first_token_scores(tiny_model, tiny_tokenizer, clf.parts, text)
+        np.testing.assert_allclose(predictions.label_logprobs[i], expected, atol=1e-5, rtol=0)
+
+
+def test_sequence_scoring_can_be_forced(tiny_model, tiny_tokenizer):
+    clf = classifier(tiny_model, tiny_tokenizer, UNIQUE_FIRST, generate=False, scoring="sequence")
+    assert clf.scoring_mode == "sequence"
+    predictions = clf.predict(TEXTS[:3])
+    for i, text in enumerate(TEXTS[:3]):
+        expected = brute_force_scores(tiny_model, tiny_tokenizer, clf.parts, text)
+        np.testing.assert_allclose(predictions.label_logprobs[i], expected, atol=1e-5, rtol=0)
+
+
+def test_first_token_scoring_refuses_shared_first_tokens(tiny_model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="ambiguous"):
+        classifier(tiny_model, tiny_tokenizer, EMOTIONS, scoring="first-token")
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        classifier(tiny_model, tiny_tokenizer, SINGLE, scoring="best")

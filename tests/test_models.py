@@ -198,6 +198,9 @@ def test_transposed_layout_keeps_values_shapes_and_outputs(tiny_tokenizer):
     models.use_transposed_layout(model)  # idempotent
     names = {n for n, _ in model.named_parameters() if n.endswith(("W_in", "W_gate", "W_out", "W_U"))}
     assert len(names) == 3 * 2 + 1
+    qkv = {n for n, _ in model.named_parameters() if n.endswith(("attn.W_Q", "attn._W_K", "attn._W_V"))}
+    outputs = {n for n, _ in model.named_parameters() if n.endswith("attn.W_O")}
+    assert len(qkv) == 3 * 2 and len(outputs) == 2
     ref_params = dict(reference.named_parameters())
     for name, param in model.named_parameters():
         assert param.shape == ref_params[name].shape
@@ -205,6 +208,10 @@ def test_transposed_layout_keeps_values_shapes_and_outputs(tiny_tokenizer):
         if name in names:
             assert ref_params[name].is_contiguous() and not ref_params[name].T.is_contiguous()
             assert param.T.is_contiguous() and not param.is_contiguous()
+        elif name in qkv:  # (head d_head) x d_model, the matrix TransformerLens multiplies by, is a view
+            assert param.permute(0, 2, 1).is_contiguous() and not param.is_contiguous()
+        elif name in outputs:  # d_model x (head d_head) likewise
+            assert param.permute(2, 0, 1).is_contiguous() and not param.is_contiguous()
         else:
             assert param.is_contiguous()
     ids = torch.tensor([tiny_tokenizer("I lost my keys.").input_ids])
@@ -334,7 +341,7 @@ def test_real_model_classifier_batching_and_scores(real):
         max(data.load("builtin")["text"], key=len)
     ]
     parts = build_prompt(lm.tokenizer, data.EKMAN7, chat=lm.info.chat, template=template_for("builtin"))
-    config = {"max_new_tokens": 4, "progress": False}
+    config = {"max_new_tokens": 4, "progress": False, "scoring": "sequence"}
     one = EmotionClassifier(lm.model, lm.tokenizer, parts, ClassifierConfig(batch_size=1, **config)).predict(
         texts
     )
@@ -356,3 +363,14 @@ def test_real_model_classifier_batching_and_scores(real):
                 sequences.append(sum(logprobs[len(context) - 1 + i, t] for i, t in enumerate(ids)))
             expected.append(torch.logsumexp(torch.stack(sequences), 0).item())
     np.testing.assert_allclose(one.label_logprobs[-1], expected, atol=1e-3, rtol=0)
+    # the default on these models is first-token scoring (each label owns its first tokens): check it too
+    default = EmotionClassifier(lm.model, lm.tokenizer, parts, ClassifierConfig(generate=False, progress=False))
+    assert default.scoring_mode == "first-token"
+    with torch.no_grad():
+        last = torch.log_softmax(lm.model(torch.tensor([context]))[0, -1].double(), -1)
+    firsts = [
+        sorted({lm.tokenizer(v, add_special_tokens=False).input_ids[0] for v in parts.verbalisers[label]})
+        for label in parts.labels
+    ]
+    expected_first = [torch.logsumexp(last[ids], 0).item() for ids in firsts]
+    np.testing.assert_allclose(default.predict(texts).label_logprobs[-1], expected_first, atol=1e-3, rtol=0)
