@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import os
 import resource
 import tempfile
@@ -32,6 +34,7 @@ from emolib.models import load_hf_model, load_model
 
 GOAL = 0.9
 GIB = 2**30
+_LIBC = ctypes.CDLL("libc.so.6")
 
 
 def _status_kib(field: str) -> int:
@@ -42,7 +45,13 @@ def _status_kib(field: str) -> int:
 
 
 def measure(run: Callable[[], object]) -> tuple[float, float]:
-    """(seconds, peak extra resident memory in GiB) of one call; the peak is reset before the call."""
+    """(seconds, peak extra resident memory in GiB) of one call; the peak is reset before the call.
+
+    Freed heap is handed back to the system first (`malloc_trim`), so that memory an earlier measurement freed but
+    the allocator kept does not hide this one's allocations.
+    """
+    gc.collect()
+    _LIBC.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
     before = _status_kib("VmRSS")
     start = time.perf_counter()
@@ -175,7 +184,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="tokens per chunk")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if data.data_dir() is None:
         raise SystemExit("set EMOLIB_DATA_DIR to the shared datasets (WikiText-2 is read from there)")
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 Both sides see SmolLM2-135M-Instruct, the same WikiText-2 token sequences (chunks of `--context` tokens; position 0,
 the attention sink, is excluded from training), the same SAE (the full preset: BatchTopK, width 4 x d_model, k 32,
-lr, windows, normalisation) and the same number of training tokens (`--tokens` x `--epochs`).
+lr schedule, windows, normalisation) and the same number of training tokens (`--tokens` x `--epochs`).
 
 - emolib: one forward pass per batch writes every layer's residual to the activation cache (`emolib.activations`),
   then sae-lens' `MultiSAETrainer` trains all layers' SAEs in lockstep from one `{hook: batch}` stream

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,6 +49,7 @@ SHARD_PATTERN = "shard-{:05d}.safetensors"
 
 # Drop reasons, as counted in the manifest (`meta["dropped"]`).
 FIRST_POSITIONS = "first positions"
+SHARED_PREFIX = "shared prefix"
 OUTLIERS = "outliers"
 BEYOND_MAX_LENGTH = "beyond max_length"
 
@@ -455,8 +457,10 @@ def _all_mode_batch(
     seq_index: Tensor,
     config: ExtractionConfig,
     pad_id: int,
+    starts: Sequence[int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int], dict[str, int]]:
-    """Rows of one right-padded batch: every token from `skip_first` on, minus outliers (at any hook).
+    """Rows of one right-padded batch: every token from `skip_first` (and the sequence's start) on, minus outliers
+    (at any hook).
 
     Returns per-hook rows `[kept, d]`, the index tensors, drop counts and per-hook outlier counts.
     """
@@ -468,13 +472,17 @@ def _all_mode_batch(
         mask[row, : len(ids)] = 1
     wanted = mask.bool()
     wanted[:, : config.skip_first] = False
+    n_first = int(wanted.logical_not().logical_and(mask.bool()).sum())
+    if starts is not None:
+        for row, begin in enumerate(starts):
+            wanted[row, :begin] = False
     b_idx, p_idx = wanted.nonzero(as_tuple=True)  # sequence-major order
     flat = b_idx * width + p_idx
     fwd_hooks, captured = _capturing(
         hooks, (batch, width), lambda act: act.flatten(0, 1).index_select(0, flat)
     )
     _forward(model, tokens, mask, fwd_hooks, stop)
-    dropped = {FIRST_POSITIONS: int(mask.sum()) - len(flat), OUTLIERS: 0}
+    dropped = {FIRST_POSITIONS: n_first, SHARED_PREFIX: int(mask.sum()) - len(flat) - n_first, OUTLIERS: 0}
     by_hook = {h: 0 for h in hooks}
     if config.outlier_factor is not None and len(flat):
         flagged = torch.zeros(len(flat), dtype=torch.bool)
@@ -518,9 +526,8 @@ def _last_mode_layouts(
         tokens = torch.tensor(seqs)
         yield list(range(len(seqs))), tokens, torch.ones_like(tokens)
         return
-    common = min(
-        _common_prefix(seqs), min(lengths) - 1
-    )  # every prompt keeps at least its last token in `rest`
+    # the shared prefix stops short of the shortest prompt: every prompt keeps at least its last token in `rest`
+    common = min(_common_prefix(seqs), min(lengths) - 1)
     width = max(lengths)  # = common + the longest rest
     if common >= 1 and (window is None or width <= window):
         tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -566,12 +573,14 @@ def _build(
     config: ExtractionConfig,
     hooks: tuple[str, ...],
     meta: dict[str, Any],
+    starts: list[int] | None = None,
 ) -> None:
+    began = time.perf_counter()
     stop = _stop_layer(model, hooks)
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     writer = _ShardWriter(folder, hooks, config.shard_rows, STORAGE_DTYPES[config.storage_dtype])
-    dropped = {FIRST_POSITIONS: 0, OUTLIERS: 0, BEYOND_MAX_LENGTH: 0}
+    dropped = {FIRST_POSITIONS: 0, SHARED_PREFIX: 0, OUTLIERS: 0, BEYOND_MAX_LENGTH: 0}
     by_hook = {h: 0 for h in hooks}
     n_tokens = sum(min(len(s), config.max_length) for s in sequences)
     bar = tqdm(
@@ -588,10 +597,12 @@ def _build(
                 dropped[BEYOND_MAX_LENGTH] += sum(max(0, len(s) - config.max_length) for s in batch)
                 batch = [s[: config.max_length] for s in batch]
                 seq_index = torch.arange(start, start + len(batch))
+                batch_starts = None if starts is None else starts[start : start + len(batch)]
                 rows, index, counts, flagged = _all_mode_batch(
-                    model, hooks, stop, batch, seq_index, config, pad_id
+                    model, hooks, stop, batch, seq_index, config, pad_id, batch_starts
                 )
                 writer.append(rows, index)
+                del rows, index  # before the next batch's rows exist: one batch of rows in memory, not two
                 for reason, n in counts.items():
                     dropped[reason] += n
                 for h, n in flagged.items():
@@ -627,6 +638,7 @@ def _build(
         dropped=dropped if config.mode == "all" else {},
         outliers_by_hook=by_hook if config.mode == "all" and config.outlier_factor is not None else {},
         max_buffered_rows=writer.max_buffered,
+        build_seconds=time.perf_counter() - began,
     )
 
 
@@ -638,8 +650,13 @@ def extract_activations(
     *,
     description: str,
     preset: str,
+    starts: Sequence[int] | None = None,
 ) -> ActivationStore:
     """Activations of `sequences` (token-id lists) at `config.hooks`, from the cache or extracted into it.
+
+    `starts` (all mode only) drops, per sequence, the positions before `starts[i]` as well: a corpus of prompts
+    that share an instruction prefix keeps that prefix's activations once instead of once per prompt (they are
+    identical, the model being causal), while every later token still sees the prefix as context.
 
     One forward pass per batch records every hook and stops after the deepest one. `model_name` (default: the
     LoadedModel's name), the hooks and result-relevant config, a sha256 of the exact sequences, `description`
@@ -658,6 +675,12 @@ def extract_activations(
     sequences = [[int(t) for t in s] for s in sequences]
     if not sequences:
         raise ValueError("extract_activations needs at least one sequence")
+    if starts is not None:
+        if config.mode != "all":
+            raise ValueError("starts applies to all-token mode only")
+        if len(starts) != len(sequences) or any(int(b) < 0 for b in starts):
+            raise ValueError("starts needs one non-negative position per sequence")
+        starts = [int(b) for b in starts]
     empty = [i for i, s in enumerate(sequences) if not s]
     if empty:
         raise ValueError(f"sequences at positions {empty[:10]} are empty")
@@ -677,6 +700,8 @@ def extract_activations(
         raise ValueError(f"hooks contain duplicates: {hooks}")
     _stop_layer(model, hooks)  # validates the names before anything is built
     data_sha = sequences_sha256(sequences)
+    if starts is not None and any(starts):
+        data_sha = config_key(data_sha, starts, length=64)  # the kept positions are part of the data
     key = activation_key(model_name, config, data_sha, description=description, preset=preset)
     folder = cache_dir("activations") / _folder_name(model_name, config.mode, key)
     meta: dict[str, Any] = {
@@ -693,7 +718,9 @@ def extract_activations(
         "storage_dtype": config.storage_dtype,
         "config": config.result_fields(),
     }
-    entry = cached_entry(folder, lambda tmp: _build(tmp, model, sequences, config, hooks, meta), meta=meta)
+    entry = cached_entry(
+        folder, lambda tmp: _build(tmp, model, sequences, config, hooks, meta, starts), meta=meta
+    )
     store = ActivationStore(entry)
     if store.meta["data_sha256"] != data_sha or tuple(store.hooks) != hooks:
         raise ActivationCacheError(

@@ -7,7 +7,6 @@ uses dev splits, so that no text an analysis chapter reads (dev/test) is ever se
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from emolib import data
+from emolib.activations import sequences_sha256, token_chunks
 from emolib.prompts import build_prompt, encode_prefix, encode_suffix, template_for
 
 LM_DATASET = "wikitext-2-raw"
@@ -39,9 +39,15 @@ class CorpusConfig:
 
 @dataclass
 class Corpus:
-    """Token sequences (each starts with the model's BOS where it uses one) and where they came from."""
+    """Token sequences (each starts with the model's BOS where it uses one) and where they came from.
+
+    `starts[i]` is the first position of sequence `i` worth storing: prompts of one dataset share their instruction
+    prefix token for token, so its activations are identical in every prompt (the model is causal) and are kept
+    once, from the dataset's first prompt (`emolib.activations.extract_activations(..., starts=...)`).
+    """
 
     sequences: list[list[int]]
+    starts: list[int]
     sources: list[str]
     table: pd.DataFrame
     description: str
@@ -51,48 +57,44 @@ class Corpus:
     def n_tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
+    @property
+    def n_stored(self) -> int:
+        """Tokens whose activations are stored (before dropping first positions and outliers)."""
+        return sum(len(s) - b for s, b in zip(self.sequences, self.starts, strict=True))
+
     def digest(self) -> str:
-        """sha256 of the exact token sequences: part of every activation cache key built from this corpus."""
-        h = hashlib.sha256()
-        for seq in self.sequences:
-            h.update(len(seq).to_bytes(4, "little"))
-            h.update(b"".join(t.to_bytes(4, "little") for t in seq))
-        return h.hexdigest()
+        """sha256 of the exact token sequences (as `emolib.activations` hashes them for its cache keys)."""
+        return sequences_sha256(self.sequences)
 
 
 def _emotion_prompts(
     tokenizer: PreTrainedTokenizerBase, chat: bool, dataset: str, config: CorpusConfig
-) -> list[list[int]]:
+) -> tuple[list[list[int]], int]:
+    """The dataset's sampled prompts as token ids, and the length of their shared prefix."""
     loaded = data.select_split(data.load(dataset), config.split)
     sample, _ = data.stratified_subsample(loaded, config.emotion_per_label, seed=config.seed)
     labels = data.get_spec(dataset).labels
     parts = build_prompt(tokenizer, labels, chat=chat, template=template_for(dataset))
     prefix = encode_prefix(tokenizer, parts)
-    return [prefix + encode_suffix(tokenizer, parts, text, config.max_length)[0] for text in sample["text"]]
+    prompts = [
+        prefix + encode_suffix(tokenizer, parts, text, config.max_length)[0] for text in sample["text"]
+    ]
+    return prompts, len(prefix)
 
 
 def _general_sequences(tokenizer: PreTrainedTokenizerBase, config: CorpusConfig) -> list[list[int]]:
-    """WikiText articles of the split, tokenised and cut into `max_length` chunks, up to `general_tokens`."""
+    """WikiText articles of the split (seeded order), cut into `max_length` chunks, up to `general_tokens`."""
     articles = data.wikitext_articles(config.split)
     random.Random(config.seed).shuffle(articles)
-    bos = (
-        [tokenizer.bos_token_id]
-        if tokenizer("x", add_special_tokens=True).input_ids[0] == tokenizer.bos_token_id
-        else []
-    )
-    body = config.max_length - len(bos)
     sequences: list[list[int]] = []
     total = 0
-    for article in articles:
-        ids = tokenizer(article, add_special_tokens=False).input_ids
-        for start in range(0, len(ids), body):
-            chunk = bos + ids[start : start + body]
-            if len(chunk) < 16:  # a dangling tail carries little context
-                continue
-            sequences.append(chunk)
-            total += len(chunk)
-            if total >= config.general_tokens:
-                return sequences
+    for chunk in token_chunks(tokenizer, articles, config.max_length):
+        if len(chunk) < 16:  # a dangling tail carries little context
+            continue
+        sequences.append(chunk)
+        total += len(chunk)
+        if total >= config.general_tokens:
+            break
     return sequences
 
 
@@ -101,41 +103,37 @@ def build_corpus(tokenizer: PreTrainedTokenizerBase, chat: bool, config: CorpusC
     available = data.available_datasets()
     emotion = config.emotion_datasets or tuple(d for d in available if data.get_spec(d).kind == "emotion")
     sequences: list[list[int]] = []
+    starts: list[int] = []
     sources: list[str] = []
     rows = []
     for dataset in emotion:
-        prompts = _emotion_prompts(tokenizer, chat, dataset, config)
+        prompts, prefix = _emotion_prompts(tokenizer, chat, dataset, config)
         sequences += prompts
+        starts += [0] + [prefix] * (len(prompts) - 1)
         sources += [dataset] * len(prompts)
-        rows.append(
-            {
-                "source": dataset,
-                "kind": "emotion prompts",
-                "sequences": len(prompts),
-                "tokens": sum(map(len, prompts)),
-            }
-        )
+        n = sum(map(len, prompts))
+        rows.append(_row(dataset, "emotion prompts", len(prompts), n, n - prefix * (len(prompts) - 1)))
     notes = []
     if LM_DATASET in available and config.general_tokens > 0:
         general = _general_sequences(tokenizer, config)
         sequences += general
+        starts += [0] * len(general)
         sources += [LM_DATASET] * len(general)
-        rows.append(
-            {
-                "source": LM_DATASET,
-                "kind": "general text",
-                "sequences": len(general),
-                "tokens": sum(map(len, general)),
-            }
-        )
+        n = sum(map(len, general))
+        rows.append(_row(LM_DATASET, "general text", len(general), n, n))
     elif config.general_tokens > 0:
         notes.append(
             f"{LM_DATASET} is not available (EMOLIB_DATA_DIR unset): the corpus has no general text."
         )
     table = pd.DataFrame(rows)
-    table["share of tokens"] = table["tokens"] / table["tokens"].sum()
+    table["share of stored tokens"] = table["stored tokens"] / table["stored tokens"].sum()
     description = (
-        f"{config.split} split: {config.emotion_per_label} prompts per label from {', '.join(emotion)}; "
-        f"up to {config.general_tokens} WikiText tokens in chunks of {config.max_length}"
+        f"{config.split} split: {config.emotion_per_label} prompts per label from {', '.join(emotion)} "
+        f"(shared instruction prefix stored once per dataset); up to {config.general_tokens} WikiText tokens "
+        f"in chunks of {config.max_length}"
     )
-    return Corpus(sequences, sources, table, description, notes)
+    return Corpus(sequences, starts, sources, table, description, notes)
+
+
+def _row(source: str, kind: str, sequences: int, tokens: int, stored: int) -> dict:
+    return {"source": source, "kind": kind, "sequences": sequences, "tokens": tokens, "stored tokens": stored}

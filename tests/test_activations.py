@@ -15,6 +15,7 @@ from emolib.activations import (
     BEYOND_MAX_LENGTH,
     FIRST_POSITIONS,
     OUTLIERS,
+    SHARED_PREFIX,
     ActivationStore,
     ExtractionConfig,
     activation_key,
@@ -66,9 +67,15 @@ def prompts(tokenizer, chat: bool = False) -> list[list[int]]:
     return [prefix + encode_suffix(tokenizer, parts, text, 64)[0] for text in TEXTS]
 
 
-def extract(model, sequences, name="tiny", description="test data", preset="test", **config):
+def extract(model, sequences, name="tiny", description="test data", preset="test", starts=None, **config):
     return extract_activations(
-        model, name, sequences, ExtractionConfig(**{**FAST, **config}), description=description, preset=preset
+        model,
+        name,
+        sequences,
+        ExtractionConfig(**{**FAST, **config}),
+        description=description,
+        preset=preset,
+        starts=starts,
     )
 
 
@@ -99,7 +106,12 @@ def test_all_mode_equals_run_with_cache(any_tiny_model, tiny_tokenizer, tmp_cach
     assert store.positions().tolist() == [p for s in sequences for p in range(1, len(s))]
     assert store.token_ids().tolist() == [t for s in sequences for t in s[1:]]
     assert store.n_rows == sum(len(s) - 1 for s in sequences)
-    assert store.meta["dropped"] == {FIRST_POSITIONS: len(sequences), OUTLIERS: 0, BEYOND_MAX_LENGTH: 0}
+    assert store.meta["dropped"] == {
+        FIRST_POSITIONS: len(sequences),
+        SHARED_PREFIX: 0,
+        OUTLIERS: 0,
+        BEYOND_MAX_LENGTH: 0,
+    }
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -239,6 +251,7 @@ def test_first_position_and_planted_outliers_are_dropped_at_every_hook(tiny_toke
     assert token not in store.token_ids().tolist()
     assert store.meta["dropped"] == {
         FIRST_POSITIONS: len(sequences),
+        SHARED_PREFIX: 0,
         OUTLIERS: len(planted),
         BEYOND_MAX_LENGTH: 0,
     }
@@ -580,3 +593,28 @@ def test_token_chunks(tiny_tokenizer):
     assert all(len(c) <= 9 for c in plain) and plain[0][0] != bos
     with pytest.raises(ValueError, match="no room"):
         token_chunks(tiny_tokenizer, DOCUMENTS, 1)
+
+
+def test_starts_keep_a_shared_prefix_once_and_enter_the_key(tiny_model):
+    """Per-sequence starts drop the positions before them (counted), keep later tokens exact, change the key."""
+    sequences = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12], [5, 6, 7, 13, 14, 15, 16]]
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    starts = [0, 3, 3]  # the first prompt keeps its prefix; the others only their own tokens
+    full = extract(tiny_model, sequences, hooks=hooks)
+    cut = extract(tiny_model, sequences, hooks=hooks, starts=starts)
+    kept = [(i, p) for i, s in enumerate(sequences) for p in range(max(1, starts[i]), len(s))]
+    assert list(zip(cut.sequence_index().tolist(), cut.positions().tolist(), strict=True)) == kept
+    assert cut.meta["dropped"][FIRST_POSITIONS] == len(sequences)
+    assert cut.meta["dropped"][SHARED_PREFIX] == 2 + 2
+    assert cut.key != full.key
+    rows = {
+        (i, p): r
+        for r, (i, p) in enumerate(
+            zip(full.sequence_index().tolist(), full.positions().tolist(), strict=True)
+        )
+    }
+    for hook in hooks:
+        expected = full.load(hook)[[rows[k] for k in kept]]
+        torch.testing.assert_close(cut.load(hook), expected)
+    with pytest.raises(ValueError, match="one non-negative position per sequence"):
+        extract(tiny_model, sequences, hooks=hooks, starts=[0, 1])

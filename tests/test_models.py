@@ -364,7 +364,9 @@ def test_real_model_classifier_batching_and_scores(real):
             expected.append(torch.logsumexp(torch.stack(sequences), 0).item())
     np.testing.assert_allclose(one.label_logprobs[-1], expected, atol=1e-3, rtol=0)
     # the default on these models is first-token scoring (each label owns its first tokens): check it too
-    default = EmotionClassifier(lm.model, lm.tokenizer, parts, ClassifierConfig(generate=False, progress=False))
+    default = EmotionClassifier(
+        lm.model, lm.tokenizer, parts, ClassifierConfig(generate=False, progress=False)
+    )
     assert default.scoring_mode == "first-token"
     with torch.no_grad():
         last = torch.log_softmax(lm.model(torch.tensor([context]))[0, -1].double(), -1)

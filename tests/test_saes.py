@@ -560,6 +560,9 @@ def test_bad_configs_raise():
         SAETrainingConfig(total_training_samples=10, train_batch_size=512)
     with pytest.raises(SAEError, match="d_sae"):
         SAETrainingConfig(d_sae=8, k=32)
+    with pytest.raises(SAEError, match="no steps at the full learning rate"):
+        SAETrainingConfig(total_training_samples=5120, train_batch_size=512, lr_warm_up_steps=8)
+    assert SAETrainingConfig(total_training_samples=51200, train_batch_size=512).lr_decay_steps == 20
 
 
 def test_stream_mismatches_raise():
