@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -575,7 +574,6 @@ def _build(
     meta: dict[str, Any],
     starts: list[int] | None = None,
 ) -> None:
-    began = time.perf_counter()
     stop = _stop_layer(model, hooks)
     tokenizer = model.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -638,7 +636,6 @@ def _build(
         dropped=dropped if config.mode == "all" else {},
         outliers_by_hook=by_hook if config.mode == "all" and config.outlier_factor is not None else {},
         max_buffered_rows=writer.max_buffered,
-        build_seconds=time.perf_counter() - began,
     )
 
 

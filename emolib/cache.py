@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+#: Key of an entry's build wall time (seconds) in its manifest meta.
+BUILD_SECONDS = "build_seconds"
 
 
 def project_root() -> Path:
@@ -102,6 +106,11 @@ def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps({"meta": meta, "files": files}, indent=2))
 
 
+def entry_meta(folder: Path) -> dict[str, Any]:
+    """The `meta` an entry was written with (including `BUILD_SECONDS`); verify the entry first."""
+    return json.loads((Path(folder) / MANIFEST).read_text())["meta"]
+
+
 def verify_entry(folder: Path) -> bool:
     """True if `folder` holds a complete entry whose files match the checksums in its manifest."""
     manifest_path = Path(folder) / MANIFEST
@@ -125,6 +134,9 @@ def verify_entry(folder: Path) -> bool:
 def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
     """Return `folder` if it verifies; otherwise run `build(tmp_folder)` and move the result into place atomically.
 
+    The manifest records `meta` (as it stands after the build) and the build's wall time (`BUILD_SECONDS`), so a
+    reused entry still tells how long it took to make (`entry_meta`).
+
     A folder that exists but fails verification (interrupted write, truncated or edited file) is removed and rebuilt.
     """
     folder = Path(folder)
@@ -136,8 +148,11 @@ def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, An
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        began = time.perf_counter()
         build(tmp)
-        _write_manifest(tmp, meta or {})
+        # after build: build may add to meta (counts it learned while building)
+        meta = {**(meta or {}), BUILD_SECONDS: time.perf_counter() - began}
+        _write_manifest(tmp, meta)
         os.replace(tmp, folder)
     finally:
         if tmp.exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -30,6 +31,7 @@ from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import SAEMetadata, TrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
@@ -83,7 +85,10 @@ class SAETrainingConfig:
     active features per token (on average over the batch for "batchtopk"). Windows are in training steps:
     a feature is dead (and trained by the auxiliary loss) after `dead_feature_window` steps without firing. The
     learning rate warms up linearly over `lr_warm_up_steps`, follows `lr_scheduler_name`, and decays linearly to 0
-    over the last `lr_decay_fraction` of the steps.
+    over the last `lr_decay_fraction` of the steps. `init_b_dec_to_mean` starts the decoder bias at the data mean
+    (estimated with the activation scale from the first `n_batches_for_norm_estimate` batches): Gemma's residual
+    stream has a mean as long as a typical token's vector, and a short run that must first learn it from zero
+    ends with reconstructions worse than the mean itself.
     """
 
     architecture: str = "batchtopk"
@@ -102,6 +107,7 @@ class SAETrainingConfig:
     aux_loss_coefficient: float = 1.0
     normalize_activations: str = "expected_average_only_in"
     n_batches_for_norm_estimate: int = 20
+    init_b_dec_to_mean: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -169,8 +175,10 @@ class SAETrainingConfig:
         )
 
 
-#: A few seconds per layer on CPU: for tests and the quick build (quality goals are not expected).
+#: A few seconds per layer on CPU: for tests and the quick build (quality goals are not expected). Plain TopK:
+#: BatchTopK's inference threshold is a moving average (rate 0.01 per step) that 50 steps leave far too low.
 QUICK = SAETrainingConfig(
+    architecture="topk",
     expansion_factor=2,
     k=16,
     train_batch_size=256,
@@ -180,9 +188,10 @@ QUICK = SAETrainingConfig(
     n_batches_for_norm_estimate=4,
 )
 
-#: The book's SAEs: width 4 x d_model, k 32, lr 2e-3 decaying over the last 20%, 330k samples (110k tokens x 3
-#: epochs; `FULL.for_rows(store.n_rows, 3)` for another corpus). On SmolLM2 (WikiText, attention-sink outliers
-#: excluded) this gives loss recovered ~0.97 but FVE ~0.76 at layer 15 and ~0.67 at layer 27: see `GOALS`.
+#: The book's SAEs: width 4 x d_model, k 32, lr 2e-3 decaying over the last 20%. The token budget here (330k
+#: samples) is a default; the book sets it from its corpus (`FULL.for_rows(store.n_rows, epochs)`, see
+#: `emolib.sae_suite`). On SmolLM2 WikiText, 110k tokens x 3 epochs gave loss recovered ~0.97 but FVE ~0.76 at
+#: layer 15 and ~0.67 at layer 27 (attention-sink outliers excluded): see `GOALS`.
 FULL = SAETrainingConfig()
 
 PRESETS: dict[str, SAETrainingConfig] = {"quick": QUICK, "full": FULL}
@@ -270,6 +279,31 @@ def _check_hooks(hooks: Sequence[str]) -> list[str]:
     return hooks
 
 
+def _start_from_data(
+    stream: Iterator[ActivationBatch],
+    saes: Mapping[str, TrainingSAE],
+    scalers: Mapping[str, ActivationScaler],
+    config: SAETrainingConfig,
+) -> Iterator[ActivationBatch]:
+    """Set each hook's activation scale and (optionally) initial decoder bias from the stream's first batches.
+
+    The scale is sae-lens' own (`sqrt(d_in) / mean norm`, set on the trainer's scaler so it does not estimate it
+    again and folds it into the weights at the end); the bias starts at the scaled mean. The batches read here go
+    back in front of the stream and are trained on.
+    """
+    head = [next(stream) for _ in range(config.n_batches_for_norm_estimate)]
+    for hook, sae in saes.items():
+        x = torch.cat([batch[hook] for batch in head]).to(torch.float32)
+        scale = 1.0
+        if config.normalize_activations == "expected_average_only_in":
+            scale = sae.cfg.d_in**0.5 / torch.linalg.vector_norm(x, dim=-1).mean().item()
+            scalers[hook].scaling_factor = scale
+        if config.init_b_dec_to_mean:
+            with torch.no_grad():
+                sae.b_dec.copy_(x.mean(0) * scale)
+    return itertools.chain(head, stream)
+
+
 def train_saes(
     batches: BatchFactory | Iterable[ActivationBatch],
     config: SAETrainingConfig,
@@ -294,6 +328,8 @@ def train_saes(
         hook_names={hook: hook for hook in hooks},
         data_provider=stream,
     )
+    scalers = {hook: trainer.trainers[hook].activation_scaler for hook in hooks}
+    trainer.data_provider = _start_from_data(stream, saes, scalers, config)
     return trainer.fit()
 
 
@@ -308,9 +344,9 @@ def train_sae(
     """Train the SAE of one hook with sae-lens' single-SAE `SAETrainer` (same stream format as `train_saes`)."""
     stream = _checked(_stream(batches, config), [hook], d_in, config.train_batch_size)
     sae = make_training_sae(config, hook=hook, d_in=d_in, metadata=metadata)
-    trainer = SAETrainer(
-        cfg=config.trainer_config(), sae=sae, data_provider=(batch[hook] for batch in stream)
-    )
+    trainer = SAETrainer(cfg=config.trainer_config(), sae=sae, data_provider=iter(()))
+    stream = _start_from_data(stream, {hook: sae}, {hook: trainer.activation_scaler}, config)
+    trainer.data_provider = (batch[hook] for batch in stream)
     return trainer.fit()
 
 
@@ -544,6 +580,7 @@ def evaluate_saes(
     keep_original: int | Bool[Tensor, "batch pos"] = 1,  # noqa: F722
     outlier_factor: float | None = None,
     batch_size: int = 4,
+    loss_sequences: int | None = None,
     dense_threshold: float = DENSE_THRESHOLD,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -561,6 +598,10 @@ def evaluate_saes(
     `ExtractionConfig.outlier_factor`, the same when the same hooks are evaluated as were extracted). One clean forward caches every hook's residual; each variant then
     resumes at the next block (`start_at_layer`) with the same attention mask, so it costs half a forward on
     average, and equals a full forward with the SAE spliced in by a hook (tested).
+
+    The spliced forwards cost one forward per hook, the reconstruction metrics almost nothing: `loss_sequences`
+    limits the losses to the batches that start within the first `loss_sequences` sequences (so order the tokens
+    with a representative mix first), while reconstruction, L0, dead and dense fractions use every sequence.
     """
     if getattr(model, "acts_to_saes", None):
         raise SAEError("the model has SAEs attached; remove them (model.reset_saes()) before evaluating")
@@ -586,15 +627,20 @@ def evaluate_saes(
         mask = attention_mask[start : start + batch_size]
         keep = keep_all[start : start + batch_size]
         measured = mask.bool() & ~keep
+        with_loss = loss_sequences is None or start < loss_sequences
         logits, cache = model.run_with_cache(
-            toks, attention_mask=mask, names_filter=hooks, return_type="logits"
+            toks,
+            attention_mask=mask,
+            names_filter=hooks,
+            **({"return_type": "logits"} if with_loss else {"stop_at_layer": max(starts.values())}),
         )
         if outlier_factor is not None:
             outliers = _outliers([cache[hook] for hook in hooks], measured, outlier_factor)
             keep, measured = keep | outliers, measured & ~outliers
             n_outliers += int(outliers.sum())
-        clean_loss += _nll_sum(logits, toks, mask)
-        n_predicted += int((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
+        if with_loss:
+            clean_loss += _nll_sum(logits, toks, mask)
+            n_predicted += int((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
         del logits
         for hook, sae in saes.items():
             resid = cache[hook]
@@ -606,6 +652,8 @@ def evaluate_saes(
             hook_stats.fired += fired.sum(0).double()
             hook_stats.active += float(fired.sum())
             hook_stats.n_tokens += int(measured.sum())
+            if not with_loss:
+                continue
             variants = {
                 "sae": torch.where(keep[..., None], resid, recon),
                 "zero": torch.where(keep[..., None], resid, torch.zeros_like(resid)),
@@ -643,6 +691,8 @@ def evaluate_saes(
         {
             "dense_threshold": dense_threshold,
             "n_predicted_tokens": n_predicted,
+            "n_loss_sequences": min(tokens.shape[0], loss_sequences or tokens.shape[0]),
+            "n_sequences": tokens.shape[0],
             "n_outlier_tokens": n_outliers,
         }
     )
@@ -661,6 +711,14 @@ def quality_dict(table: pd.DataFrame) -> dict[str, Any]:
         for hook, row in table.to_dict(orient="index").items()
     }
     return {**{k: plain(v) for k, v in table.attrs.items()}, "hooks": hooks}
+
+
+def quality_table(payload: Mapping[str, Any]) -> pd.DataFrame:
+    """The inverse of `quality_dict`: a table indexed by hook, with the run's attributes in `.attrs`."""
+    table = pd.DataFrame.from_dict(payload["hooks"], orient="index")
+    table.index.name = "hook"
+    table.attrs.update({k: v for k, v in payload.items() if k != "hooks"})
+    return table
 
 
 @dataclass(frozen=True)

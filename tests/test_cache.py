@@ -174,7 +174,9 @@ def test_cached_entry_builds_once(tmp_path):
     assert build.calls == 1
     assert cache.verify_entry(folder)
     manifest = json.loads((folder / cache.MANIFEST).read_text())
+    seconds = manifest["meta"].pop(cache.BUILD_SECONDS)
     assert manifest["meta"] == {"k": 1}
+    assert seconds >= 0 and cache.entry_meta(folder)[cache.BUILD_SECONDS] == seconds
     assert set(manifest["files"]) == {"data.txt", "nested/more.bin"}
     assert manifest["files"]["data.txt"]["size"] == len("payload")
     assert leftovers(tmp_path) == []

@@ -92,12 +92,17 @@ def test_readme_block_rewrite_keeps_markers_and_is_idempotent(tmp_path):
     ]
     rs.write_results("00_setup", {"readme_rows": rows, "other": 1}, preset="full", results_dir=results)
     rs.write_results("01_other", {"no_rows": True}, preset="full", results_dir=results)
+    sae_rows = [{"model": "smollm2", "layers meeting every goal": "3 of 30"}]
+    rs.write_results("saes", {"readme_rows": sae_rows}, preset="full", results_dir=results)
 
     assert rs.update_readme(readme, results) is True
     text = readme.read_text()
     assert text.count(rs.START_MARKER) == 1 and text.count(rs.END_MARKER) == 1
     assert "old content" not in text
     assert "| claim | model | accuracy |" in text and "| baseline | gemma3 |  |" in text
+    # one table per chapter, in file-name order, each with its own columns
+    assert "| model | layers meeting every goal |" in text and "| smollm2 | 3 of 30 |" in text
+    assert text.index("| claim |") < text.index("| model | layers")
     assert "preset `full`" in text
     before, after = README.split(rs.START_MARKER)[0], README.split(rs.END_MARKER)[1]
     assert text.startswith(before) and text.endswith(after)

@@ -9,6 +9,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -111,6 +112,39 @@ def test_single_sae_trainer_matches_the_multi_sae_trainer():
     alone = train_sae(PlantedStream(), TINY, hook=HOOKS[1], d_in=24)
     for name, tensor in both[HOOKS[1]].state_dict().items():
         torch.testing.assert_close(alone.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+class OffsetStream(PlantedStream):
+    """The planted features on top of a constant offset 20x longer than a typical feature vector, as in Gemma's
+    residual stream (whose mean is as long as a typical token's vector)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = {hook: 20 * torch.randn(self.dim, generator=torch.Generator().manual_seed(i)) for i, hook
+                       in enumerate(HOOKS)}  # fmt: skip
+
+    def _batches(self, batch_size: int, rng: torch.Generator):
+        for batch in super()._batches(batch_size, rng):
+            yield {hook: x + self.offset[hook] for hook, x in batch.items()}
+
+
+def variance_explained(sae: SAE, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(x))
+    return 1 - ((x - recon) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
+
+
+def test_decoder_bias_starts_at_the_data_mean():
+    """A short run on data with a large mean: starting b_dec at the mean reconstructs the planted features; starting
+    from zero, the same steps leave the reconstruction far worse."""
+    short = dataclasses.replace(PLANTED, total_training_samples=64 * 300, train_batch_size=64)
+    x = next(OffsetStream()(2048, seed=99))
+    fve = {}
+    for init in (True, False):
+        config = dataclasses.replace(short, init_b_dec_to_mean=init)
+        sae = to_inference(train_saes(OffsetStream(), config, hooks=HOOKS, d_in=24))[HOOKS[0]]
+        fve[init] = variance_explained(sae, x[HOOKS[0]])
+    assert fve[True] >= 0.7 and fve[False] <= 0.3, fve
 
 
 # ---------------------------------------------------------------------------------------------- save/load
@@ -500,6 +534,27 @@ def test_keep_original_mask(tiny_model, batch):
         tiny_model, {hook: sae}, tokens, attention_mask=mask, keep_original=everything, progress=False
     )
     assert kept.loc[hook].loss_sae == pytest.approx(kept.loc[hook].loss_clean, abs=1e-6)
+
+
+def test_loss_on_the_first_sequences_only(tiny_model, batch):
+    """`loss_sequences` limits the spliced forwards to the leading batches; reconstruction still sees all."""
+    tokens, mask = batch
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    saes = {h: random_sae(tiny_model.cfg.d_model, h, seed=i) for i, h in enumerate(hooks)}
+    every = evaluate_saes(tiny_model, saes, tokens, attention_mask=mask, batch_size=2, progress=False)
+    limited = evaluate_saes(
+        tiny_model, saes, tokens, attention_mask=mask, batch_size=2, loss_sequences=2, progress=False
+    )
+    first_two = evaluate_saes(
+        tiny_model, saes, tokens[:2], attention_mask=mask[:2], batch_size=2, progress=False
+    )
+    reconstruction = ["fve", "l0", "dead_fraction", "dense_fraction", "n_tokens"]
+    losses = ["loss_clean", "loss_sae", "loss_zero", "loss_recovered"]
+    pd.testing.assert_frame_equal(limited[reconstruction], every[reconstruction])
+    pd.testing.assert_frame_equal(limited[losses], first_two[losses])
+    assert limited.attrs["n_predicted_tokens"] == first_two.attrs["n_predicted_tokens"]
+    assert limited.attrs["n_loss_sequences"] == 2 and limited.attrs["n_sequences"] == len(TEXTS)
+    assert not np.allclose(limited[losses].to_numpy(), every[losses].to_numpy())
 
 
 def test_excluded_tokens_match_the_activation_cache(tiny_model, tiny_tokenizer, batch, tmp_cache):

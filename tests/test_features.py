@@ -1,0 +1,480 @@
+"""Tests for emolib.features on synthetic codes with planted features whose selective sets, overlaps, diffuseness
+and co-activation are known, on pure noise (the false-discovery control), on hand-computed sets and mass vectors,
+and on the tiny model for promoted tokens."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from emolib import features as F
+
+EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")
+N_PER_CLASS = 100
+D_SAE = 200
+NOISE = range(54, 190)
+DEAD = range(190, 200)
+
+# Planted features: id ranges with their firing probability on each emotion's items (else BASE).
+BASE = 0.02
+STRONG = {"anger": range(0, 4), "fear": range(4, 8), "joy": range(8, 12), "sadness": range(12, 16)}
+STRONG |= {"surprise": range(16, 20), "neutral": range(20, 24)}
+SHARED = {("anger", "disgust"): range(24, 27), ("joy", "surprise"): range(27, 30)}
+DISGUST_WEAK = range(30, 50)  # the diffuse emotion: many weaker features
+GENERAL = range(50, 53)  # every emotion, not neutral
+TRAP = 53  # fires on every fear item, but weakly; strongly on a fifth of the others: AUROC 0.8, lower mean
+
+EXPECTED = {
+    "anger": {*STRONG["anger"], *SHARED["anger", "disgust"]},
+    "disgust": {*SHARED["anger", "disgust"], *DISGUST_WEAK},
+    "fear": set(STRONG["fear"]),
+    "joy": {*STRONG["joy"], *SHARED["joy", "surprise"]},
+    "sadness": set(STRONG["sadness"]),
+    "surprise": {*STRONG["surprise"], *SHARED["joy", "surprise"]},
+    "neutral": set(STRONG["neutral"]),
+}
+
+
+def planted(seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Codes `[700, 200]`: activations exponential + 0.1 where a feature fires, zero elsewhere."""
+    rng = np.random.default_rng(seed)
+    labels = [e for e in EMOTIONS for _ in range(N_PER_CLASS)]
+    y = np.array([EMOTIONS.index(e) for e in labels])
+    prob = np.full((len(EMOTIONS), D_SAE), BASE)
+    prob[:, NOISE.start : NOISE.stop] = 0.1
+    prob[:, DEAD.start : DEAD.stop] = 0.0
+    for emotion, ids in STRONG.items():
+        prob[EMOTIONS.index(emotion), ids.start : ids.stop] = 0.95
+    prob[:, STRONG["surprise"].start : STRONG["surprise"].stop] = (
+        0.3  # surprise features co-activate everywhere
+    )
+    prob[EMOTIONS.index("surprise"), STRONG["surprise"].start : STRONG["surprise"].stop] = 0.95
+    for pair, ids in SHARED.items():
+        for emotion in pair:
+            prob[EMOTIONS.index(emotion), ids.start : ids.stop] = 0.9
+    prob[:, DISGUST_WEAK.start : DISGUST_WEAK.stop] = 0.03
+    prob[EMOTIONS.index("disgust"), DISGUST_WEAK.start : DISGUST_WEAK.stop] = 0.7
+    prob[:, GENERAL.start : GENERAL.stop] = 0.8
+    prob[EMOTIONS.index("neutral"), GENERAL.start : GENERAL.stop] = 0.03
+    fires = rng.random((len(y), D_SAE)) < prob[y]
+    codes = np.where(fires, rng.exponential(1.0, fires.shape) + 0.1, 0.0)
+    strong_elsewhere = rng.random(len(y)) < 0.2
+    codes[:, TRAP] = np.where(y == EMOTIONS.index("fear"), 0.1, np.where(strong_elsewhere, 10.0, 0.0))
+    return codes, labels
+
+
+def noise(seed: int = 1) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    labels = [e for e in EMOTIONS for _ in range(60)]
+    fires = rng.random((len(labels), 300)) < rng.uniform(0.02, 0.5, size=300)
+    return np.where(fires, rng.exponential(1.0, fires.shape), 0.0), labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    return planted()
+
+
+@pytest.fixture(scope="module")
+def sel(data):
+    return F.selectivity(*data, EMOTIONS)
+
+
+@pytest.fixture(scope="module")
+def draws(data):
+    return F.bootstrap_selectivity(*data, EMOTIONS, boot=F.BootstrapConfig(n_boot=60, seed=3))
+
+
+# ------------------------------------------------------------------------------------------------ selectivity
+
+
+def test_selectivity_recovers_the_planted_sets_exactly(sel):
+    assert {e: set(s) for e, s in sel.sets().items()} == EXPECTED
+    assert sel.n_never_active == len(DEAD) and sel.n_untested == len(DEAD)
+    assert not sel.tested[list(DEAD)].any() and np.isnan(sel.auroc[list(DEAD)]).all()
+    assert sel.class_sizes == (N_PER_CLASS,) * len(EMOTIONS)
+
+
+def test_auroc_matches_scikit_learn_with_ties(data, sel):
+    codes, labels = data
+    for feature in (0, 25, 31, 60, TRAP):
+        for j, emotion in enumerate(EMOTIONS):
+            target = [label == emotion for label in labels]
+            assert sel.auroc[feature, j] == pytest.approx(roc_auc_score(target, codes[:, feature]))
+
+
+def test_a_feature_more_often_but_more_weakly_active_is_not_selective(sel):
+    fear = EMOTIONS.index("fear")
+    assert sel.auroc[TRAP, fear] == pytest.approx(0.8, abs=0.05)
+    assert sel.q_value[TRAP, fear] < 0.05
+    assert sel.mean_in[TRAP, fear] < sel.mean_out[TRAP, fear]
+    assert not sel.selective[TRAP, fear] and TRAP not in sel.sets("auroc")["fear"]
+
+
+def test_statistics_and_table(data, sel):
+    codes, labels = data
+    joy = EMOTIONS.index("joy")
+    inside = np.array(labels) == "joy"
+    assert sel.mean_in[8, joy] == pytest.approx(codes[inside, 8].mean())
+    assert sel.mean_out[8, joy] == pytest.approx(codes[~inside, 8].mean())
+    assert sel.rate_in[8, joy] == pytest.approx((codes[inside, 8] > 0).mean())
+    assert sel.frequency[8] == pytest.approx((codes[:, 8] > 0).mean())
+    table = sel.table("joy")
+    assert set(table["feature"]) == EXPECTED["joy"] and table["auroc"].is_monotonic_decreasing
+    assert table["selective"].all() and (table["q_value"] < 0.05).all()
+    assert sel.counts() == {
+        **{e: len(s) for e, s in EXPECTED.items()},
+        "any": 50,
+        "specific": 44,
+        "shared": 6,
+    }
+
+
+def test_torch_codes_give_the_same_result(data, sel):
+    codes, labels = data
+    again = F.selectivity(torch.tensor(codes, dtype=torch.float32), labels, EMOTIONS)
+    np.testing.assert_array_equal(again.selective, sel.selective)
+
+
+def test_general_emotional_features_against_neutral(data):
+    contrast = F.emotional_vs_neutral(*data)
+    assert contrast.emotions == (F.EMOTIONAL, "neutral")
+    assert contrast.sets() == {F.EMOTIONAL: frozenset(GENERAL), "neutral": frozenset(STRONG["neutral"])}
+
+
+# ------------------------------------------------------------------------------- controls and FDR on noise
+
+
+def test_shuffled_labels_find_no_selective_features(data, sel):
+    null = F.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
+    assert list(null.counts.columns) == [*EMOTIONS, *F.TOTALS] and len(null.counts) == 8
+    assert null.counts["any"].max() <= 1
+    summary = null.summary(sel)
+    assert summary.loc["any", "observed"] == 50
+    assert summary.loc["any", "p_value"] == pytest.approx(1 / 9)
+    again = F.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
+    assert again.counts.equals(null.counts)
+
+
+def test_pure_noise_yields_no_selective_features():
+    codes, labels = noise()
+    assert F.selectivity(codes, labels, EMOTIONS).counts()["any"] == 0
+    # Without the effect-size threshold only BH decides: under the complete null, discoveries are rare.
+    loose = F.SelectivityConfig(auroc_threshold=0.5, alpha=0.05)
+    null = F.shuffled_control(codes, labels, EMOTIONS, loose, n_shuffles=20, seed=0)
+    assert null.counts["any"].mean() <= 0.5 and (null.counts["any"] > 0).mean() <= 0.2
+
+
+def test_false_discovery_proportion_is_bounded_among_real_effects(data):
+    # BH controls the FDR over all rejected feature x emotion tests (both directions): expected <= alpha m0 / m.
+    loose = F.selectivity(*data, EMOTIONS, F.SelectivityConfig(auroc_threshold=0.5, alpha=0.05))
+    rejected = loose.q_value < 0.05
+    assert rejected.sum() >= 300
+    assert rejected[list(NOISE)].sum() / rejected.sum() <= 0.05
+    assert loose.selective.any(axis=1).sum() >= 50
+
+
+# ------------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_shared_and_specific_counts_with_intervals(sel, draws):
+    plain = F.shared_specific(sel)
+    assert plain.loc["anger"].to_dict() == {"n_selective": 7, "n_specific": 4, "n_shared": 3}
+    assert plain.loc["disgust"].to_dict() == {"n_selective": 23, "n_specific": 20, "n_shared": 3}
+    assert plain.loc["fear"].to_dict() == {"n_selective": 4, "n_specific": 4, "n_shared": 0}
+    assert plain.loc["any"].to_dict() == {"n_selective": 50, "n_specific": 44, "n_shared": 6}
+    boot = F.shared_specific(sel, draws)
+    for column in ("n_selective", "n_specific", "n_shared"):
+        assert (boot[f"{column}_low"] <= boot[column]).all() and (
+            boot[column] <= boot[f"{column}_high"]
+        ).all()
+    assert boot.loc["disgust", "n_selective_low"] >= 15 and boot.loc["fear", "n_shared_high"] == 0
+    # Without neutral the same counts (no feature is shared with neutral).
+    without = F.shared_specific(sel, among=EMOTIONS[:-1])
+    assert list(without.index) == [*EMOTIONS[:-1], "any"] and without.loc["any", "n_selective"] == 46
+
+
+def test_bootstrap_is_stratified_seeded_and_its_auroc_matches_the_full_criterion(data):
+    codes, labels = data
+    quick = F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1))
+    again = F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1))
+    full = F.bootstrap_selectivity(
+        codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1, criterion="full")
+    )
+    np.testing.assert_array_equal(quick.auroc, again.auroc)
+    finite = np.isfinite(full.auroc)
+    np.testing.assert_allclose(quick.auroc[finite], full.auroc[finite], atol=1e-6)
+    np.testing.assert_allclose(quick.mean_diff[finite], full.mean_diff[finite], rtol=1e-5, atol=1e-6)
+    assert (full.selective <= quick.selective).all()  # the full rule adds a condition
+
+
+def test_draws_must_match_the_selectivity(data, sel):
+    codes, labels = data
+    other = F.bootstrap_selectivity(codes[:, :50], labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=2))
+    with pytest.raises(F.FeatureError, match="do not match"):
+        F.shared_specific(sel, other)
+
+
+# --------------------------------------------------------------------------------------------------- overlap
+
+SETS = {"a": {1, 2, 3}, "b": {2, 3, 4}, "c": {5}, "d": set()}
+
+
+def test_jaccard_on_known_sets():
+    matrix = F.jaccard(SETS)
+    assert matrix.loc["a", "b"] == pytest.approx(0.5) and matrix.loc["b", "a"] == pytest.approx(0.5)
+    assert matrix.loc["a", "a"] == 1 and matrix.loc["a", "c"] == 0 and matrix.loc["c", "d"] == 0
+    assert np.isnan(matrix.loc["d", "d"])
+
+
+def test_intersections_on_known_sets():
+    table = F.intersections(SETS)
+    assert list(table["combination"]) == ["a & b", "a", "b", "c"]
+    assert list(table["n_features"]) == [2, 1, 1, 1] and list(table["degree"]) == [2, 1, 1, 1]
+    assert table.loc[0, "features"] == [2, 3] and table.loc[0, "emotions"] == ("a", "b")
+    assert table.attrs["set_sizes"] == {"a": 3, "b": 3, "c": 1, "d": 0}
+
+
+def test_intersections_of_the_planted_sets(sel):
+    table = F.intersections(sel.sets()).set_index("combination")
+    assert table["n_features"].sum() == 50
+    assert table.loc["anger & disgust", "features"] == list(SHARED["anger", "disgust"])
+    assert table.loc["joy & surprise", "n_features"] == 3 and table.loc["disgust", "n_features"] == 20
+
+
+def test_upset_figure_is_labelled_and_sorted():
+    fig = F.upset_figure(F.intersections(SETS), top_n=2, title="Toy")
+    bars, dots = fig.axes
+    assert [p.get_height() for p in bars.patches] == [2, 1]
+    assert "top 2 of 4" in bars.get_title()
+    assert [t.get_text() for t in dots.get_yticklabels()] == ["a (3)", "b (3)", "c (1)", "d (0)"]
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- diffuseness
+
+
+def test_concentration_on_known_mass_vectors():
+    assert F.concentration([4, 3, 2, 1]) | {"entropy": 0, "effective_n": 0} == {
+        "k50": 2,
+        "k80": 3,
+        "entropy": 0,
+        "effective_n": 0,
+    }
+    uniform = F.concentration(np.ones(10))
+    assert uniform == pytest.approx({"k50": 5, "k80": 8, "entropy": 1.0, "effective_n": 10.0})
+    assert F.concentration(np.ones(10), n_reference=100)["entropy"] == pytest.approx(0.5)
+    single = F.concentration([0, 5, 0, 0])
+    assert single == pytest.approx({"k50": 1, "k80": 1, "entropy": 0.0, "effective_n": 1.0})
+    two = F.concentration([1, 1, -3, np.nan])  # negatives and NaN count as no mass
+    assert two["k50"] == 1 and two["k80"] == 2 and two["entropy"] == pytest.approx(np.log(2) / np.log(4))
+    empty = F.concentration([0, 0, 0])
+    assert empty["k50"] == 0 and np.isnan(empty["entropy"])
+    p = np.array([4, 3, 2, 1]) / 10
+    assert F.concentration([4, 3, 2, 1])["entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
+
+
+def test_the_diffuse_emotion_is_found_more_diffuse(sel, draws):
+    table = F.diffuseness(sel, draws)
+    assert table.loc["disgust", "n_support"] == 23 and table.loc["fear", "n_support"] == 4
+    assert table["k80"].idxmax() == "disgust" and table["entropy"].idxmax() == "disgust"
+    assert table.loc["fear", "k80"] == 4 and table.loc["disgust", "k80"] >= 17
+    assert (table["k80_low"] <= table["k80"]).all() and (table["k80"] <= table["k80_high"]).all()
+    others = [e for e in EMOTIONS if e not in ("disgust", "neutral")]
+    versus = F.compare_diffuseness(sel, draws, "disgust", "k80", others=others)
+    assert list(versus.index) == [*others, "others (mean)"]
+    assert (versus["low"] > 0).all() and (versus["share_more"] == 1).all()
+    reverse = F.compare_diffuseness(sel, draws, "fear", "entropy", others=["disgust"])
+    assert reverse.loc["disgust", "high"] < 0
+    by_activation = F.diffuseness(sel, config=F.DiffusenessConfig(mass="mean_diff"))
+    assert by_activation["k80"].idxmax() == "disgust"
+
+
+def test_diffuseness_over_all_features_counts_noise_mass(sel):
+    everywhere = F.diffuseness(sel, config=F.DiffusenessConfig(support="all"))
+    assert (everywhere["n_support"] > F.diffuseness(sel)["n_support"]).all()
+
+
+# ---------------------------------------------------------------------------------------------- coactivation
+
+
+def test_surprise_features_coactivate_across_emotions(sel):
+    specific = F.coactivation(sel, specific_only=True)
+    assert np.allclose(np.diag(specific), 1.0)
+    off = ~np.eye(len(EMOTIONS), dtype=bool)
+    surprise = specific.loc["surprise"].drop("surprise")
+    assert surprise.min() > 0.2
+    others = specific.drop(index="surprise").to_numpy()[
+        off[[i for i, e in enumerate(EMOTIONS) if e != "surprise"]]
+    ]
+    assert np.nanmax(others) < 0.1
+    assert specific.attrs["n_features"]["surprise"] == 4
+    # Counting shared features too, overlap looks like co-activation (why `specific_only` exists).
+    everything = F.coactivation(sel)
+    assert everything.loc["joy", "surprise"] > 0.3 and specific.loc["joy", "surprise"] < 0.1
+
+
+def test_coactivation_row_without_features_is_nan(data):
+    codes, labels = data
+    codes = codes.copy()
+    codes[:, list(STRONG["fear"])] = np.random.default_rng(0).exponential(1.0, (len(labels), 4))
+    fewer = F.selectivity(codes, labels, EMOTIONS)
+    assert fewer.sets()["fear"] == frozenset()
+    assert F.coactivation(fewer).loc["fear"].isna().all()
+
+
+# ------------------------------------------------------------------------------------------------ token roles
+
+
+def role_tokens(n_prompts: int = 40):
+    """Prompts of 10 tokens: 0-5 template, 6-8 text, 9 template (the last token)."""
+    mask = np.array([True] * 6 + [False] * 3 + [True])
+    chunks = []
+    for p in range(n_prompts):
+        codes = np.zeros((10, 9))
+        codes[mask, 0] = 1.0  # template only
+        codes[~mask, 1] = 1.0  # text only
+        codes[:, 3] = 1.0  # both alike
+        codes[9, 4] = 2.0 if p % 2 else 0.0  # the last token, half the prompts (the emotion feature)
+        codes[mask, 6], codes[~mask, 6] = 1.0, 0.3  # template share 0.77: below 0.8
+        codes[mask, 7], codes[~mask, 7] = 1.0, 0.2  # template share 0.83
+        codes[:, 8] = 0.5 if p == 0 else 0.0  # active on every token of one prompt: 2.5% of tokens
+        chunks.append(codes)
+    chunks[3][7, 5] = 1.0  # one token of 400
+    return chunks, [mask] * n_prompts
+
+
+def test_feature_roles_follow_the_documented_rules():
+    chunks, masks = role_tokens()
+    emotion = np.zeros(9, dtype=bool)
+    emotion[4] = True
+    roles = F.feature_roles(chunks, masks, emotion, F.RoleConfig(min_rate=0.01))
+    assert list(roles["role"]) == [
+        "template", "content", "inactive", "content", "emotion", "inactive", "content", "template", "content",
+    ]  # fmt: skip
+    assert roles.loc[6, "template_share"] == pytest.approx(1 / 1.3)
+    assert roles.loc[0, "rate_template"] == 1 and roles.loc[0, "rate_content"] == 0
+    assert roles.attrs == {"n_template_tokens": 280, "n_content_tokens": 120}
+    stacked = F.feature_roles(
+        np.concatenate(chunks), np.concatenate(masks), emotion[:, None], F.RoleConfig(min_rate=0.01)
+    )
+    pd.testing.assert_frame_equal(stacked, roles)
+
+
+def test_feature_roles_take_emotion_features_from_a_selectivity(sel):
+    codes = np.zeros((4, D_SAE))
+    codes[:, 0] = 1.0
+    roles = F.feature_roles(codes, np.array([True, True, False, True]), sel)
+    assert set(roles.index[roles["role"] == "emotion"]) == set().union(*EXPECTED.values())
+
+
+def test_feature_roles_reject_bad_masks():
+    codes = np.ones((5, 3))
+    with pytest.raises(F.FeatureError, match="boolean"):
+        F.feature_roles(codes, np.ones(5), np.zeros(3, dtype=bool))
+    with pytest.raises(F.FeatureError, match=r"shape \(4,\), expected \(5,\)"):
+        F.feature_roles(codes, np.ones(4, dtype=bool), np.zeros(3, dtype=bool))
+    with pytest.raises(F.FeatureError, match="both template and content"):
+        F.feature_roles(codes, np.ones(5, dtype=bool), np.zeros(3, dtype=bool))
+    with pytest.raises(F.FeatureError, match="covers 4 features"):
+        F.feature_roles(codes, np.array([True, False] * 2 + [True]), np.zeros(4, dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------- feature cards
+
+
+def test_top_activating_lists_active_items_in_order():
+    texts = [f"text {i}" for i in range(6)]
+    labels = ["joy", "fear", "joy", "anger", "fear", "joy"]
+    top = F.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=3, labels=labels)
+    assert list(top["item"]) == [1, 3, 5] and list(top["rank"]) == [1, 2, 3]
+    assert list(top["text"]) == ["text 1", "text 3", "text 5"] and list(top["label"]) == [
+        "fear",
+        "anger",
+        "joy",
+    ]
+    assert len(F.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=10)) == 4
+    with pytest.raises(F.FeatureError, match="6 activations but 5 texts"):
+        F.top_activating(np.zeros(6), texts[:5])
+
+
+def test_promoted_tokens_through_the_unembedding(tiny_model, tiny_tokenizer):
+    row = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scaled = (row * tiny_model.ln_final.w) @ tiny_model.W_U
+        raw = row @ tiny_model.W_U
+    top = F.promoted_tokens(row, tiny_model, tiny_tokenizer, k=5)
+    assert list(top["token_id"]) == torch.topk(scaled, 5).indices.tolist()
+    np.testing.assert_allclose(top["score"], torch.topk(scaled, 5).values.numpy(), rtol=1e-5)
+    assert list(top["token"]) == [tiny_tokenizer.decode([i]) for i in top["token_id"]]
+    bottom = F.promoted_tokens(row.numpy(), tiny_model, tiny_tokenizer, k=5, suppressed=True)
+    assert (
+        list(bottom["token_id"]) == torch.topk(-scaled, 5).indices.tolist()
+        and bottom["score"].is_monotonic_increasing
+    )
+    unscaled = F.promoted_tokens(row, tiny_model, k=5, ln_scale=False)
+    assert list(unscaled["token_id"]) == torch.topk(raw, 5).indices.tolist()
+    with pytest.raises(F.FeatureError, match="decoder row has 7 dimensions"):
+        F.promoted_tokens(torch.zeros(7), tiny_model, tiny_tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def small(n_fear: int = 12):
+    labels = ["anger"] * 12 + ["fear"] * n_fear
+    return np.random.default_rng(0).random((len(labels), 5)), labels
+
+
+def test_a_label_outside_the_emotions_is_named():
+    codes, labels = small()
+    with pytest.raises(F.FeatureError, match=r"labels \['angry'\] are not in emotions"):
+        F.selectivity(codes, ["angry", *labels[1:]], ("anger", "fear"))
+
+
+def test_a_shape_mismatch_is_named():
+    codes, labels = small()
+    with pytest.raises(F.FeatureError, match="24 rows .* 23 labels"):
+        F.selectivity(codes, labels[:-1], ("anger", "fear"))
+    with pytest.raises(F.FeatureError, match="2-D"):
+        F.selectivity(codes[:, 0], labels, ("anger", "fear"))
+
+
+def test_a_class_with_too_few_items_is_named():
+    codes, labels = small(n_fear=3)
+    with pytest.raises(F.FeatureError, match=r"too few items for emotions \{'fear': 3\}"):
+        F.selectivity(codes, labels, ("anger", "fear"))
+    with pytest.raises(F.FeatureError, match=r"'joy': 0"):
+        F.selectivity(*small(), ("anger", "fear", "joy"))
+    with pytest.raises(F.FeatureError, match="too few items"):
+        F.bootstrap_selectivity(codes, labels, ("anger", "fear"))
+
+
+def test_other_bad_inputs_raise_clear_errors(sel):
+    codes, labels = small()
+    bad = codes.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(F.FeatureError, match="NaN"):
+        F.selectivity(bad, labels, ("anger", "fear"))
+    with pytest.raises(F.FeatureError, match="repeated"):
+        F.selectivity(codes, labels, ("anger", "fear", "anger"))
+    with pytest.raises(F.FeatureError, match="at least two emotions"):
+        F.selectivity(codes, ["anger"] * 24, ("anger",))
+    with pytest.raises(F.FeatureError, match="no item is labelled 'neutral'"):
+        F.emotional_vs_neutral(codes, labels)
+    with pytest.raises(F.FeatureError, match=r"\['calm'\] are not among"):
+        F.coactivation(sel, among=["anger", "calm"])
+    with pytest.raises(F.FeatureError, match="measure must be one of"):
+        F.compare_diffuseness(sel, None, "disgust", measure="k90")
+    with pytest.raises(F.FeatureError, match="criterion must be one of"):
+        F.BootstrapConfig(criterion="q")
+    with pytest.raises(F.FeatureError, match="auroc_threshold"):
+        F.SelectivityConfig(auroc_threshold=0.3)

@@ -1,0 +1,116 @@
+"""The book's SAE suite end to end on a tiny model: every layer gets an SAE and a quality row, a second call
+reuses every stage, and the evaluation batch leaves out what training leaves out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_loaded
+
+from emolib import sae_suite as suite_module
+from emolib import saes as saes_module
+from emolib.activations import ExtractionConfig
+from emolib.corpus import CorpusConfig, build_corpus
+from emolib.sae_suite import SuiteConfig, evaluation_batch, padded, sae_suite
+from emolib.saes import QUICK
+
+TINY_SUITE = SuiteConfig(
+    corpus=CorpusConfig(emotion_per_label=2, general_tokens=500, max_length=64),
+    eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=200, max_length=64),
+    extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
+    training=dataclasses.replace(QUICK, expansion_factor=2, k=4, train_batch_size=32),
+    epochs=2,
+    loss_sequences=3,
+    eval_batch_size=2,
+)
+
+
+@pytest.fixture
+def builtin_only(monkeypatch):
+    monkeypatch.delenv("EMOLIB_DATA_DIR", raising=False)
+
+
+@pytest.fixture
+def tiny_lm(tiny_model, tiny_tokenizer):
+    return tiny_loaded(tiny_model, tiny_tokenizer, name="tiny-suite", chat=True)
+
+
+def test_every_layer_gets_an_sae_and_a_quality_row(tiny_lm, tmp_cache, builtin_only):
+    suite = sae_suite(tiny_lm, "test", TINY_SUITE)
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(tiny_lm.info.n_layers)]
+    assert suite.hooks == hooks and list(suite.saes) == hooks
+    assert list(suite.quality.index) == hooks
+    assert suite.quality["layer"].tolist() == list(range(tiny_lm.info.n_layers))
+    assert suite.quality.attrs["n_loss_sequences"] == 3
+    # TopK at inference: exactly k active features on every measured token
+    assert (suite.quality["l0"] == TINY_SUITE.training.k).all()
+    assert suite.training.total_training_samples == (suite.extraction["n_rows"] * 2 // 32 * 32), (
+        "the token budget is epochs x the stored rows, in whole batches"
+    )
+    assert set(suite.timings) == {"extract", "train", "evaluate"}
+    assert all(seconds > 0 for seconds in suite.timings.values())
+    assert suite.corpus.table["source"].tolist() == ["builtin"]
+    assert suite.corpus.notes and "no general text" in suite.corpus.notes[0]
+    missed = suite.missed["missed"]
+    for layer, hook in enumerate(hooks):
+        assert suite.flag(layer) == (missed[hook] if hook in missed.index else "")
+
+
+def test_a_second_call_reuses_every_stage(tiny_lm, tmp_cache, builtin_only, monkeypatch):
+    first = sae_suite(tiny_lm, "test", TINY_SUITE)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached stage was rebuilt")
+
+    monkeypatch.setattr(saes_module, "train_saes", refuse)
+    monkeypatch.setattr(suite_module, "evaluate_saes", refuse)
+    monkeypatch.setattr("emolib.activations._build", refuse)
+    again = sae_suite(tiny_lm, "test", TINY_SUITE)
+    assert again.folder == first.folder
+    assert again.timings == first.timings, "timings come from the cache entries, not from this call"
+    assert again.quality.equals(first.quality)
+    x = torch.randn(5, tiny_lm.info.d_model)
+    for hook in first.hooks:
+        torch.testing.assert_close(again.saes[hook].encode(x), first.saes[hook].encode(x))
+
+
+def test_a_changed_training_config_retrains(tiny_lm, tmp_cache, builtin_only):
+    first = sae_suite(tiny_lm, "test", TINY_SUITE)
+    other = dataclasses.replace(TINY_SUITE, training=dataclasses.replace(TINY_SUITE.training, seed=1))
+    second = sae_suite(tiny_lm, "test", other)
+    assert second.folder != first.folder
+    assert second.extraction["key"] == first.extraction["key"], "the activations are reused"
+
+
+def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):
+    corpus = build_corpus(tiny_lm.tokenizer, True, TINY_SUITE.corpus)
+    tokens, mask, keep = evaluation_batch(corpus, skip_first=1, pad_id=0, seed=3)
+    again = evaluation_batch(corpus, skip_first=1, pad_id=0, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip((tokens, mask, keep), again, strict=True))
+    rows = {
+        tuple(row[: int(m.sum())].tolist()): (row, k) for row, m, k in zip(tokens, mask, keep, strict=True)
+    }
+    assert len(rows) == len(corpus.sequences)
+    stored = 0
+    for sequence, start in zip(corpus.sequences, corpus.starts, strict=True):
+        row, kept = rows[tuple(sequence)]
+        first = max(start, 1)
+        assert kept[:first].all() and not kept[first : len(sequence)].any()
+        stored += len(sequence) - first
+    assert stored == int((mask.bool() & ~keep).sum())
+    assert stored == corpus.n_stored - corpus.starts.count(0), (
+        "only the first position more than the corpus drops"
+    )
+
+
+def test_padded_right_pads():
+    tokens, mask = padded([[5, 6, 7], [8]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_unknown_preset_is_an_error(tiny_lm):
+    with pytest.raises(ValueError, match="unknown SAE preset 'medium'"):
+        sae_suite(tiny_lm, "medium")
