@@ -153,7 +153,13 @@ def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, An
         # after build: build may add to meta (counts it learned while building)
         meta = {**(meta or {}), BUILD_SECONDS: time.perf_counter() - began}
         _write_manifest(tmp, meta)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # Another process built the same entry meanwhile (a rename onto a non-empty folder fails): keep
+            # theirs if it verifies, since equal keys mean equal content.
+            if not verify_entry(folder):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -14,10 +14,22 @@ together with the control or interval needed to believe them:
 - `coactivation`: how strongly one emotion's features fire on the items of the others.
 - `feature_roles`: template / emotion / content / inactive features over all tokens of the prompts.
 - `top_activating` and `promoted_tokens`: the two halves of a feature card.
+
+For the chapter on shared and specific features (`book/02_features.md`):
+
+- `final_phase` reads a model's final phase from the flow chapter's results; `pool_layers` puts the SAE codes of
+  its layers side by side, features named (layer, feature).
+- `shuffled_shared_specific`: the shuffled-label null of every specific and shared count, by both criteria.
+- `heldout_coactivation`: co-activation with features chosen on some items and measured, with bootstrap
+  intervals, on others.
+- `upset_grid`, `jaccard_figure`, `counts_figure`, `layer_counts_figure`, `diffuseness_figure`,
+  `coactivation_figure`: the chapter's figures.
+- `mix_verdict`, `diffuse_verdict`, `coactivation_verdict`: the verdict rules, from results.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,9 +37,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from scipy.special import entr
-from scipy.stats import false_discovery_control, mannwhitneyu, rankdata
+from matplotlib.figure import Figure, SubFigure
+from scipy.special import entr, ndtr
+from scipy.stats import false_discovery_control, rankdata
 
 from emolib.stats import Estimate, _interval
 
@@ -249,6 +261,40 @@ def _testable(acts: np.ndarray, config: SelectivityConfig) -> np.ndarray:
     return (n_active >= config.min_active_items) & (acts.max(axis=0) > acts.min(axis=0))
 
 
+def _tie_term(acts: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per column, the sum over groups of equal values of t^3 - t (t: the group's size), `[d]`."""
+    n, d = acts.shape
+    out = np.empty(d)
+    for start in range(0, d, chunk):
+        ordered = np.sort(acts[:, start : start + chunk], axis=0)
+        width = ordered.shape[1]
+        new_group = np.ones(ordered.shape, dtype=bool)
+        new_group[1:] = ordered[1:] != ordered[:-1]
+        group = np.cumsum(new_group, axis=0) - 1 + np.arange(width)[None, :] * n
+        t = np.bincount(group.ravel(), minlength=n * width).reshape(width, n).astype(np.float64)
+        out[start : start + width] = (t**3 - t).sum(axis=1)
+    return out
+
+
+def _one_vs_rest_tests(
+    acts: np.ndarray, onehot: np.ndarray, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mann-Whitney U of each class against all other items, and its two-sided p-value, for every column.
+
+    The same numbers as `scipy.stats.mannwhitneyu(inside, outside, method="asymptotic")` (tie-corrected normal
+    approximation with continuity correction) class by class, from a single ranking of all items: one-vs-rest
+    always ranks the same pooled sample, so ranks and ties are shared by every class. Returns `[d, E]` arrays.
+    """
+    n = acts.shape[0]
+    u1 = rankdata(acts, axis=0).T @ onehot - sizes * (sizes + 1) / 2
+    n1, n2 = sizes, n - sizes
+    u = np.maximum(u1, n1 * n2 - u1)
+    spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - _tie_term(acts)[:, None] / (n * (n - 1))))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (u - n1 * n2 / 2 - 0.5) / spread
+    return u1, np.clip(2 * ndtr(-z), 0.0, 1.0)
+
+
 def _compute(
     acts: np.ndarray,
     y: np.ndarray,
@@ -271,13 +317,10 @@ def _compute(
     q_value = np.full((d, n_emotions), np.nan)
     cols = np.flatnonzero(tested)
     if cols.size:
-        acts_t = acts[:, cols]
-        for e in range(n_emotions):
-            inside = y == e
-            # U of the emotion's items; midranks handle the many ties at zero; AUROC = U / (n_pos n_neg).
-            result = mannwhitneyu(acts_t[inside], acts_t[~inside], axis=0, method="asymptotic")
-            auroc[cols, e] = result.statistic / (sizes[e] * (n - sizes[e]))
-            p_value[cols, e] = result.pvalue
+        # U of each emotion's items; midranks handle the many ties at zero; AUROC = U / (n_pos n_neg).
+        u1, p = _one_vs_rest_tests(acts[:, cols], onehot, sizes)
+        auroc[cols] = u1 / (sizes * (n - sizes))
+        p_value[cols] = p
         q_value[cols] = false_discovery_control(p_value[cols].ravel(), method="bh").reshape(-1, n_emotions)
     with np.errstate(invalid="ignore"):
         significant = np.nan_to_num(q_value, nan=1.0) < config.alpha
@@ -327,6 +370,165 @@ def emotional_vs_neutral(
     of general emotional content. With two classes the two columns are mirror tests (AUROCs add to 1, same
     p-value), so BH counts each feature twice: slightly conservative."""
     return selectivity(codes, *contrast_labels(labels, neutral), config)
+
+
+# ------------------------------------------------------------------------------------- layers of the final phase
+
+
+@dataclass(frozen=True)
+class FinalPhase:
+    """The layers of a model's final phase, as read from the flow chapter's results.
+
+    `source` names the keys read; `n_phases` is the number of phases of the cut it comes from and `chosen` the
+    number the flow chapter's phase-count test preferred (None where the results do not say)."""
+
+    first: int
+    last: int
+    source: str
+    n_phases: int | None = None
+    chosen: int | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.first, self.last + 1))
+
+
+def _phase_bounds(value, where: str) -> tuple[int, int]:
+    """[first, last], {"first", "last"} / {"start", "end"}, or {"layers": [...]} -> (first, last)."""
+    if isinstance(value, Mapping):
+        for a, b in (("first", "last"), ("start", "end")):
+            if a in value and b in value:
+                return int(value[a]), int(value[b])
+        if "layers" in value and len(value["layers"]):
+            return int(min(value["layers"])), int(max(value["layers"]))
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise FeatureError(f"{where} is not a phase ([first, last] or {{'first', 'last'}}): {value!r}")
+
+
+def _model_entry(record: Mapping, model: str) -> tuple[Mapping, str]:
+    models = record.get("models")
+    if isinstance(models, Mapping) and isinstance(models.get(model), Mapping):
+        return models[model], f"models.{model}"
+    if isinstance(models, Sequence) and not isinstance(models, str):
+        matches = [m for m in models if isinstance(m, Mapping) and m.get("model") == model]
+        if matches:
+            return matches[0], f"models[model={model}]"
+    if isinstance(record.get(model), Mapping):
+        return record[model], model
+    raise FeatureError(
+        f"the flow results hold no entry for model {model!r} (top-level keys: {sorted(record)}); expected "
+        f"record['models'][{model!r}] with 'phases'"
+    )
+
+
+def final_phase(
+    record: Mapping, model: str, n_layers: int, *, subset: str = "all", n_phases: int = 3
+) -> FinalPhase:
+    """The final phase of `model` from a flow results record (`read_results("flow")`), read defensively.
+
+    The model's entry is `record["models"][model]` (or `record[model]`, or an item of a list `record["models"]`
+    whose `"model"` is `model`). The flow chapter's layout is read first: the last of
+    `subsets[subset].boundaries[str(n_phases)].phases` (the best cut into `n_phases` phases, by default the
+    paper's three, of the items `subset`), with `subsets[subset].phase_count_test.chosen`. Else, in the entry
+    itself: `"final_phase"` ([first, last]); the last of `"phases"` (a list of [first, last]); or `"boundaries"`
+    (first layers of phases 2..n; the final phase runs to the last layer). Layers are the residual stream after
+    each block, 0 .. `n_layers` - 1; anything else raises, naming the keys found.
+    """
+    entry, path = _model_entry(record, model)
+    chosen = None
+    subsets = entry.get("subsets")
+    if isinstance(subsets, Mapping):
+        if subset not in subsets:
+            raise FeatureError(
+                f"the flow results for {model!r} have no subset {subset!r} (have {sorted(subsets)})"
+            )
+        part = subsets[subset]
+        cuts = part.get("boundaries") if isinstance(part, Mapping) else None
+        if not isinstance(cuts, Mapping) or str(n_phases) not in cuts:
+            found = (
+                sorted(cuts)
+                if isinstance(cuts, Mapping)
+                else sorted(part)
+                if isinstance(part, Mapping)
+                else part
+            )
+            raise FeatureError(
+                f"the flow results for {model!r} ({path}.subsets.{subset}) have no {n_phases}-phase cut under "
+                f"'boundaries' (found: {found})"
+            )
+        chosen = (part.get("phase_count_test") or {}).get("chosen")
+        entry, path = cuts[str(n_phases)], f"{path}.subsets.{subset}.boundaries.{n_phases}"
+    if "final_phase" in entry:
+        first, last = _phase_bounds(entry["final_phase"], f"{path}.final_phase")
+        source, count = f"{path}.final_phase", entry.get("n_phases")
+    elif "phases" in entry:
+        phases = entry["phases"]
+        if not isinstance(phases, Sequence) or isinstance(phases, str) or not phases:
+            raise FeatureError(f"{path}.phases must be a non-empty list of phases, not {phases!r}")
+        bounds = [_phase_bounds(p, f"{path}.phases[{i}]") for i, p in enumerate(phases)]
+        first, last = max(bounds)
+        source, count = f"{path}.phases[-1]", len(bounds)
+    elif "boundaries" in entry:
+        starts = [int(b) for b in entry["boundaries"]]
+        first, last = (max(starts) if starts else 0), n_layers - 1
+        source, count = f"{path}.boundaries", len(starts) + 1
+    else:
+        raise FeatureError(
+            f"the flow results for {model!r} have none of 'final_phase', 'phases', 'boundaries' "
+            f"(keys: {sorted(entry)})"
+        )
+    if not 0 <= first <= last < n_layers:
+        raise FeatureError(
+            f"final phase [{first}, {last}] from {source} is not a range of layers 0..{n_layers - 1}"
+        )
+    chosen = chosen if chosen is None else int(chosen)
+    return FinalPhase(first=first, last=last, source=source, n_phases=count, chosen=chosen)
+
+
+@dataclass(frozen=True)
+class PooledCodes:
+    """Codes of several layers' SAEs side by side: column `j` is feature `feature[j]` of layer `layer[j]`.
+
+    Only features that `selectivity` would test are kept (active on at least `min_active_items` items and not
+    constant: a label-blind filter, so selectivity, its controls and its BH correction are unchanged, only
+    cheaper). `n_features` counts every feature of the pooled layers, kept or not.
+    """
+
+    codes: np.ndarray
+    layer: np.ndarray
+    feature: np.ndarray
+    n_features: int
+
+    def name(self, column: int) -> str:
+        """`L<layer>/<feature>`: how a pooled feature is named in tables and figures."""
+        return f"L{int(self.layer[column])}/{int(self.feature[column])}"
+
+    def columns_of(self, layer: int) -> np.ndarray:
+        return np.flatnonzero(self.layer == layer)
+
+
+def pool_layers(codes_by_layer: Mapping[int, np.ndarray], config: SelectivityConfig = SelectivityConfig()):
+    """Pool per-layer codes `[n_items, d_sae]` into one `PooledCodes` (features identified as (layer, feature))."""
+    if not codes_by_layer:
+        raise FeatureError("no layers to pool")
+    blocks, layers, ids, total, n_items = [], [], [], 0, None
+    for layer, codes in codes_by_layer.items():
+        acts = _array(codes, f"codes of layer {layer}", 2)
+        if n_items is not None and acts.shape[0] != n_items:
+            raise FeatureError(f"layer {layer} has {acts.shape[0]} items, the others {n_items}")
+        n_items = acts.shape[0]
+        keep = np.flatnonzero(_testable(acts, config))
+        blocks.append(acts[:, keep])
+        layers.append(np.full(len(keep), int(layer)))
+        ids.append(keep)
+        total += acts.shape[1]
+    return PooledCodes(
+        codes=np.concatenate(blocks, axis=1),
+        layer=np.concatenate(layers),
+        feature=np.concatenate(ids),
+        n_features=total,
+    )
 
 
 # ------------------------------------------------------------------------------------------ shuffled control
@@ -544,6 +746,103 @@ def shared_specific(
     return _with_intervals(points, _shared_specific_counts(draws.selective[..., columns]), draws.config.level)
 
 
+# ------------------------------------------------------------------------------ shared / specific under the null
+
+
+@dataclass(frozen=True)
+class NullSharedSpecific:
+    """`shared_specific` counts on label permutations, for each criterion of the selectivity rule.
+
+    `counts` has one row per (criterion, shuffle) and columns (measure, emotion), measures `n_selective`,
+    `n_specific`, `n_shared`, emotions as in `shared_specific` (with the row `any`).
+    """
+
+    emotions: tuple[str, ...]
+    counts: pd.DataFrame
+    seed: int
+
+    @property
+    def n_shuffles(self) -> int:
+        return int(self.counts.index.get_level_values("shuffle").nunique())
+
+    def summary(self, observed: pd.DataFrame, criterion: str = "full") -> pd.DataFrame:
+        """`observed` (a `shared_specific` table by the same `criterion`) beside the null: for each measure its
+        null mean, 95th percentile, and permutation p-value (1 + #shuffles with at least as many) / (1 + #shuffles).
+        Rows are emotions (and `any`); columns are (measure, statistic)."""
+        _choice(criterion, CRITERIA, "criterion")
+        null = self.counts.xs(criterion, level="criterion")
+        rows = list(observed.index)
+        unknown = [r for r in rows if r not in null["n_selective"].columns]
+        if unknown:
+            raise FeatureError(
+                f"observed rows {unknown} are not among the null's {list(null['n_selective'])}"
+            )
+        out = {}
+        for measure in ("n_selective", "n_specific", "n_shared"):
+            seen = observed[measure].reindex(rows)
+            values = null[measure][rows]
+            out[(measure, "observed")] = seen
+            out[(measure, "null_mean")] = values.mean()
+            out[(measure, "null_q95")] = values.quantile(0.95)
+            out[(measure, "p_value")] = (1 + (values >= seen).sum()) / (1 + len(values))
+        frame = pd.DataFrame(out)
+        frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["measure", "statistic"])
+        frame.index.name = "emotion"
+        return frame
+
+
+def shuffled_shared_specific(
+    codes,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    config: SelectivityConfig = SelectivityConfig(),
+    n_shuffles: int = 20,
+    seed: int = 0,
+    among: Sequence[str] | None = None,
+) -> NullSharedSpecific:
+    """`shared_specific` per emotion on `n_shuffles` seeded label permutations, by both criteria ("full" and
+    "auroc") from the same permutations: the control for every count of specific and shared features.
+
+    The permutations are those of `shuffled_control` with the same seed (its `any` counts are this null's
+    `n_selective` / `any` under the full rule). `among` restricts the emotions counted, as in `shared_specific`.
+    """
+    if n_shuffles < 1:
+        raise FeatureError(f"n_shuffles must be at least 1, not {n_shuffles}")
+    acts, y, emotions = _prepare(codes, labels, emotions, config)
+    names = list(among) if among is not None else list(emotions)
+    unknown = [e for e in names if e not in emotions]
+    if unknown:
+        raise FeatureError(f"emotions {unknown} are not among {list(emotions)}")
+    columns = [emotions.index(e) for e in names]
+    allowed = _testable(acts, config)
+    rng = np.random.default_rng(seed)
+    rows, index = [], []
+    for shuffle in range(n_shuffles):
+        result = _compute(acts, rng.permutation(y), emotions, config, allowed)
+        for criterion in CRITERIA:
+            counts = _shared_specific_counts(result.matrix(criterion)[:, columns])
+            rows.append(
+                {
+                    (m, e): int(v)
+                    for m, values in counts.items()
+                    for e, v in zip([*names, "any"], values, strict=True)
+                }
+            )
+            index.append((criterion, shuffle))
+    frame = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["criterion", "shuffle"]))
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["measure", "emotion"])
+    return NullSharedSpecific(emotions=tuple(names), counts=frame, seed=seed)
+
+
+def specific_sets(sets: EmotionSets) -> dict[str, frozenset[int]]:
+    """Each emotion's features that belong to no other emotion's set."""
+    counts: dict[int, int] = {}
+    for members in sets.values():
+        for feature in set(members):
+            counts[feature] = counts.get(feature, 0) + 1
+    return {e: frozenset(f for f in set(members) if counts[f] == 1) for e, members in sets.items()}
+
+
 # --------------------------------------------------------------------------------------------------- overlap
 
 
@@ -593,20 +892,25 @@ def intersections(sets: EmotionSets) -> pd.DataFrame:
     return frame
 
 
-def upset_figure(table: pd.DataFrame, top_n: int = 15, title: str | None = None) -> Figure:
+def upset_figure(
+    table: pd.DataFrame, top_n: int = 15, title: str | None = None, figure: Figure | SubFigure | None = None
+) -> Figure | SubFigure:
     """UpSet-style figure of `intersections(...)`: bars of the `top_n` largest combinations over a dot matrix
-    (a filled dot per emotion in the combination); rows are labelled with each emotion's set size."""
+    (a filled dot per emotion in the combination); rows are labelled with each emotion's set size.
+
+    Draws into `figure` (e.g. one of `Figure.subfigures`, as `upset_grid` does) when given, else a new figure."""
     emotions = list(table.attrs.get("emotions") or dict.fromkeys(e for c in table["emotions"] for e in c))
     sizes = table.attrs.get("set_sizes", {})
     shown = table.head(top_n)
     n = max(len(shown), 1)
-    fig, (bars, dots) = plt.subplots(
-        2,
-        1,
-        sharex=True,
-        figsize=(max(5.5, 0.45 * n + 2.0), 2.8 + 0.28 * len(emotions)),
-        gridspec_kw={"height_ratios": [2.2, 0.25 * len(emotions) + 0.3]},
-    )
+    layout = {"sharex": True, "gridspec_kw": {"height_ratios": [2.2, 0.25 * len(emotions) + 0.3]}}
+    if figure is None:
+        fig, (bars, dots) = plt.subplots(
+            2, 1, figsize=(max(5.5, 0.45 * n + 2.0), 2.8 + 0.28 * len(emotions)), **layout
+        )
+    else:
+        fig = figure
+        bars, dots = fig.subplots(2, 1, **layout)
     x = np.arange(len(shown))
     bars.bar(x, shown["n_features"], color="#444444", width=0.6)
     for xi, value in zip(x, shown["n_features"], strict=True):
@@ -630,6 +934,159 @@ def upset_figure(table: pd.DataFrame, top_n: int = 15, title: str | None = None)
     dots.grid(False)
     for side in ("top", "right", "bottom"):
         dots.spines[side].set_visible(False)
+    return fig
+
+
+def upset_grid(tables: Mapping[str, pd.DataFrame], top_n: int = 12) -> Figure:
+    """`upset_figure` of each model's `intersections(...)`, stacked in one figure (one caption, one image)."""
+    if not tables:
+        raise FeatureError("no tables to draw")
+    heights = []
+    for table in tables.values():
+        n_emotions = len(table.attrs.get("emotions") or ())
+        heights.append(2.8 + 0.28 * max(n_emotions, 1))
+    widest = max(min(len(t), top_n) for t in tables.values())
+    fig = plt.figure(figsize=(max(6.0, 0.45 * widest + 2.5), sum(heights)))
+    subfigures = fig.subfigures(len(tables), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, (name, table) in zip(subfigures, tables.items(), strict=True):
+        upset_figure(table, top_n=top_n, title=name, figure=sub)
+    return fig
+
+
+def _errors(value, low, high) -> np.ndarray:
+    """Error bar lengths `[2, n]` from an interval; a percentile interval can miss its point estimate (a count
+    whose resamples all lie on one side of it), and the bar on that side is then drawn with length zero."""
+    value, low, high = (np.asarray(v, dtype=float) for v in (value, low, high))
+    return np.clip(np.stack([value - low, high - value]), 0, None)
+
+
+def _model_panels(n: int, width: float, height: float, ncols: int | None = None):
+    ncols = ncols or n
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for k in range(n, nrows * ncols):
+        axes.flat[k].axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+def _annotated_heatmap(ax, values: np.ndarray, labels: Sequence[str], vmax: float, fmt: str, cmap: str):
+    colours = plt.get_cmap(cmap).with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=0, vmax=vmax, cmap=colours)
+    short = [str(x)[:5] for x in labels]
+    ax.set_xticks(range(len(short)), short, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(short)), short, fontsize=8)
+    ax.grid(False)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            text = "-" if not np.isfinite(v) else format(v, fmt)
+            dark = np.isfinite(v) and v > 0.6 * vmax
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    return image
+
+
+def jaccard_figure(frames: Mapping[str, pd.DataFrame]) -> Figure:
+    """Jaccard overlap of the emotions' selective sets (`jaccard(...)`), one heatmap per model; the diagonal is
+    blanked (always 1) and the colour scale runs to the largest off-diagonal value."""
+    fig, axes = _model_panels(len(frames), 3.6, 3.4)
+    for ax, (name, frame) in zip(axes, frames.items(), strict=True):
+        values = frame.to_numpy(dtype=float).copy()
+        np.fill_diagonal(values, np.nan)
+        top = np.nanmax(values) if np.isfinite(values).any() else 1.0
+        image = _annotated_heatmap(ax, values, list(frame.index), max(top, 1e-6), ".2f", "Purples")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.7, label="Jaccard")
+    return fig
+
+
+def counts_figure(tables: Mapping[str, pd.DataFrame], nulls: Mapping[str, pd.DataFrame]) -> Figure:
+    """Specific and shared features per emotion with bootstrap intervals (bars), each beside the 95th percentile
+    of the same count on shuffled labels (black ticks). `tables[model]` is a `shared_specific(sel, draws)` table,
+    `nulls[model]` its `NullSharedSpecific.summary(..., criterion)` by the draws' criterion."""
+    fig, axes = _model_panels(len(tables), 5.2, 3.2)
+    styles = {"n_specific": ("specific", "#4c72b0"), "n_shared": ("shared", "#dd8452")}
+    for ax, (name, table) in zip(axes, tables.items(), strict=True):
+        emotions = [e for e in table.index if e != "any"]
+        x = np.arange(len(emotions))
+        for k, (measure, (label, colour)) in enumerate(styles.items()):
+            rows = table.loc[emotions]
+            xs = x + (k - 0.5) * 0.38
+            ax.bar(
+                xs,
+                rows[measure],
+                0.36,
+                yerr=_errors(rows[measure], rows[f"{measure}_low"], rows[f"{measure}_high"]),
+                capsize=2,
+                color=colour,
+                label=label,
+                alpha=0.85,
+            )
+            q95 = nulls[name].loc[emotions, (measure, "null_q95")]
+            ax.scatter(
+                xs, q95, marker="_", s=160, color="black", zorder=3, label=None if k else "null 95th pct"
+            )
+        ax.set_xticks(x, emotions, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("features")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def layer_counts_figure(frames: Mapping[str, pd.DataFrame], phases: Mapping[str, tuple[int, int]]) -> Figure:
+    """Selective features per layer (each layer's SAE on its own): any, specific and shared counts beside the
+    shuffled-label null of the `any` count (mean and 95th percentile); the final phase is shaded.
+
+    `frames[model]` has columns layer, any, specific, shared, null_mean, null_q95."""
+    fig, axes = _model_panels(len(frames), 4.6, 3.0)
+    for ax, (name, frame) in zip(axes, frames.items(), strict=True):
+        first, last = phases[name]
+        ax.axvspan(first - 0.5, last + 0.5, color="#2ca02c", alpha=0.1, lw=0, label="final phase")
+        for column, colour in (("any", "black"), ("specific", "#4c72b0"), ("shared", "#dd8452")):
+            ax.plot(frame["layer"], frame[column], "o-", ms=3, color=colour, label=column)
+        ax.fill_between(frame["layer"], 0, frame["null_q95"], color="grey", alpha=0.25, lw=0,
+                        label="null (any), 95th pct")  # fmt: skip
+        ax.set_xlabel("layer")
+        ax.set_ylabel("selective features")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def diffuseness_figure(
+    frames: Mapping[str, pd.DataFrame],
+    measures: Sequence[str] = ("k50", "k80", "entropy"),
+    highlight: str = "disgust",
+) -> Figure:
+    """Each emotion's diffuseness (`diffuseness(sel, draws)`) with bootstrap intervals: one row of panels per
+    model, one column per measure; `highlight` is drawn in red."""
+    n_rows, n_cols = len(frames), len(measures)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.6 * n_rows), squeeze=False)
+    for r, (name, frame) in enumerate(frames.items()):
+        emotions = list(frame.index)
+        for c, measure in enumerate(measures):
+            ax = axes[r][c]
+            for i, e in enumerate(emotions):
+                value = frame.loc[e, measure]
+                low, high = frame.loc[e, f"{measure}_low"], frame.loc[e, f"{measure}_high"]
+                colour = "#d62728" if e == highlight else "#444444"
+                ax.errorbar(i, value, yerr=_errors([value], [low], [high]), fmt="o", capsize=3, color=colour)
+            ax.set_xticks(range(len(emotions)), [e[:5] for e in emotions], rotation=90, fontsize=8)
+            ax.set_title(f"{name}: {measure}" if n_cols > 1 else name, fontsize=8)
+    return fig
+
+
+def coactivation_figure(results: Mapping[str, HeldOutCoactivation]) -> Figure:
+    """`heldout_coactivation` matrices, one heatmap per model (rows: features of; columns: items of); rows
+    without features are blank."""
+    fig, axes = _model_panels(len(results), 3.8, 3.5)
+    for ax, (name, result) in zip(axes, results.items(), strict=True):
+        values = result.matrix.to_numpy(dtype=float)
+        top = np.nanmax(values) if np.isfinite(values).any() else 1.0
+        image = _annotated_heatmap(ax, values, result.emotions, max(top, 1.0), ".2f", "Oranges")
+        ax.set_ylabel("features of")
+        ax.set_xlabel("items of")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.7, label="mean on column / mean on row emotion")
     return fig
 
 
@@ -823,6 +1280,149 @@ def coactivation(
     return frame
 
 
+@dataclass(frozen=True)
+class HeldOutCoactivation:
+    """Co-activation with features chosen on one set of items and measured on another (see `heldout_coactivation`).
+
+    `matrix` (rows: features of, columns: items of) holds point values, `draws` `[n_boot, E, E]` the bootstrap
+    resamples of the measuring items; `n_features` the features chosen per row, `n_measured` those with a
+    positive mean on the row emotion's measuring items (the others cannot be normalised and are left out).
+    """
+
+    matrix: pd.DataFrame
+    draws: np.ndarray
+    n_features: dict[str, int]
+    n_measured: dict[str, int]
+    level: float
+
+    @property
+    def emotions(self) -> list[str]:
+        return list(self.matrix.index)
+
+    def _off(self, values: np.ndarray) -> np.ndarray:
+        """Mean off-diagonal value of each row, `[..., E]` (NaN for rows without features)."""
+        n = values.shape[-1]
+        off = ~np.eye(n, dtype=bool)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.where(off, values, np.nan), axis=-1)
+
+    def excess(self, emotion: str) -> Estimate:
+        """How much more `emotion`'s features fire on the other emotions' items than the other emotions' features
+        do: its row's mean off-diagonal value minus the mean of the other rows' (rows without features skipped)."""
+        if emotion not in self.emotions:
+            raise FeatureError(f"{emotion!r} is not among {self.emotions}")
+        a = self.emotions.index(emotion)
+
+        def excess_of(values: np.ndarray) -> np.ndarray:
+            off = self._off(values)
+            others = np.delete(off, a, axis=-1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return off[..., a] - np.nanmean(others, axis=-1)
+
+        return _bounds(float(excess_of(self.matrix.to_numpy())), excess_of(self.draws), self.level)
+
+    def table(self) -> pd.DataFrame:
+        """Per row emotion: features chosen and measured, mean off-diagonal co-activation with its interval, and
+        the excess over the other rows with its interval."""
+        off_point, off_draws = self._off(self.matrix.to_numpy()), self._off(self.draws)
+        rows = {}
+        for i, e in enumerate(self.emotions):
+            off = _bounds(off_point[i], off_draws[:, i], self.level)
+            ex = self.excess(e)
+            rows[e] = {
+                "n_features": self.n_features[e],
+                "n_measured": self.n_measured[e],
+                "off_diagonal": off.value,
+                "off_diagonal_low": off.low,
+                "off_diagonal_high": off.high,
+                "excess": ex.value,
+                "excess_low": ex.low,
+                "excess_high": ex.high,
+            }
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        frame.index.name = "features of"
+        return frame
+
+
+def _coactivation_matrix(means: np.ndarray, members: Sequence[np.ndarray]) -> np.ndarray:
+    """`means` `[..., d, E]` class means -> `[..., E, E]`: row A the median over A's features of mean_B / mean_A."""
+    n = means.shape[-1]
+    out = np.full((*means.shape[:-2], n, n), np.nan)
+    for a, features in enumerate(members):
+        if features.size == 0:
+            continue
+        own = means[..., features, a : a + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(own > 0, means[..., features, :] / np.where(own > 0, own, 1.0), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[..., a, :] = np.nanmedian(ratio, axis=-2)
+    return out
+
+
+def heldout_coactivation(
+    sets: EmotionSets,
+    codes,
+    labels: Sequence[str],
+    emotions: Sequence[str] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+) -> HeldOutCoactivation:
+    """Row A, column B: how strongly A's features fire on B's items relative to A's own, on items that did not
+    choose them.
+
+    `sets` are each emotion's features chosen on other items (e.g. `selectivity(dev codes).sets()`); `codes`
+    `[n_items, d_sae]` and `labels` are the measuring items (e.g. the test split). For each feature of A, its mean
+    activation on B's measuring items over its mean on A's (features silent on A's measuring items cannot be
+    normalised and are dropped, see `n_measured`); the row is the median over A's features, robust to the few
+    features whose mean on A is tiny. The diagonal is 1. Choosing and measuring on the same items would bias
+    every off-diagonal value down (a feature is chosen partly because its mean on A happened to be high), so
+    the split keeps the comparison between rows fair. Intervals resample the measuring items within each label.
+    """
+    emotions = list(emotions) if emotions is not None else list(sets)
+    missing = [e for e in emotions if e not in sets]
+    if missing:
+        raise FeatureError(f"no feature set for emotions {missing}")
+    acts = _array(codes, "codes", 2)
+    y = _encode(labels, emotions, acts.shape[0], 1)
+    if n_boot < 2:
+        raise FeatureError(f"n_boot must be at least 2, not {n_boot}")
+    union = np.array(sorted({int(f) for e in emotions for f in sets[e]}), dtype=np.int64)
+    if union.size and (union.min() < 0 or union.max() >= acts.shape[1]):
+        raise FeatureError(f"feature ids must be in 0..{acts.shape[1] - 1}")
+    position = {int(f): i for i, f in enumerate(union)}
+    members = [np.array([position[int(f)] for f in sorted(set(sets[e]))], dtype=np.int64) for e in emotions]
+    sub = acts[:, union]
+    classes = [np.flatnonzero(y == e) for e in range(len(emotions))]
+
+    def class_means(index_of: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([sub[i].mean(axis=0) for i in index_of], axis=-1)  # [d_union, E]
+
+    point_means = class_means(classes)
+    rng = np.random.default_rng(seed)
+    boot_means = np.stack(
+        [class_means([c[rng.integers(0, len(c), len(c))] for c in classes]) for _ in range(n_boot)]
+    )
+    matrix = pd.DataFrame(
+        _coactivation_matrix(point_means, members),
+        index=pd.Index(emotions, name="features of"),
+        columns=pd.Index(emotions, name="items of"),
+    )
+    return HeldOutCoactivation(
+        matrix=matrix,
+        draws=_coactivation_matrix(boot_means, members),
+        n_features={e: int(m.size) for e, m in zip(emotions, members, strict=True)},
+        n_measured={
+            e: int((point_means[m, a] > 0).sum())
+            for a, (e, m) in enumerate(zip(emotions, members, strict=True))
+        },
+        level=level,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ token roles
 
 
@@ -999,3 +1599,143 @@ def promoted_tokens(
             "score": scores[top.indices].cpu().numpy(),
         }
     )
+
+
+# ---------------------------------------------------------------------------------------------------- verdicts
+
+VERDICTS = ("holds", "partly", "does not hold", "inconclusive")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim's verdict (one of `VERDICTS`) with the numbers that decided it, in words."""
+
+    verdict: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _choice(self.verdict, VERDICTS, "verdict")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"verdict": self.verdict, "reason": self.reason}
+
+
+def mix_verdict(
+    full: pd.DataFrame, boot: pd.DataFrame, boot_null: pd.DataFrame, n_shuffles: int, alpha: float = 0.05
+) -> Verdict:
+    """Do an emotion's selective features mix shared and specific ones, beyond chance?
+
+    `full`: `NullSharedSpecific.summary` of the full-rule counts; `boot`: `shared_specific(sel, draws)`; and
+    `boot_null`: the summary of the draws' criterion. Holds when the totals of specific and of shared features
+    both beat the shuffled labels (permutation p <= `alpha`) and at least half the emotions have both kinds, each
+    with its bootstrap lower bound above the null's 95th percentile for that emotion; partly when only one total
+    beats the null, or fewer emotions have both; does not hold when neither total does. Inconclusive when
+    `n_shuffles` cannot give p <= `alpha`.
+    """
+    if 1 / (1 + n_shuffles) > alpha:
+        return Verdict(
+            "inconclusive",
+            f"{n_shuffles} label shuffles cannot give a permutation p-value at or below {alpha}",
+        )
+    specific_p, shared_p = (
+        full.loc["any", ("n_specific", "p_value")],
+        full.loc["any", ("n_shared", "p_value")],
+    )
+    emotions = [e for e in boot.index if e != "any"]
+    both = [
+        e
+        for e in emotions
+        if boot.loc[e, "n_specific_low"] > boot_null.loc[e, ("n_specific", "null_q95")]
+        and boot.loc[e, "n_shared_low"] > boot_null.loc[e, ("n_shared", "null_q95")]
+    ]
+    totals = (
+        f"{int(full.loc['any', ('n_specific', 'observed')])} specific (p = {specific_p:.3f}) and "
+        f"{int(full.loc['any', ('n_shared', 'observed')])} shared (p = {shared_p:.3f}) selective features"
+    )
+    per_emotion = f"{len(both)} of {len(emotions)} emotions have both beyond the null" + (
+        f" ({', '.join(both)})" if both else ""
+    )
+    if specific_p <= alpha and shared_p <= alpha and 2 * len(both) >= len(emotions):
+        return Verdict("holds", f"{totals}; {per_emotion}")
+    if specific_p <= alpha or shared_p <= alpha:
+        return Verdict("partly", f"{totals}; {per_emotion}")
+    return Verdict("does not hold", f"{totals}: neither total beats shuffled labels; {per_emotion}")
+
+
+def diffuse_verdict(
+    comparisons: Mapping[str, pd.DataFrame], n_support: float, emotion: str = "disgust"
+) -> Verdict:
+    """Is `emotion` more diffuse than the others' mean? `comparisons[measure]` are `compare_diffuseness` tables
+    (row `others (mean)`); `n_support` is the emotion's number of selective features.
+
+    Holds when every measure's paired interval is above zero; partly when some are; does not hold when none is
+    and some are below zero (more concentrated); inconclusive when all include zero or the emotion has no
+    selective features.
+    """
+    if not n_support:
+        return Verdict(
+            "inconclusive", f"{emotion} has no selective features, so its diffuseness is undefined"
+        )
+    rows = {m: c.loc["others (mean)"] for m, c in comparisons.items()}
+    above = [m for m, r in rows.items() if r["low"] > 0]
+    below = [m for m, r in rows.items() if r["high"] < 0]
+    described = "; ".join(
+        f"{m} {r['difference']:+.3g} [{r['low']:+.3g}, {r['high']:+.3g}]" for m, r in rows.items()
+    )
+    text = f"{emotion} minus the others' mean: {described}"
+    if len(above) == len(rows):
+        return Verdict("holds", text)
+    if above:
+        return Verdict("partly", text)
+    if below:
+        return Verdict("does not hold", text)
+    return Verdict("inconclusive", text)
+
+
+def coactivation_verdict(result: HeldOutCoactivation | None, emotion: str = "surprise") -> Verdict:
+    """Do `emotion`'s features fire on the other emotions' items more than the other emotions' features do?
+    Holds when its `excess` interval is above zero, does not hold when below; otherwise inconclusive (also when
+    there is no such label or none of its features could be measured)."""
+    if result is None or emotion not in result.emotions:
+        return Verdict("inconclusive", f"no {emotion} label in the data")
+    if result.n_measured[emotion] == 0:
+        return Verdict("inconclusive", f"no {emotion} feature was chosen and measured on held-out items")
+    ex = result.excess(emotion)
+    table = result.table()
+    rank = int(table["off_diagonal"].rank(ascending=False).loc[emotion])
+    text = (
+        f"{emotion} excess co-activation {ex} ({result.n_measured[emotion]} features); its row ranks {rank} of "
+        f"{int(table['off_diagonal'].notna().sum())}"
+    )
+    if not np.isfinite(ex.value) or not np.isfinite(ex.low):
+        return Verdict("inconclusive", text)
+    if ex.low > 0:
+        return Verdict("holds", text)
+    if ex.high < 0:
+        return Verdict("does not hold", text)
+    return Verdict("inconclusive", text)
+
+
+# ------------------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """What the features chapter computes: label shuffles for the pooled final phase (`n_shuffles`) and for each
+    layer on its own (`layer_shuffles`), bootstrap resamples (`n_boot`, selectivity and co-activation), and the
+    size of the feature cards."""
+
+    n_shuffles: int
+    n_boot: int
+    layer_shuffles: int
+    card_texts: int = 3
+    card_tokens: int = 8
+    seed: int = 0
+
+
+#: `quick` checks that the chapter runs (19 shuffles is the fewest that can give p <= 0.05); `full` is sized to
+#: about ten minutes per model on 2 CPU cores.
+FEATURES_PRESETS: dict[str, FeaturesConfig] = {
+    "quick": FeaturesConfig(n_shuffles=19, n_boot=50, layer_shuffles=3),
+    "full": FeaturesConfig(n_shuffles=39, n_boot=200, layer_shuffles=5),
+}

@@ -26,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from transformer_lens import HookedTransformer
 
 from emolib.classify import _final_logprobs
+from emolib.features import Selectivity, SelectivityConfig, selectivity
 from emolib.stats import Estimate, summarize
 
 
@@ -697,3 +698,312 @@ def bootstrap_boundaries(
     return BoundaryBootstrap(
         point=point, intervals=intervals, draws=pd.DataFrame(draws, columns=columns), counts=counts
     )
+
+
+# ------------------------------------------------------------------------------------- per-layer controls
+
+
+def permutation_chance(predicted, gold) -> float:
+    """Expected accuracy of fixed predictions against a random permutation of the gold labels.
+
+    sum_j share(predicted = j) x share(gold = j): the control for a readout that is not fitted (such as the
+    logit lens), where refitting on shuffled labels is impossible. It equals 1 / L for balanced gold labels and
+    rises when the predictions collapse onto a frequent label.
+    """
+    predicted, gold = np.asarray(predicted).astype(str), np.asarray(gold).astype(str)
+    if predicted.shape != gold.shape or predicted.ndim != 1 or len(gold) == 0:
+        raise FlowError(
+            f"predicted and gold need the same non-empty 1-D shape, got {predicted.shape}, {gold.shape}"
+        )
+    labels, inverse = np.unique(np.r_[predicted, gold], return_inverse=True)
+    n = len(gold)
+    share_pred = np.bincount(inverse[:n], minlength=len(labels)) / n
+    share_gold = np.bincount(inverse[n:], minlength=len(labels)) / n
+    return float(share_pred @ share_gold)
+
+
+def consecutive_cka(activations: Mapping[int, np.ndarray], seed: int = 0) -> pd.DataFrame:
+    """Linear CKA of each layer with the previous one (`cka`), beside a control with the previous layer's items
+    permuted (`control`: the similarity two unrelated sets of the same representations reach by chance).
+
+    The first layer has no predecessor and gets NaN.
+    """
+    layers = list(activations)
+    if len(layers) < 2:
+        raise FlowError("consecutive CKA needs at least two layers")
+    rng = np.random.default_rng(seed)
+    rows = [{"layer": layers[0], "cka": np.nan, "control": np.nan}]
+    for before, layer in zip(layers, layers[1:], strict=False):
+        X, Y = activations[before], activations[layer]
+        rows.append(
+            {
+                "layer": layer,
+                "cka": linear_cka(X, Y),
+                "control": linear_cka(np.asarray(X)[rng.permutation(len(X))], Y),
+            }
+        )
+    return pd.DataFrame(rows).set_index("layer")
+
+
+@dataclass
+class SelectiveCount:
+    """Emotion-selective SAE features of one layer (features selective for at least one emotion) beside the
+    same rule applied to permuted labels.
+
+    `mass_share` is the share of all feature activation (summed over items and features) that the selective
+    features carry; `null_counts` and `null_shares` are the same numbers for each label permutation.
+    """
+
+    selectivity: Selectivity
+    count: int
+    mass_share: float
+    null_counts: np.ndarray
+    null_shares: np.ndarray
+
+    @property
+    def p_value(self) -> float:
+        """Permutation p-value of the count: (1 + #permutations with at least as many) / (1 + #permutations)."""
+        return float((1 + (self.null_counts >= self.count).sum()) / (1 + len(self.null_counts)))
+
+    @property
+    def exceeds_null(self) -> bool:
+        """More selective features than every permutation found (and at least one)."""
+        return self.count > 0 and self.count > self.null_counts.max(initial=0)
+
+    def row(self) -> dict[str, float]:
+        return {
+            "selective": self.count,
+            "selective_null_mean": float(self.null_counts.mean()) if len(self.null_counts) else np.nan,
+            "selective_null_max": float(self.null_counts.max()) if len(self.null_counts) else np.nan,
+            "selective_p": self.p_value,
+            "selective_exceeds_null": self.exceeds_null,
+            "mass_share": self.mass_share,
+            "mass_share_null_mean": float(self.null_shares.mean()) if len(self.null_shares) else np.nan,
+            "mass_share_null_max": float(self.null_shares.max()) if len(self.null_shares) else np.nan,
+        }
+
+
+def _mass_share(codes: np.ndarray, chosen: np.ndarray) -> float:
+    total = float(codes.sum())
+    return float(codes[:, chosen].sum()) / total if total > 0 else np.nan
+
+
+def selective_with_null(
+    codes,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    config: SelectivityConfig | None = None,
+    *,
+    n_shuffles: int = 20,
+    seed: int = 0,
+) -> SelectiveCount:
+    """`features.selectivity` of SAE codes `[n_items, d_sae]` and, on `n_shuffles` seeded label permutations, how
+    many features the same rule finds by chance and how much activation they carry.
+
+    Permuting keeps the codes, class sizes and the label-blind feature filter, as `features.shuffled_control`
+    does; this also returns each permutation's selective set's mass share, so the share has a control too.
+    """
+    config = config or SelectivityConfig()
+    if n_shuffles < 1:
+        raise FlowError(f"n_shuffles must be at least 1, not {n_shuffles}")
+    codes = _matrix(codes, "codes")
+    if (codes < 0).any():
+        raise FlowError("SAE codes must be non-negative (feature activations)")
+    labels = np.asarray(labels).astype(str)
+    observed = selectivity(codes, labels, emotions, config)
+    chosen = observed.selective.any(axis=1)
+    rng = np.random.default_rng(seed)
+    counts, shares = [], []
+    for _ in range(n_shuffles):
+        null = selectivity(codes, rng.permutation(labels), emotions, config).selective.any(axis=1)
+        counts.append(int(null.sum()))
+        shares.append(_mass_share(codes, null))
+    return SelectiveCount(
+        selectivity=observed,
+        count=int(chosen.sum()),
+        mass_share=_mass_share(codes, chosen),
+        null_counts=np.array(counts),
+        null_shares=np.array(shares),
+    )
+
+
+# ------------------------------------------------------------------------------------ features over tokens
+
+
+@dataclass
+class TokenCodes:
+    """SAE codes of every stored token of some prompts at one layer, with where each row comes from."""
+
+    codes: np.ndarray
+    is_template: np.ndarray
+    sequence: np.ndarray
+    position: np.ndarray
+    token_ids: np.ndarray
+
+
+def token_codes(store, hook: str, encode: Callable, text_masks: Sequence[np.ndarray]) -> TokenCodes:
+    """All-token SAE codes of one hook of an `ActivationStore` (mode "all"), each row marked template or text.
+
+    `encode` maps a `[rows, d_model]` float tensor to codes (e.g. `sae.encode`); `text_masks[s][p]` is True when
+    token `p` of sequence `s` belongs to the text (False: template), as `AnalysisSet.text_masks` gives them.
+    """
+    sequence = np.asarray(store.sequence_index())
+    position = np.asarray(store.positions())
+    if len(sequence) == 0:
+        raise FlowError("the store holds no rows")
+    if sequence.max() >= len(text_masks):
+        raise FlowError(f"the store has sequence {sequence.max()} but only {len(text_masks)} text masks")
+    lengths = np.array([len(m) for m in text_masks])
+    if (position >= lengths[sequence]).any():
+        raise FlowError("a stored position lies beyond its sequence's text mask")
+    is_text = np.array([bool(text_masks[s][p]) for s, p in zip(sequence, position, strict=True)])
+    with torch.no_grad():
+        codes = encode(store.load(hook).float())
+    codes = codes.detach().cpu().numpy() if torch.is_tensor(codes) else np.asarray(codes)
+    return TokenCodes(
+        codes=codes,
+        is_template=~is_text,
+        sequence=sequence,
+        position=position,
+        token_ids=np.asarray(store.token_ids()),
+    )
+
+
+def top_tokens(
+    values,
+    tokens: TokenCodes,
+    prompts: Sequence[Sequence[int]],
+    decode: Callable,
+    k: int = 5,
+    window: int = 6,
+) -> pd.DataFrame:
+    """The `k` stored tokens on which one feature fires most (`values`: its codes over `tokens`' rows), each with
+    up to `window` tokens of left context and the firing token in [[brackets]]; only active rows are listed."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (len(tokens.sequence),):
+        raise FlowError(
+            f"values need one entry per stored token ({len(tokens.sequence)}), got {values.shape}"
+        )
+    order = np.argsort(-values, kind="stable")
+    order = order[values[order] > 0][:k]
+    rows = []
+    for rank, r in enumerate(order, start=1):
+        s, p = int(tokens.sequence[r]), int(tokens.position[r])
+        left = decode(list(prompts[s][max(0, p - window) : p]))
+        rows.append(
+            {
+                "rank": rank,
+                "activation": float(values[r]),
+                "token": decode([int(tokens.token_ids[r])]),
+                "context": f"{left}[[{decode([int(tokens.token_ids[r])])}]]".replace("\n", "⏎"),
+                "template": bool(tokens.is_template[r]),
+            }
+        )
+    return pd.DataFrame(rows, columns=["rank", "activation", "token", "context", "template"])
+
+
+def role_mass_shares(codes, roles: Sequence[str], categories: Sequence[str]) -> dict[str, float]:
+    """Share of the total activation of `codes` `[n_items, d_sae]` carried by the features of each role."""
+    codes = _matrix(codes, "codes")
+    roles = np.asarray(roles).astype(str)
+    if roles.shape != (codes.shape[1],):
+        raise FlowError(f"roles need one entry per feature ({codes.shape[1]}), got {roles.shape}")
+    per_feature = codes.sum(axis=0)
+    total = float(per_feature.sum())
+    return {c: (float(per_feature[roles == c].sum()) / total if total > 0 else np.nan) for c in categories}
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+VERDICTS = ("holds", "partly", "does not hold", "inconclusive")
+
+
+def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None) -> tuple[str, str]:
+    """Verdict on "three phases" from the phase-count test and its bootstrap.
+
+    holds: the test chooses 3 and at least half of the item resamples do too; partly: it chooses 3 but fewer
+    than half of the resamples do, or it chooses another count while at least a quarter of the resamples choose
+    3; inconclusive: the largest candidate wins (a smooth trend or more phases than tested: no count is
+    supported); does not hold: otherwise. `share_three` is the share of resamples choosing 3 (None: no bootstrap).
+    """
+    share = np.nan if share_three is None else float(share_three)
+    boot = "no bootstrap" if share_three is None else f"{share:.0%} of item resamples choose three"
+    if at_largest:
+        return (
+            "inconclusive",
+            f"the largest candidate ({chosen} phases) wins: no small phase count fits ({boot})",
+        )
+    if chosen == 3:
+        if share_three is None or share >= 0.5:
+            return "holds", f"the test chooses three phases ({boot})"
+        return "partly", f"the test chooses three phases, but only {boot}"
+    if share_three is not None and share >= 0.25:
+        return "partly", f"the test chooses {chosen} phase(s); {boot}"
+    return "does not hold", f"the test chooses {chosen} phase(s), not three ({boot})"
+
+
+def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Series) -> tuple[str, str]:
+    """Verdict on "emotion features emerge only in the last phase" from per-layer results.
+
+    `present[layer]`: the layer has more emotion-selective features than every label permutation; `excess`:
+    observed minus null-mean count (clipped at 0); `phase`: phase number per layer (1-based). inconclusive: no
+    layer has features beyond the null; holds: every such layer is in the last phase; partly: some are earlier,
+    but the last phase holds at least half of the summed excess; does not hold: otherwise.
+    """
+    present, excess, phase = present.astype(bool), excess.clip(lower=0), phase.astype(int)
+    if not (present.index.equals(excess.index) and present.index.equals(phase.index)):
+        raise FlowError("present, excess and phase must be indexed by the same layers")
+    last = int(phase.max())
+    layers = present.index[present.to_numpy()]
+    if len(layers) == 0:
+        return "inconclusive", "no layer has more emotion-selective features than the shuffled-label control"
+    in_last = phase[layers] == last
+    total = float(excess[present].sum())
+    share_last = float(excess[present & (phase == last)].sum()) / total if total > 0 else np.nan
+    first = layers[0]
+    where = f"first at layer {first} (phase {phase[first]} of {last}); {share_last:.0%} of the excess in the last phase"
+    if in_last.all():
+        return "holds", f"emotion-selective features beyond the control only in the last phase: {where}"
+    if in_last.any() and share_last >= 0.5:
+        return "partly", f"emotion-selective features beyond the control also before the last phase: {where}"
+    return (
+        "does not hold",
+        f"emotion-selective features beyond the control mostly before the last phase: {where}",
+    )
+
+
+def phase_roles_verdict(shares: pd.DataFrame) -> tuple[str, str]:
+    """Verdict on "syntax, then content, then emotion": `shares` (index: phase 1..3, columns template, content,
+    emotion) holds each role's mean share of last-token activation per phase.
+
+    Counts which of three expectations hold: template share highest in phase 1, content share highest in phase
+    2, emotion share highest in phase 3. holds: 3 of 3; partly: 2; does not hold: 0 or 1; inconclusive: no
+    emotion-feature activation anywhere or not three phases.
+    """
+    if len(shares) != 3 or not {"template", "content", "emotion"} <= set(shares.columns):
+        return "inconclusive", "needs three phases with template, content and emotion shares"
+    if not np.nansum(shares["emotion"].to_numpy()) > 0:
+        return "inconclusive", "no emotion-selective feature is active at the last token"
+    peaks = {role: int(shares[role].astype(float).idxmax()) for role in ("template", "content", "emotion")}
+    met = [
+        role
+        for role, want in zip(("template", "content", "emotion"), (1, 2, 3), strict=True)
+        if peaks[role] == want
+    ]
+    reason = ", ".join(f"{role} peaks in phase {p}" for role, p in peaks.items())
+    verdict = {3: "holds", 2: "partly"}.get(len(met), "does not hold")
+    return verdict, f"{reason} (expected 1, 2, 3: {len(met)} of 3 as expected)"
+
+
+def mean_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean of per-item `values` with a percentile-bootstrap interval over items."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0 or not np.isfinite(values).all():
+        raise FlowError(f"values must be a non-empty finite 1-D array, got shape {values.shape}")
+    if n_boot < 1 or not 0 < level < 1:
+        raise FlowError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    means = values[draws].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return Estimate(float(values.mean()), float(low), float(high), level)

@@ -140,8 +140,24 @@ def encode_suffix(
     tokenizer: PreTrainedTokenizerBase, parts: PromptParts, text: str, max_text_tokens: int
 ) -> tuple[list[int], bool]:
     """Token ids of one text's suffix, the text cut to `max_text_tokens` tokens; also whether it was cut."""
-    text_ids = tokenizer(text, add_special_tokens=False).input_ids
-    truncated = len(text_ids) > max_text_tokens
-    if truncated:
-        text = tokenizer.decode(text_ids[:max_text_tokens])
+    text, truncated = _cut(tokenizer, text, max_text_tokens)
     return tokenizer(parts.suffix(text), add_special_tokens=False).input_ids, truncated
+
+
+def suffix_text_mask(
+    tokenizer: PreTrainedTokenizerBase, parts: PromptParts, text: str, max_text_tokens: int
+) -> list[bool]:
+    """For each token of `encode_suffix(...)`, whether it belongs to the text (True) or to the template around it
+    (the text field's name, the answer cue, chat markers): what tells content features from template features."""
+    text, _ = _cut(tokenizer, text, max_text_tokens)
+    start = parts.suffix_template.index(_SENTINEL)
+    end = start + len(text)
+    encoded = tokenizer(parts.suffix(text), add_special_tokens=False, return_offsets_mapping=True)
+    return [first < end and last > start for first, last in encoded["offset_mapping"]]
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, text: str, max_text_tokens: int) -> tuple[str, bool]:
+    text_ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(text_ids) <= max_text_tokens:
+        return text, False
+    return tokenizer.decode(text_ids[:max_text_tokens]), True

@@ -66,7 +66,7 @@ class SuiteConfig:
 SUITE_PRESETS: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(
         corpus=CorpusConfig(emotion_per_label=3, general_tokens=4_000, max_length=128),
-        eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=1_000, max_length=128),
+        eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=600, max_length=64),
         extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
         training=QUICK,
         epochs=2,

@@ -268,3 +268,16 @@ def test_build_that_raises_after_corruption_leaves_nothing_behind(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cache.cached_entry(folder, failing)
     assert list(tmp_path.iterdir()) == []  # the corrupt entry is gone and no temporary folder is left
+
+
+def test_an_entry_built_concurrently_by_another_process_is_kept(tmp_path):
+    """Two builders of the same key: the second finds the folder already in place when it renames, and keeps it."""
+    folder = tmp_path / "entry"
+
+    def build_while_another_finishes(tmp: Path) -> None:
+        CountingBuild("payload")(tmp)
+        cache.cached_entry(folder, CountingBuild("payload"))  # the other process wins the race
+
+    assert cache.cached_entry(folder, build_while_another_finishes) == folder
+    assert cache.verify_entry(folder)
+    assert leftovers(tmp_path) == []

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
 from emolib import features as F
@@ -109,6 +110,21 @@ def test_auroc_matches_scikit_learn_with_ties(data, sel):
         for j, emotion in enumerate(EMOTIONS):
             target = [label == emotion for label in labels]
             assert sel.auroc[feature, j] == pytest.approx(roc_auc_score(target, codes[:, feature]))
+
+
+def test_one_ranking_gives_scipys_mann_whitney_for_every_class(data, sel):
+    for codes, labels in (data, noise(), (np.round(data[0], 1), data[1])):  # rounding adds ties off zero
+        emotions = tuple(dict.fromkeys(labels))
+        y = np.array([emotions.index(v) for v in labels])
+        onehot = np.eye(len(emotions))[y]
+        keep = codes.max(axis=0) > codes.min(axis=0)
+        u1, p = F._one_vs_rest_tests(codes[:, keep], onehot, onehot.sum(axis=0))
+        for e in range(len(emotions)):
+            expected = mannwhitneyu(
+                codes[y == e][:, keep], codes[y != e][:, keep], axis=0, method="asymptotic"
+            )
+            np.testing.assert_allclose(u1[:, e], expected.statistic, rtol=1e-12)
+            np.testing.assert_allclose(p[:, e], expected.pvalue, rtol=1e-9, atol=1e-300)
 
 
 def test_a_feature_more_often_but_more_weakly_active_is_not_selective(sel):
@@ -478,3 +494,218 @@ def test_other_bad_inputs_raise_clear_errors(sel):
         F.BootstrapConfig(criterion="q")
     with pytest.raises(F.FeatureError, match="auroc_threshold"):
         F.SelectivityConfig(auroc_threshold=0.3)
+
+
+# ---------------------------------------------------------------------------- chapter: null of shared / specific
+
+
+@pytest.fixture(scope="module")
+def null(data):
+    return F.shuffled_shared_specific(*data, EMOTIONS, n_shuffles=19, seed=4)
+
+
+def test_shared_specific_null_uses_the_shuffled_control_permutations(data, null):
+    control = F.shuffled_control(*data, EMOTIONS, n_shuffles=19, seed=4)
+    full = null.counts.xs("full", level="criterion")
+    assert list(full[("n_selective", "any")]) == list(control.counts["any"])
+    assert list(full[("n_specific", "any")]) == list(control.counts["specific"])
+    assert null.n_shuffles == 19 and set(null.counts.index.get_level_values("criterion")) == {"full", "auroc"}
+
+
+def test_shared_specific_null_summary_sets_counts_beside_chance(sel, draws, null):
+    summary = null.summary(F.shared_specific(sel), "full")
+    assert list(summary.index) == [*EMOTIONS, "any"]
+    assert summary.loc["any", ("n_shared", "observed")] == 6
+    assert summary.loc["any", ("n_shared", "p_value")] == pytest.approx(1 / 20)
+    assert (summary[("n_specific", "null_mean")] < 2).all()
+    boot = null.summary(F.shared_specific(sel, draws), "auroc")
+    assert boot.loc["disgust", ("n_specific", "observed")] == 20
+    restricted = F.shuffled_shared_specific(*planted(), EMOTIONS, n_shuffles=2, among=EMOTIONS[:6])
+    assert restricted.emotions == EMOTIONS[:6]
+    with pytest.raises(F.FeatureError, match="not among the null"):
+        restricted.summary(F.shared_specific(sel), "full")
+
+
+def test_specific_sets():
+    assert F.specific_sets(SETS) == {"a": {1}, "b": {4}, "c": {5}, "d": set()}
+
+
+# --------------------------------------------------------------------------------- chapter: final phase, pooling
+
+
+@pytest.mark.parametrize(
+    ("record", "expected", "source"),
+    [
+        ({"models": {"m": {"phases": [[0, 3], [4, 9], [10, 11]]}}}, (10, 11), "models.m.phases[-1]"),
+        ({"models": {"m": {"phases": [{"first": 0, "last": 5}, {"first": 6, "last": 11}]}}}, (6, 11), None),
+        ({"models": {"m": {"final_phase": [7, 11], "phases": [[0, 11]]}}}, (7, 11), "models.m.final_phase"),
+        ({"models": [{"model": "m", "boundaries": [4, 8]}]}, (8, 11), "models[model=m].boundaries"),
+        ({"m": {"boundaries": []}}, (0, 11), "m.boundaries"),
+        (
+            {
+                "models": {
+                    "m": {
+                        "subsets": {
+                            "all": {
+                                "phase_count_test": {"chosen": 2},
+                                "boundaries": {
+                                    "2": {"phases": [[0, 5], [6, 11]]},
+                                    "3": {"phases": [[0, 3], [4, 8], [9, 11]]},
+                                },
+                            }
+                        }
+                    }
+                }
+            },
+            (9, 11),
+            "models.m.subsets.all.boundaries.3.phases[-1]",
+        ),
+    ],
+)
+def test_final_phase_reads_the_flow_results(record, expected, source):
+    phase = F.final_phase(record, "m", 12)
+    assert (phase.first, phase.last) == expected and phase.layers == list(range(expected[0], expected[1] + 1))
+    if source:
+        assert phase.source == source
+    if "subsets" in str(record):
+        assert phase.n_phases == 3 and phase.chosen == 2
+        two = F.final_phase(record, "m", 12, n_phases=2)
+        assert (two.first, two.last, two.n_phases) == (6, 11, 2)
+        with pytest.raises(
+            F.FeatureError, match=r"no 4-phase cut under 'boundaries' \(found: \['2', '3'\]\)"
+        ):
+            F.final_phase(record, "m", 12, n_phases=4)
+        with pytest.raises(F.FeatureError, match="no subset 'correct'"):
+            F.final_phase(record, "m", 12, subset="correct")
+
+
+def test_final_phase_errors_name_what_was_found():
+    with pytest.raises(F.FeatureError, match=r"no entry for model 'm' \(top-level keys: \['models'\]\)"):
+        F.final_phase({"models": {"other": {}}}, "m", 12)
+    with pytest.raises(F.FeatureError, match=r"none of .* \(keys: \['cka'\]\)"):
+        F.final_phase({"models": {"m": {"cka": 1}}}, "m", 12)
+    with pytest.raises(F.FeatureError, match=r"\[10, 12\] .* not a range of layers 0..11"):
+        F.final_phase({"models": {"m": {"phases": [[0, 9], [10, 12]]}}}, "m", 12)
+    with pytest.raises(F.FeatureError, match="is not a phase"):
+        F.final_phase({"models": {"m": {"phases": [[0, 1, 2]]}}}, "m", 12)
+
+
+def test_pooling_keeps_testable_features_and_leaves_selectivity_unchanged(data, sel):
+    codes, labels = data
+    pooled = F.pool_layers({3: codes[:, :100], 4: codes[:, 100:]})
+    assert pooled.n_features == D_SAE and pooled.codes.shape[1] == D_SAE - len(DEAD)
+    column = int(np.flatnonzero((pooled.layer == 4) & (pooled.feature == 20))[0])
+    assert pooled.name(column) == "L4/20" and len(pooled.columns_of(4)) == 100 - len(DEAD)
+    again = F.selectivity(pooled.codes, labels, EMOTIONS)
+    original = np.where(pooled.layer == 3, pooled.feature, pooled.feature + 100)
+    assert np.array_equal(again.selective, sel.selective[original])
+    assert np.allclose(again.q_value, sel.q_value[original])
+    with pytest.raises(F.FeatureError, match="items"):
+        F.pool_layers({0: codes, 1: codes[:10]})
+
+
+# ------------------------------------------------------------------------------ chapter: held-out co-activation
+
+
+def test_heldout_coactivation_finds_the_surprise_features(sel):
+    held_codes, held_labels = planted(seed=5)
+    emotions = [e for e in EMOTIONS if e != "neutral"]
+    keep = [i for i, label in enumerate(held_labels) if label != "neutral"]
+    result = F.heldout_coactivation(
+        F.specific_sets(sel.sets(among=emotions)),
+        held_codes[keep],
+        [held_labels[i] for i in keep],
+        emotions,
+        n_boot=40,
+    )
+    assert np.allclose(np.diag(result.matrix), 1.0) and result.draws.shape == (40, 6, 6)
+    assert result.n_features["surprise"] == 4 and result.n_measured["surprise"] == 4
+    surprise = result.excess("surprise")
+    assert surprise.low > 0.15 and surprise.low <= surprise.value <= surprise.high
+    assert result.excess("fear").high < 0
+    table = result.table()
+    assert table["off_diagonal"].idxmax() == "surprise"
+    verdict = F.coactivation_verdict(result)
+    assert verdict.verdict == "holds" and "ranks 1 of 6" in verdict.reason
+    assert F.coactivation_verdict(result, "fear").verdict == "does not hold"
+    assert F.coactivation_verdict(None).verdict == "inconclusive"
+
+
+def test_heldout_coactivation_without_features_or_with_silent_features():
+    codes = np.zeros((6, 3))
+    codes[:3, 0] = 1.0
+    labels = ["a"] * 3 + ["b"] * 3
+    result = F.heldout_coactivation({"a": {0}, "b": {1}}, codes, labels, n_boot=5)
+    assert result.matrix.loc["a", "b"] == 0 and result.n_measured == {"a": 1, "b": 0}
+    assert result.matrix.loc["b"].isna().all()
+    assert F.coactivation_verdict(result, "b").verdict == "inconclusive"
+    with pytest.raises(F.FeatureError, match="no feature set"):
+        F.heldout_coactivation({"a": {0}}, codes, labels, ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------ chapter: verdicts, figures
+
+
+def test_mix_verdict_on_planted_noise_and_too_few_shuffles(data, sel, draws, null):
+    full = null.summary(F.shared_specific(sel), "full")
+    boot = F.shared_specific(sel, draws)
+    verdict = F.mix_verdict(full, boot, null.summary(boot, "auroc"), null.n_shuffles)
+    assert verdict.verdict == "holds" and "4 of 7 emotions" in verdict.reason
+    assert F.mix_verdict(full, boot, null.summary(boot, "auroc"), 5).verdict == "inconclusive"
+    codes, labels = noise()
+    noisy = F.selectivity(codes, labels, EMOTIONS)
+    noisy_null = F.shuffled_shared_specific(codes, labels, EMOTIONS, n_shuffles=19)
+    noisy_boot = F.shared_specific(
+        noisy, F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(20))
+    )
+    verdict = F.mix_verdict(
+        noisy_null.summary(F.shared_specific(noisy), "full"),
+        noisy_boot,
+        noisy_null.summary(noisy_boot, "auroc"),
+        19,
+    )
+    assert verdict.verdict == "does not hold"
+    with pytest.raises(F.FeatureError, match="verdict must be one of"):
+        F.Verdict("maybe", "")
+
+
+def test_diffuse_verdict(sel, draws):
+    others = [e for e in EMOTIONS if e not in ("disgust", "neutral")]
+    comparisons = {m: F.compare_diffuseness(sel, draws, "disgust", m, others=others) for m in ("k50", "k80")}
+    assert F.diffuse_verdict(comparisons, 23).verdict == "holds"
+    assert F.diffuse_verdict(comparisons, 0).verdict == "inconclusive"
+    fear = {m: F.compare_diffuseness(sel, draws, "fear", m, others=["disgust"]) for m in ("k80", "entropy")}
+    assert F.diffuse_verdict(fear, 4, "fear").verdict == "does not hold"
+
+
+def test_chapter_figures_draw(sel, draws, null):
+    boot = F.shared_specific(sel, draws)
+    figures = [
+        F.upset_grid({"m1": F.intersections(sel.sets()), "m2": F.intersections(SETS)}, top_n=5),
+        F.jaccard_figure({"m1": F.jaccard(sel.sets()), "m2": F.jaccard(SETS)}),
+        F.counts_figure({"m1": boot}, {"m1": null.summary(boot, "auroc")}),
+        F.layer_counts_figure(
+            {
+                "m1": pd.DataFrame(
+                    {
+                        "layer": [0, 1, 2],
+                        "any": [1, 5, 9],
+                        "specific": [1, 3, 5],
+                        "shared": [0, 2, 4],
+                        "null_mean": [0.5] * 3,
+                        "null_q95": [2] * 3,
+                    }
+                )
+            },
+            {"m1": (1, 2)},
+        ),
+        F.diffuseness_figure({"m1": F.diffuseness(sel, draws), "m2": F.diffuseness(sel, draws)}),
+    ]
+    codes, labels = planted(seed=5)
+    figures.append(F.coactivation_figure({"m1": F.heldout_coactivation(sel.sets(), codes, labels, n_boot=5)}))
+    upset = figures[0]
+    assert len(upset.subfigs) == 2 and len(upset.axes) == 4
+    assert [a.get_title() for a in figures[1].axes[:2:1]][0] == "m1"
+    assert len(figures[4].axes) == 6
+    for fig in figures:
+        plt.close(fig)

@@ -429,3 +429,179 @@ def test_bootstrap_rejects_inconsistent_profiles():
         flow.bootstrap_boundaries(shifting, 60, 2, n_boot=5)
     with pytest.raises(FlowError, match="at least 2 items"):
         flow.bootstrap_boundaries(shifting, 1, 2)
+
+
+# ------------------------------------------------------------------------------------ per-layer controls
+
+
+def test_permutation_chance_is_the_expected_accuracy_under_shuffled_gold():
+    gold = np.array(["a", "b", "c", "a", "b", "c"])
+    assert flow.permutation_chance(gold, gold) == pytest.approx(1 / 3)  # balanced: 1 / L
+    assert flow.permutation_chance(["a"] * 6, gold) == pytest.approx(1 / 3)  # always one label
+    skewed = np.array(["a", "a", "a", "a", "b", "c"])
+    assert flow.permutation_chance(skewed, skewed) == pytest.approx((4 / 6) ** 2 + 2 * (1 / 6) ** 2)
+    rng = np.random.default_rng(0)
+    simulated = np.mean([(skewed == rng.permutation(skewed)).mean() for _ in range(4000)])
+    assert simulated == pytest.approx(flow.permutation_chance(skewed, skewed), abs=0.01)
+    with pytest.raises(FlowError, match="same non-empty"):
+        flow.permutation_chance(["a"], ["a", "b"])
+
+
+def test_consecutive_cka_tracks_identity_and_its_control_is_low():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 6))
+    acts = {0: X, 1: 2 * X + 1, 2: rng.normal(size=(80, 6))}
+    table = flow.consecutive_cka(acts, seed=0)
+    assert list(table.index) == [0, 1, 2] and np.isnan(table.loc[0, "cka"])
+    assert table.loc[1, "cka"] == pytest.approx(1.0)
+    assert table.loc[1, "control"] < 0.3 and table.loc[2, "cka"] < 0.3
+    with pytest.raises(FlowError, match="two layers"):
+        flow.consecutive_cka({0: X})
+
+
+def coded_items(n_per: int = 15, d: int = 12, seed: int = 0):
+    """Non-negative codes where feature 0 fires on "joy" items only and the rest is label-blind noise."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(["joy", "fear", "anger"], n_per)
+    codes = np.maximum(rng.normal(size=(len(y), d)), 0)
+    codes[:, 0] = np.where(y == "joy", 3 + rng.random(len(y)), 0.0)
+    return codes, y
+
+
+def test_selective_with_null_finds_the_planted_feature_and_the_null_does_not():
+    codes, y = coded_items()
+    result = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
+    assert result.count >= 1 and result.selectivity.selective[0, 0]
+    assert result.null_counts.shape == (10,) and result.null_counts.max() == 0
+    assert result.exceeds_null and result.p_value == pytest.approx(1 / 11)
+    chosen = result.selectivity.selective.any(axis=1)
+    assert result.mass_share == pytest.approx(codes[:, chosen].sum() / codes.sum())
+    assert (result.null_shares == 0).all()
+    row = result.row()
+    assert row["selective"] == result.count and row["selective_null_max"] == 0
+    again = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
+    np.testing.assert_array_equal(result.null_counts, again.null_counts)
+    with pytest.raises(FlowError, match="non-negative"):
+        flow.selective_with_null(-codes, y, ("joy", "fear", "anger"))
+
+
+def test_selective_with_null_on_noise_does_not_exceed_its_null():
+    rng = np.random.default_rng(3)
+    codes = np.maximum(rng.normal(size=(45, 20)), 0)
+    y = np.repeat(["joy", "fear", "anger"], 15)
+    result = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=5)
+    assert result.count == 0 and not result.exceeds_null and result.p_value == 1.0
+
+
+class FakeStore:
+    """The three index arrays and one hook's rows of an all-token ActivationStore."""
+
+    def __init__(self, sequence, position, token_ids, rows):
+        self._s, self._p, self._t, self._rows = sequence, position, token_ids, rows
+
+    def sequence_index(self):
+        return torch.tensor(self._s)
+
+    def positions(self):
+        return torch.tensor(self._p)
+
+    def token_ids(self):
+        return torch.tensor(self._t)
+
+    def load(self, hook):
+        return torch.tensor(self._rows, dtype=torch.float32)
+
+
+def test_token_codes_marks_template_rows_and_top_tokens_shows_context():
+    prompts = [[10, 11, 12, 13], [10, 11, 14]]
+    masks = [np.array([False, False, True, False]), np.array([False, False, True])]
+    rows = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 5.0]])
+    store = FakeStore([0, 0, 0, 1], [1, 2, 3, 2], [11, 12, 13, 14], rows)
+    tokens = flow.token_codes(store, "h", lambda x: x * 2, masks)
+    np.testing.assert_array_equal(tokens.is_template, [True, False, True, False])
+    np.testing.assert_allclose(tokens.codes, rows * 2)
+    table = flow.top_tokens(
+        tokens.codes[:, 1], tokens, prompts, lambda ids: "".join(f"<{i}>" for i in ids), k=5
+    )
+    assert list(table["token"]) == ["<14>", "<12>"]  # only active rows, strongest first
+    assert table.loc[0, "context"] == "<10><11>[[<14>]]" and not table.loc[0, "template"]
+    with pytest.raises(FlowError, match="beyond"):
+        flow.token_codes(FakeStore([1], [3], [1], rows[:1]), "h", lambda x: x, masks)
+    with pytest.raises(FlowError, match="one entry per stored token"):
+        flow.top_tokens(np.ones(2), tokens, prompts, str)
+
+
+def test_role_mass_shares_sum_to_one():
+    codes = np.array([[1.0, 2.0, 0.0], [1.0, 0.0, 4.0]])
+    shares = flow.role_mass_shares(
+        codes, ["template", "emotion", "template"], ("template", "content", "emotion")
+    )
+    assert shares == pytest.approx({"template": 0.75, "content": 0.0, "emotion": 0.25})
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+
+@pytest.mark.parametrize(
+    ("chosen", "at_largest", "share", "expected"),
+    [
+        (3, False, 0.8, "holds"),
+        (3, False, 0.3, "partly"),
+        (2, False, 0.3, "partly"),
+        (2, False, 0.1, "does not hold"),
+        (1, False, 0.0, "does not hold"),
+        (4, True, 0.1, "inconclusive"),
+        (3, False, None, "holds"),
+    ],
+)
+def test_three_phase_verdict(chosen, at_largest, share, expected):
+    verdict, reason = flow.three_phase_verdict(chosen, at_largest, share)
+    assert verdict == expected and reason
+
+
+def test_late_emergence_verdict():
+    layers = pd.Index(range(6), name="layer")
+    phase = pd.Series([1, 1, 2, 2, 3, 3], index=layers)
+
+    def verdict(present, excess):
+        return flow.late_emergence_verdict(
+            pd.Series(present, index=layers), pd.Series(excess, index=layers), phase
+        )[0]
+
+    none = [False] * 6
+    assert verdict(none, [0.0] * 6) == "inconclusive"
+    assert verdict([False] * 4 + [True, True], [0, 0, 0, 0, 5, 9]) == "holds"
+    assert verdict([False, False, True, False, True, True], [0, 0, 2, 0, 5, 9]) == "partly"
+    assert verdict([True, True, True, True, True, False], [9, 9, 9, 9, 1, 0]) == "does not hold"
+    assert verdict([True, False, False, False, False, False], [3, 0, 0, 0, 0, 0]) == "does not hold"
+    with pytest.raises(FlowError, match="same layers"):
+        flow.late_emergence_verdict(pd.Series(none), pd.Series([0.0] * 5), phase)
+
+
+def test_phase_roles_verdict():
+    def frame(template, content, emotion):
+        return pd.DataFrame({"template": template, "content": content, "emotion": emotion}, index=[1, 2, 3])
+
+    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]))[0] == "holds"
+    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.6, 0.5, 0.3], [0.0, 0.1, 0.4]))[0] == "partly"
+    assert (
+        flow.phase_roles_verdict(frame([0.1, 0.3, 0.6], [0.6, 0.5, 0.3], [0.4, 0.1, 0.0]))[0]
+        == "does not hold"
+    )
+    assert (
+        flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.0, 0.0]))[0]
+        == "inconclusive"
+    )
+    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]).iloc[:2])[0] == (
+        "inconclusive"
+    )
+
+
+def test_mean_interval_covers_the_mean_and_shrinks_with_more_items():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=20), rng.normal(size=2000)
+    a, b = flow.mean_interval(small, n_boot=500), flow.mean_interval(large, n_boot=500)
+    assert a.low <= a.value <= a.high and a.value == pytest.approx(small.mean())
+    assert (b.high - b.low) < (a.high - a.low) / 5
+    with pytest.raises(FlowError, match="non-empty"):
+        flow.mean_interval([])

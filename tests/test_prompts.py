@@ -180,3 +180,26 @@ def test_the_tiny_tokenizer_fixture_is_deterministic(tiny_tokenizer):
     assert _train_tokenizer().to_str() == _train_tokenizer().to_str()
     assert 300 <= len(tiny_tokenizer) <= 500
     assert tiny_tokenizer("joy").input_ids[0] == tiny_tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_suffix_text_mask_marks_exactly_the_text_tokens(tiny_tokenizer, chat):
+    parts = build_prompt(tiny_tokenizer, LABELS, chat=chat)
+    for text in TEXTS:
+        suffix, _ = encode_suffix(tiny_tokenizer, parts, text, max_text_tokens=256)
+        mask = prompts.suffix_text_mask(tiny_tokenizer, parts, text, max_text_tokens=256)
+        assert len(mask) == len(suffix)
+        inside = [t for t, m in zip(suffix, mask, strict=True) if m]
+        assert tiny_tokenizer.decode(inside).strip() == text
+        # the template's own words stay outside the text
+        outside = tiny_tokenizer.decode([t for t, m in zip(suffix, mask, strict=True) if not m])
+        assert "Experience:" in outside and "Answer:" in outside
+        assert mask[0] is False and mask[-1] is False
+
+
+def test_suffix_text_mask_follows_truncation(tiny_tokenizer):
+    parts = build_prompt(tiny_tokenizer, LABELS, chat=False)
+    text = TEXTS[2]
+    cut, _ = encode_suffix(tiny_tokenizer, parts, text, max_text_tokens=4)
+    mask = prompts.suffix_text_mask(tiny_tokenizer, parts, text, max_text_tokens=4)
+    assert len(mask) == len(cut) and sum(mask) == 4
