@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import softmax
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -87,9 +88,7 @@ class Predictions:
     @property
     def label_probs(self) -> np.ndarray:
         """Probabilities renormalised over the label set, `[n, n_labels]`."""
-        z = self.label_logprobs - self.label_logprobs.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.label_logprobs, axis=1)
 
     @property
     def label_mass(self) -> np.ndarray:

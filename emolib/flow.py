@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import ruptures as rpt
 import torch
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -231,9 +232,7 @@ class LensResult:
     @property
     def renormalised(self) -> np.ndarray:
         """The distribution over labels only, `[n, n_labels]`: which label the layer prefers, whatever its mass."""
-        z = self.label_logprobs - self.label_logprobs.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.label_logprobs, axis=1)
 
     @property
     def mass(self) -> np.ndarray:
