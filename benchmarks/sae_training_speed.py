@@ -1,8 +1,9 @@
 """Training every layer's SAE from cached activations against sae-lens' own runner, which re-runs the model per layer.
 
 Both sides see SmolLM2-135M-Instruct, the same WikiText-2 token sequences (chunks of `--context` tokens; position 0,
-the attention sink, is excluded from training), the same SAE (the full preset: BatchTopK, width 4 x d_model, k 32,
-lr schedule, windows, normalisation) and the same number of training tokens (`--tokens` x `--epochs`).
+the attention sink, is excluded from training), the same SAE (the full preset's width 4 x d_model, k 32, lr schedule,
+windows, normalisation; TopK unless `--architecture batchtopk`) and the same number of training tokens (`--tokens` x
+`--epochs`).
 
 - emolib: one forward pass per batch writes every layer's residual to the activation cache (`emolib.activations`),
   then sae-lens' `MultiSAETrainer` trains all layers' SAEs in lockstep from one `{hook: batch}` stream
@@ -60,9 +61,13 @@ def sequences(tokenizer, split: str, n_tokens: int, context: int) -> list[list[i
 
 
 def sae_config(args, n_rows: int):
+    """The full preset's SAE, with `--architecture` (TopK by default: BatchTopK's inference threshold is a moving
+    average that a run of a few dozen steps leaves far from converged, so its L0 would not be comparable)."""
+    import dataclasses
+
     from emolib.saes import FULL
 
-    return FULL.for_rows(n_rows, args.epochs)
+    return dataclasses.replace(FULL, architecture=args.architecture).for_rows(n_rows, args.epochs)
 
 
 # --------------------------------------------------------------------------------------------------- sides
@@ -253,6 +258,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--runner-layers", type=int, nargs="+", default=[5, 15, 27])
     parser.add_argument("--storage", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--architecture", default="topk", choices=["topk", "batchtopk"])
     parser.add_argument(
         "--multi-runner", action="store_true", help="also time sae-lens' MultiSAETrainingRunner"
     )
@@ -269,7 +275,8 @@ def main() -> None:
 
     args.passthrough = [
         "--tokens", str(args.tokens), "--epochs", str(args.epochs), "--context", str(args.context),
-        "--storage", args.storage, "--runner-layers", *map(str, args.runner_layers),
+        "--storage", args.storage, "--architecture", args.architecture,
+        "--runner-layers", *map(str, args.runner_layers),
     ]  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="sae-bench-"))
     print(

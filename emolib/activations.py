@@ -33,7 +33,7 @@ from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import MANIFEST, cache_dir, cached_entry, config_key
-from emolib.models import LoadedModel
+from emolib.models import LoadedModel, has_interventions
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
@@ -560,11 +560,6 @@ def _last_mode_batch(
         yield members, captured
 
 
-def _has_interventions(model: HookedTransformer) -> bool:
-    saes = getattr(model, "acts_to_saes", {})
-    return bool(saes) or any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
-
-
 def _build(
     folder: Path,
     model: HookedTransformer,
@@ -665,7 +660,7 @@ def extract_activations(
         if not isinstance(lm_or_model, LoadedModel):
             raise ValueError("model_name is required when passing a bare model")
         model_name = lm_or_model.info.name
-    if _has_interventions(model):
+    if has_interventions(model):
         raise ValueError(
             "the model has hooks or SAEs attached; remove them (model.reset_hooks(), model.reset_saes())"
         )

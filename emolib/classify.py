@@ -29,6 +29,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.models import has_interventions
 from emolib.prompts import PromptParts, encode_prefix, encode_suffix
 
 
@@ -167,7 +168,7 @@ def _verbaliser_ids(
     return list(dict.fromkeys((j, ids[:1]) for j, ids in sequences)), "first-token"
 
 
-def _final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
+def final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the vocabulary from the last block's residual, `[..., d_model] -> [..., d_vocab]`.
 
     Applied only where needed (the last position), instead of unembedding every position of every prompt.
@@ -195,7 +196,9 @@ def _expanded(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLen
     )
 
 
-def _forward(model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+def forward_residual(
+    model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, cache
+) -> torch.Tensor:
     """Residual after the last block for `tokens [batch, pos]`, extending `cache` in place."""
     return model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
 
@@ -235,7 +238,7 @@ class EmotionClassifier:
             )
         cfg = self.config
         encoded = [encode_suffix(self.tokenizer, self.parts, t, cfg.max_text_tokens) for t in texts]
-        prefix_cache = self._prefix_cache() if cfg.reuse_prefix else None
+        prefix_cache = self.prefix_cache() if cfg.reuse_prefix else None
         scores, generations = [], []
         order = np.argsort([len(ids) for ids, _ in encoded], kind="stable")  # similar lengths share a batch
         batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -261,14 +264,14 @@ class EmotionClassifier:
             predictions.generated_labels = [parse_label(g, self.parts.labels) for g in texts_out]
         return predictions
 
-    def _prefix_cache(self) -> TransformerLensKeyValueCache:
+    def prefix_cache(self) -> TransformerLensKeyValueCache:
         cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, 1)
         tokens = torch.tensor([self.prefix_ids])
-        _forward(self.model, tokens, torch.ones_like(tokens), cache)
+        forward_residual(self.model, tokens, torch.ones_like(tokens), cache)
         cache.freeze()
         return cache
 
-    def _batch_inputs(
+    def batch_inputs(
         self, suffixes: list[list[int]], prefix_cache
     ) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Tokens, mask and cache for one batch laid out as `[prefix][pad...][suffix]`."""
@@ -302,9 +305,9 @@ class EmotionClassifier:
         if len(suffixes) > 1 and self._padding_reaches_window(suffixes):
             rows = [self._run_batch([ids], prefix_cache) for ids in suffixes]  # one at a time: no padding
             return np.concatenate([s for s, _ in rows]), [g for _, gens in rows for g in gens]
-        tokens, mask, cache = self._batch_inputs(suffixes, prefix_cache)
-        resid = _forward(self.model, tokens, mask, cache)
-        first = _final_logprobs(self.model, resid[:, -1])  # [batch, d_vocab]
+        tokens, mask, cache = self.batch_inputs(suffixes, prefix_cache)
+        resid = forward_residual(self.model, tokens, mask, cache)
+        first = final_logprobs(self.model, resid[:, -1])  # [batch, d_vocab]
         scores = self._label_scores(first, cache)
         generations = self._generate(first, cache) if self.config.generate else []
         return scores, generations
@@ -318,8 +321,8 @@ class EmotionClassifier:
             logprob = first[:, ids[0]].clone()
             if len(ids) > 1:
                 cont = torch.tensor(ids[:-1]).expand(batch, -1)
-                resid = _forward(self.model, cont, torch.ones_like(cont), cache)
-                steps = _final_logprobs(self.model, resid)  # [batch, len-1, d_vocab]
+                resid = forward_residual(self.model, cont, torch.ones_like(cont), cache)
+                steps = final_logprobs(self.model, resid)  # [batch, len-1, d_vocab]
                 logprob += steps[:, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum(dim=1)
             per_sequence[:, k] = logprob
         cache.unfreeze()
@@ -340,8 +343,8 @@ class EmotionClassifier:
             if bool(done.all()):
                 break
             step = next_ids[:, None]
-            resid = _forward(self.model, step, torch.ones_like(step), cache)
-            next_ids = _final_logprobs(self.model, resid[:, -1]).argmax(dim=-1)
+            resid = forward_residual(self.model, step, torch.ones_like(step), cache)
+            next_ids = final_logprobs(self.model, resid[:, -1]).argmax(dim=-1)
             next_ids = torch.where(done, torch.tensor(self.pad_id), next_ids)
             out.append(next_ids)
             done = done | torch.isin(next_ids, stop)
@@ -358,13 +361,6 @@ class EmotionClassifier:
 
 #: Bump when scoring or generation changes, so cached predictions are recomputed.
 PREDICTIONS_VERSION = "1"
-
-
-def _has_interventions(model: HookedTransformer) -> bool:
-    """True if hooks or SAEs are attached: their effect is not part of a cache key, so such runs are not cached."""
-    saes = getattr(model, "acts_to_saes", {})
-    hooks = any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
-    return bool(saes) or hooks
 
 
 def predictions_key(model_name: str, classifier: EmotionClassifier, ids: list[str], texts: list[str]) -> str:
@@ -400,7 +396,7 @@ def cached_predict(
 
     Runs with hooks or SAEs attached are computed, never cached.
     """
-    if _has_interventions(classifier.model):
+    if has_interventions(classifier.model):
         return classifier.predict(texts)
     folder = cache_dir("predictions") / f"{model_name}-{predictions_key(model_name, classifier, ids, texts)}"
 

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure, SubFigure
 from scipy.special import entr, ndtr
 from scipy.stats import false_discovery_control, rankdata
 
-from emolib.stats import Estimate, _interval
+from emolib.stats import Estimate, interval_from_draws
 
 #: Label of the pooled emotional items in `contrast_labels` (any emotion vs neutral).
 EMOTIONAL = "emotional"
@@ -689,7 +689,7 @@ def _bounds(value: float, resampled: np.ndarray, level: float) -> Estimate:
     finite = resampled[np.isfinite(resampled)]
     if finite.size == 0:
         return Estimate(float(value), float("nan"), float("nan"), level)
-    return _interval(value, finite, level)
+    return interval_from_draws(value, finite, level)
 
 
 def _with_intervals(points: pd.DataFrame, resampled: Mapping[str, np.ndarray], level: float) -> pd.DataFrame:

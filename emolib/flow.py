@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformer_lens import HookedTransformer
 
-from emolib.classify import _final_logprobs
+from emolib.classify import final_logprobs
 from emolib.features import Selectivity, SelectivityConfig, selectivity
 from emolib.stats import Estimate, summarize
 
@@ -297,7 +297,7 @@ def logit_lens(
     with torch.inference_mode():
         for start in range(0, resid.shape[0], batch_size):
             chunk = resid[start : start + batch_size].to(device=model.cfg.device, dtype=dtype)
-            picked = _final_logprobs(model, chunk)[:, ids.to(chunk.device)].double().cpu()
+            picked = final_logprobs(model, chunk)[:, ids.to(chunk.device)].double().cpu()
             scores = torch.full((len(chunk), len(groups)), -torch.inf, dtype=torch.float64)
             for j in range(len(groups)):
                 scores[:, j] = torch.logsumexp(picked[:, owner == j], dim=1)
@@ -1006,3 +1006,41 @@ def mean_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Estimate(float(values.mean()), float(low), float(high), level)
+
+
+# ------------------------------------------------------------------------------------- phases for later chapters
+
+
+def phases_from_results(
+    record: Mapping, model: str, *, n_phases: int = 3, subset: str = "all"
+) -> dict[str, tuple[int, ...]]:
+    """The layers of each phase of `model`'s best `n_phases`-phase cut, from the flow chapter's results.
+
+    Reads `record["models"][model]["subsets"][subset]["boundaries"][str(n_phases)]["phases"]` (a list of
+    [first, last] layers) as `read_results("flow")` returns it, and gives `{"phase 1": (0, 1, ...), ...}`, so
+    later chapters stratify by the same phases chapter 1 found. Missing keys raise, naming what is there.
+    """
+    models = record.get("models", {})
+    if model not in models:
+        raise FlowError(
+            f"the flow results have no model {model!r} (have {sorted(models)}): run chapter 01_flow with it"
+        )
+    subsets = models[model].get("subsets", {})
+    if subset not in subsets or "boundaries" not in subsets[subset]:
+        raise FlowError(
+            f"the flow results for {model!r} have no boundaries for the subset {subset!r} "
+            f"(subsets: {sorted(subsets)})"
+        )
+    cuts = subsets[subset]["boundaries"]
+    if str(n_phases) not in cuts:
+        raise FlowError(
+            f"the flow results for {model!r} ({subset}) have no {n_phases}-phase cut (have {sorted(cuts)})"
+        )
+    bounds = cuts[str(n_phases)]["phases"]
+    phases = {
+        f"phase {i}": tuple(range(int(first), int(last) + 1)) for i, (first, last) in enumerate(bounds, 1)
+    }
+    layers = [layer for members in phases.values() for layer in members]
+    if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
+        raise FlowError(f"the {n_phases}-phase cut of {model!r} is not contiguous: {bounds}")
+    return phases

@@ -335,3 +335,9 @@ def load_model(name: str) -> LoadedModel:
             "TransformerLens name (transformer_lens.supported_models.OFFICIAL_MODEL_NAMES) is accepted too."
         ) from None
     return _load_official(name)
+
+
+def has_interventions(model: HookedTransformer) -> bool:
+    """True if hooks or SAEs are attached: their effect is not part of any cache key, so such runs are not cached."""
+    saes = getattr(model, "acts_to_saes", {})
+    return bool(saes) or any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())

@@ -89,7 +89,7 @@ def bootstrap_counts(
     return counts.reshape(n_boot, k, k)
 
 
-def _interval(value: float, resampled: np.ndarray, level: float) -> Estimate:
+def interval_from_draws(value: float, resampled: np.ndarray, level: float) -> Estimate:
     tail = (1 - level) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Estimate(float(value), float(low), float(high), level)
@@ -155,10 +155,11 @@ def summarize(
     return Summary(
         n=n,
         labels=labels,
-        accuracy=_interval(accuracy(y_true, y_pred), boot_accuracy, level),
-        macro_f1=_interval(macro_f1(y_true, y_pred, labels), boot_f1.mean(axis=1), level),
+        accuracy=interval_from_draws(accuracy(y_true, y_pred), boot_accuracy, level),
+        macro_f1=interval_from_draws(macro_f1(y_true, y_pred, labels), boot_f1.mean(axis=1), level),
         per_class_f1={
-            label: _interval(point_f1[label], boot_f1[:, j], level) for j, label in enumerate(labels)
+            label: interval_from_draws(point_f1[label], boot_f1[:, j], level)
+            for j, label in enumerate(labels)
         },
         chance_uniform=chance["uniform"],
         chance_majority=chance["majority"],
@@ -193,7 +194,7 @@ def paired_difference(
         "accuracy": lambda p: accuracy(y_true, p),
         "macro_f1": lambda p: macro_f1(y_true, p, labels),
     }[metric]
-    return _interval(point(pred_b) - point(pred_a), value(counts_b) - value(counts_a), level)
+    return interval_from_draws(point(pred_b) - point(pred_a), value(counts_b) - value(counts_a), level)
 
 
 def agreement_rate(a: Sequence[object], b: Sequence[object], n_boot: int = 2000, seed: int = 0) -> Estimate:
@@ -201,4 +202,4 @@ def agreement_rate(a: Sequence[object], b: Sequence[object], n_boot: int = 2000,
     same = np.array([x == y for x, y in zip(a, b, strict=True)], dtype=float)
     rng = np.random.default_rng(seed)
     resampled = same[rng.integers(0, len(same), size=(n_boot, len(same)))].mean(axis=1)
-    return _interval(float(same.mean()), resampled, 0.95)
+    return interval_from_draws(float(same.mean()), resampled, 0.95)

@@ -62,12 +62,18 @@ traced positions, so everything before the first traced position is causally ups
 needs no gradient: its keys and values come from one clean pass and are reused, frozen, by every intervention on
 the batch (`reuse_cache`). With "last" that is the whole prompt but its last token (one no-grad pass per batch),
 so each ablation, and the forward and backward of attribution, cost one token; with "suffix" it is the shared
-prefix (computed once per call). `reuse_cache=False` runs the whole sequence for every forward instead (the
+prefix (computed once per call). With "last", the blocks before an ablation's first edited layer compute exactly
+their clean values, so the clean residual entering every block is recorded once per batch and each ablation starts
+at its first edited block (a final-phase ablation runs only the final phase's blocks). `reuse_cache=False` runs the whole sequence for every forward instead (the
 reference the cached path is tested against). Feature activations are encoded at the traced positions only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -75,15 +81,18 @@ import numpy as np
 import pandas as pd
 import torch
 from sae_lens import SAE
-from scipy.stats import spearmanr
+from scipy.special import softmax
+from scipy.stats import kruskal, mannwhitneyu, spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from emolib.classify import EmotionClassifier, Predictions, _final_logprobs, _forward
+from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.classify import EmotionClassifier, Predictions, final_logprobs, forward_residual
+from emolib.features import Verdict
 from emolib.prompts import encode_suffix
 from emolib.saes import SAEError, resume_layer
-from emolib.stats import _interval
+from emolib.stats import interval_from_draws
 
 POSITIONS = ("last", "suffix")
 ABLATIONS = ("zero", "mean")
@@ -278,14 +287,18 @@ def _margins(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
 
 def _metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
     """Gold probability (renormalised over labels), gold margin and correctness per item."""
-    z = scores - scores.max(axis=1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    probs = softmax(scores, axis=1)
     rows = np.arange(len(gold))
     return {
         "prob": probs[rows, gold],
         "margin": _margins(scores, gold),
         "correct": (scores.argmax(axis=1) == gold).astype(np.float64),
     }
+
+
+def _start(edits: Mapping[int, object]) -> int:
+    """The first layer a set of edits changes (0 without edits: nothing to skip)."""
+    return min(edits) if edits else 0
 
 
 def _group(keys: np.ndarray) -> dict[int, list[int]]:
@@ -328,6 +341,11 @@ class _Layout:
     mask: Tensor
     where: Tensor
     context: TransformerLensKeyValueCache
+    #: With positions="last" and a reused cache: the clean residual entering each block at the last token
+    #: (`[batch, 1, d_model]`) and the attention mask over context + that token, so a forward whose first edit
+    #: is at layer l starts at block l (the blocks before it compute exactly the clean values).
+    resid_in: dict[int, Tensor] | None = None
+    full_mask: Tensor | None = None
 
     @property
     def index(self) -> tuple[Tensor, Tensor]:
@@ -375,6 +393,10 @@ class FeatureTracer:
         for j, tokens in classifier.sequences:
             ids[j].append(tokens[0])
         self._label_ids = [torch.tensor(sorted(set(t))) for t in ids]
+        # every label token once, and where each label's tokens sit among them
+        self._vocab_ids = torch.tensor(sorted({int(i) for t in self._label_ids for i in t}))
+        slot = {int(token): j for j, token in enumerate(self._vocab_ids)}
+        self._label_slots = [torch.tensor([slot[int(i)] for i in t]) for t in self._label_ids]
         self._zeros: dict[int, Tensor] = {}
 
     def _check_saes(self, saes: Mapping[str | int, SAE]) -> dict[int, SAE]:
@@ -428,7 +450,7 @@ class FeatureTracer:
 
     @torch.no_grad()
     def _prefix(self) -> TransformerLensKeyValueCache | None:
-        return self.classifier._prefix_cache() if self.config.reuse_cache else None
+        return self.classifier.prefix_cache() if self.config.reuse_cache else None
 
     def _batches(self, suffixes: list[list[int]], rows: Sequence[int]) -> list[np.ndarray]:
         """Item indices per batch: similar lengths together; one at a time where padding could cross a local
@@ -447,7 +469,7 @@ class FeatureTracer:
 
     @torch.no_grad()
     def _layout(self, batch: np.ndarray, suffixes: list[list[int]], prefix) -> _Layout:
-        tokens, mask, cache = self.classifier._batch_inputs([suffixes[i] for i in batch], prefix)
+        tokens, mask, cache = self.classifier.batch_inputs([suffixes[i] for i in batch], prefix)
         last = self.config.positions == "last"
         if prefix is None:  # tokens are [prefix][pad][suffix]; every forward runs them all
             where = torch.zeros_like(mask, dtype=torch.bool)
@@ -461,11 +483,33 @@ class FeatureTracer:
             if (
                 last and tokens.shape[1] > 1
             ):  # everything but the last token is upstream of every intervention
-                _forward(self.model, tokens[:, :-1], mask[:, :-1], cache)
+                forward_residual(self.model, tokens[:, :-1], mask[:, :-1], cache)
                 tokens, mask = tokens[:, -1:], mask[:, -1:]
             where = torch.ones_like(mask, dtype=torch.bool) if last else mask.bool()
         cache.freeze()  # reused by every forward on this batch
-        return _Layout(batch, tokens, mask, where, cache)
+        layout = _Layout(batch, tokens, mask, where, cache)
+        if prefix is not None and last:
+            layout.resid_in = self._clean_inputs(layout)
+            layout.full_mask = cache.append_attention_mask(mask)  # frozen: nothing is stored
+        return layout
+
+    @torch.no_grad()
+    def _clean_inputs(self, layout: _Layout) -> dict[int, Tensor]:
+        """The clean residual entering every block at the traced (last) token, from one forward."""
+        inputs: dict[int, Tensor] = {}
+
+        def keep(resid: Tensor, hook) -> None:
+            inputs[hook.layer()] = resid.detach()
+
+        hooks = [(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(self.model.cfg.n_layers)]
+        with self.model.hooks(fwd_hooks=hooks):
+            self.model(
+                layout.tokens,
+                attention_mask=layout.mask,
+                past_kv_cache=layout.context,
+                stop_at_layer=self.model.cfg.n_layers,
+            )
+        return inputs
 
     def _hooks(
         self,
@@ -509,17 +553,48 @@ class FeatureTracer:
         wanted = [layer for layer in layers if leaves is not None or record is not None or layer in edits]
         return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in wanted]
 
-    def _scores(self, layout: _Layout, hooks: list) -> Tensor:
-        """Label log-probabilities `[batch, n_labels]` (first-token scoring) with `hooks` attached."""
+    def _scores(self, layout: _Layout, hooks: list, start: int = 0, normalised: bool = True) -> Tensor:
+        """Label log-probabilities `[batch, n_labels]` (first-token scoring) with `hooks` attached.
+
+        `start`: the first layer any hook changes; blocks before it are skipped where the layout holds their
+        clean outputs (tested equal to running every block). `normalised=False` leaves out the log-normaliser
+        over the vocabulary, common to all labels of a row: margins, probabilities renormalised over labels and
+        correctness are unchanged, and only the label tokens' columns of the unembedding are computed (Gemma's
+        has 262k).
+        """
         with self.model.hooks(fwd_hooks=hooks):
-            resid = self.model(
-                layout.tokens,
-                attention_mask=layout.mask,
-                past_kv_cache=layout.context,
-                stop_at_layer=self.model.cfg.n_layers,
-            )
-        first = _final_logprobs(self.model, resid[:, -1])
-        return torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in self._label_ids], dim=1)
+            if start > 0 and layout.resid_in is not None:
+                resid = self.model(
+                    layout.resid_in[start],
+                    start_at_layer=start,
+                    attention_mask=layout.full_mask,
+                    past_kv_cache=layout.context,
+                    stop_at_layer=self.model.cfg.n_layers,
+                )
+            else:
+                resid = self.model(
+                    layout.tokens,
+                    attention_mask=layout.mask,
+                    past_kv_cache=layout.context,
+                    stop_at_layer=self.model.cfg.n_layers,
+                )
+        if normalised:
+            first = final_logprobs(self.model, resid[:, -1])
+            return torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in self._label_ids], dim=1)
+        logits = self._label_logits(resid[:, -1])
+        return torch.stack([torch.logsumexp(logits[:, slots], dim=1) for slots in self._label_slots], dim=1)
+
+    def _label_logits(self, resid: Tensor) -> Tensor:
+        """Logits of the label tokens only (`self._vocab_ids`), as `final_logprobs` computes them before the
+        log-softmax: final norm, unembedding columns and bias, soft cap."""
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        logits = resid @ model.unembed.W_U[:, self._vocab_ids] + model.unembed.b_U[self._vocab_ids]
+        cap = model.cfg.output_logits_soft_cap
+        if cap is not None and cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits.float()
 
     def _edits(
         self, features: Mapping[int, Sequence[int] | None], ablation: str, means: Mapping[int, Tensor] | None
@@ -612,7 +687,11 @@ class FeatureTracer:
         scores = np.zeros((len(texts), len(self.labels)))
         for batch in self._batches(suffixes, range(len(texts))):
             layout = self._layout(batch, suffixes, prefix)
-            scores[batch] = self._scores(layout, self._hooks(layout, sorted(edits), edits)).double().numpy()
+            scores[batch] = (
+                self._scores(layout, self._hooks(layout, sorted(edits), edits), _start(edits))
+                .double()
+                .numpy()
+            )
         return Predictions(
             self.labels, scores, "first-token", truncated, meta={"features": dict(features or {})}
         )
@@ -630,7 +709,7 @@ class FeatureTracer:
         for batch in self._batches(suffixes, range(len(texts))):
             layout = self._layout(batch, suffixes, prefix)
             record: dict[int, Tensor] = {}
-            self._scores(layout, self._hooks(layout, self.layers, record=record))
+            self._scores(layout, self._hooks(layout, self.layers, record=record), normalised=False)
             for layer, acts in record.items():
                 sums[layer] += acts.double().sum(0)
             count += int(layout.where.sum())
@@ -792,9 +871,11 @@ class FeatureTracer:
             ablated = [np.zeros((len(texts), len(self.labels))) for _ in plans]
             for batch in self._batches(suffixes, items):
                 layout = self._layout(batch, suffixes, prefix)
-                clean[batch] = self._scores(layout, []).double().numpy()
+                clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
                 for p, (_, edits) in enumerate(plans):
-                    scores = self._scores(layout, self._hooks(layout, sorted(edits), edits))
+                    scores = self._scores(
+                        layout, self._hooks(layout, sorted(edits), edits), _start(edits), normalised=False
+                    )
                     ablated[p][batch] = scores.double().numpy()
             before = _metrics(clean[items], gold_index[items])
             for (labels, _), scores in zip(plans, ablated, strict=True):
@@ -854,15 +935,18 @@ class FeatureTracer:
         ablated = [np.zeros((len(texts), len(self.labels))) for _ in plans]
         for batch in self._progress(self._batches(suffixes, range(len(texts))), "cross-emotion"):
             layout = self._layout(batch, suffixes, prefix)
-            clean[batch] = self._scores(layout, []).double().numpy()
+            clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
             for p, (_, edits) in enumerate(plans):
                 ablated[p][batch] = (
-                    self._scores(layout, self._hooks(layout, sorted(edits), edits)).double().numpy()
+                    self._scores(
+                        layout, self._hooks(layout, sorted(edits), edits), _start(edits), normalised=False
+                    )
+                    .double()
+                    .numpy()
                 )
 
         def distribution(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            z = np.exp(scores - scores.max(axis=1, keepdims=True))
-            probs = z / z.sum(axis=1, keepdims=True)
+            probs = softmax(scores, axis=1)
             shares = np.eye(len(self.labels))[scores.argmax(axis=1)]
             return probs, shares
 
@@ -934,11 +1018,13 @@ class FeatureTracer:
             ablated = [np.zeros_like(clean) for _ in features]
             for batch in self._batches(suffixes, items):
                 layout = self._layout(batch, suffixes, prefix)
-                clean[batch] = self._scores(layout, []).double().numpy()
+                clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
                 for p, (_, _, layer, feature, _) in enumerate(features):
                     edits = self._edits({layer: [feature]}, "zero", None)
                     ablated[p][batch] = (
-                        self._scores(layout, self._hooks(layout, [layer], edits)).double().numpy()
+                        self._scores(layout, self._hooks(layout, [layer], edits), layer, normalised=False)
+                        .double()
+                        .numpy()
                     )
             before = _metrics(clean[items], gold_index[items])
             for (phase, rank, layer, feature, predicted), scores in zip(features, ablated, strict=True):
@@ -1005,7 +1091,7 @@ def summarize_effects(
         row["n_features"] = float(group["n_features"].mean())
         for metric, column in METRICS.items():
             values = _per_item(group, column).to_numpy()
-            estimate = _interval(values.mean(), values[samples].mean(axis=1), level)
+            estimate = interval_from_draws(values.mean(), values[samples].mean(axis=1), level)
             row[f"drop_{metric}"] = estimate.value
             row[f"drop_{metric}_low"] = estimate.low
             row[f"drop_{metric}_high"] = estimate.high
@@ -1068,7 +1154,7 @@ def k50_table(
                 high = float(np.quantile(defined, 1 - tail, method="higher"))
             else:
                 low = high = float("nan")
-            whole_estimate = _interval(full.mean(), full[samples].mean(1), level)
+            whole_estimate = interval_from_draws(full.mean(), full[samples].mean(1), level)
             at = values.mean(0)[list(ks).index(point)] if np.isfinite(point) else float("nan")
             rows.append(
                 {
@@ -1121,3 +1207,375 @@ def gold_drop_matrix(cross: pd.DataFrame, *, phase: str, ablation: str = "zero")
     return matrix.reindex(
         index=list(dict.fromkeys(rows["source"])), columns=list(dict.fromkeys(rows["target"]))
     )
+
+
+# ------------------------------------------------------------------------------------ one model's study
+
+#: Bump when the study's computation changes, so cached studies are rebuilt.
+STUDY_VERSION = "1"
+_STUDY_TABLES = (
+    "curves",
+    "effects",
+    "k50",
+    "cross",
+    "verification",
+    "verification_summary",
+    "top_features",
+    "concentration",
+)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One model's tracing study (see `trace_study`).
+
+    `rank_per_label` TRAIN items per label rank the features and give the mean-ablation reference; a seeded sample
+    of `held_out_per_label` held-out items per label (None: all) is ablated. Single-token ablations cost about the
+    same per item from batch 32 up, so batches are large. `cross_k` top features of each source emotion are ablated in the cross-emotion run. `min_effect`
+    is the whole-phase drop (per metric) below which k50 is undefined: half of a negligible effect is reached by
+    chance. `top` features per emotion and phase are kept in the ranking table. Intervals use `n_boot` item
+    resamples at `level`.
+    """
+
+    rank_per_label: int = 40
+    held_out_per_label: int | None = 40
+    tracing: TracingConfig = field(default_factory=lambda: TracingConfig(batch_size=40))
+    cross_k: int = 16
+    n_boot: int = 1000
+    level: float = 0.95
+    min_effect: tuple[tuple[str, float], ...] = (("prob", 0.01), ("margin", 0.05), ("accuracy", 0.0))
+    top: int = 20
+    seed: int = 0
+
+
+STUDY_PRESETS: dict[str, StudyConfig] = {
+    # quick: a smoke run of the whole pipeline (few items, one random seed; not evidence)
+    "quick": StudyConfig(
+        rank_per_label=6,
+        held_out_per_label=None,
+        tracing=TracingConfig(ks=(1, 2, 4, 8, 16), random_seeds=(0,), n_verify=4, batch_size=32),
+        cross_k=4,
+        n_boot=200,
+    ),
+    "full": StudyConfig(
+        tracing=TracingConfig(random_seeds=(0, 1), n_verify=8, batch_size=40),
+    ),
+}
+
+
+@dataclass
+class Study:
+    """The tables of one model's tracing study (columns as documented by the functions that make them).
+
+    `curves` per item (`FeatureTracer.ablation_curves`), `effects` their means with intervals (`summarize_effects`),
+    `k50` (`k50_table`), `cross` (`FeatureTracer.cross_emotion`), `verification` and `verification_summary`
+    (`FeatureTracer.verify`), `top_features` (`Attributions.table`), `concentration`
+    (`Attributions.concentration`); `meta` has item counts, phases and stage timings in seconds.
+    """
+
+    curves: pd.DataFrame
+    effects: pd.DataFrame
+    k50: pd.DataFrame
+    cross: pd.DataFrame
+    verification: pd.DataFrame
+    verification_summary: pd.DataFrame
+    top_features: pd.DataFrame
+    concentration: pd.DataFrame
+    meta: dict
+
+
+def run_study(
+    tracer: FeatureTracer,
+    ranking: tuple[Sequence[str], Sequence[str]],
+    held_out: tuple[Sequence[str], Sequence[str]],
+    phases: Mapping[str, Iterable[int]],
+    config: StudyConfig,
+) -> Study:
+    """Attribute on the ranking items (texts, gold), ablate on the held-out items, summarise, verify.
+
+    Features are ranked, and mean-ablation references taken, on the ranking items only, so the held-out effects
+    are not selected on the items they are measured on.
+    """
+    phases = _check_phases(phases, tracer.layers)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args, **kwargs):
+        began = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[stage] = time.perf_counter() - began
+        return out
+
+    rank_texts, rank_gold = list(ranking[0]), list(ranking[1])
+    keep = per_label_sample(held_out[1], config.held_out_per_label, config.seed)
+    texts, gold = [held_out[0][i] for i in keep], [held_out[1][i] for i in keep]
+    ranked = timed("attribute_ranking", tracer.attribute, rank_texts, rank_gold)
+    means = timed("feature_means", tracer.feature_means, rank_texts)
+    held = timed("attribute_held_out", tracer.attribute, texts, gold)
+    curves = timed("ablation_curves", tracer.ablation_curves, ranked, texts, gold, phases, means=means)
+    cross = timed(
+        "cross_emotion", tracer.cross_emotion, ranked, texts, gold, phases, config.cross_k, means=means
+    )
+    verification, summary = timed("verify", tracer.verify, ranked, held, phases)
+    boot = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
+    return Study(
+        curves=curves,
+        effects=summarize_effects(curves, **boot),
+        k50=k50_table(curves, min_effect=dict(config.min_effect), **boot),
+        cross=cross,
+        verification=verification,
+        verification_summary=summary,
+        top_features=ranked.table(phases, top=config.top),
+        concentration=ranked.concentration(phases, tracer.config.ks),
+        meta={
+            "phases": {name: list(layers) for name, layers in phases.items()},
+            "n_ranking": len(rank_texts),
+            "n_held_out": len(texts),
+            "ranking_per_label": pd.Series(rank_gold).value_counts().to_dict(),
+            "held_out_per_label": pd.Series(gold).value_counts().to_dict(),
+            "n_truncated": {"ranking": ranked.meta["n_truncated"], "held_out": held.meta["n_truncated"]},
+            "timings_seconds": timings,
+        },
+    )
+
+
+def per_label_sample(gold: Sequence[str], n_per_label: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded sample of at most `n_per_label` items per label (all items when None)."""
+    gold = np.asarray(gold)
+    if n_per_label is None:
+        return np.arange(len(gold))
+    if n_per_label < 1:
+        raise TracingError(f"n_per_label must be at least 1, not {n_per_label}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in dict.fromkeys(gold.tolist()):
+        rows = np.flatnonzero(gold == label)
+        chosen.append(rng.choice(rows, size=min(n_per_label, len(rows)), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _items_digest(texts: Sequence[str], gold: Sequence[str]) -> str:
+    joined = "\x1f".join(f"{g}\x1e{t}" for t, g in zip(texts, gold, strict=True))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def study_key(
+    tracer: FeatureTracer,
+    model_name: str,
+    sae_id: str,
+    ranking: tuple[Sequence[str], Sequence[str]],
+    held_out: tuple[Sequence[str], Sequence[str]],
+    phases: Mapping[str, Iterable[int]],
+    config: StudyConfig,
+) -> str:
+    """Cache key: model, prompt and verbalisers, SAEs (`sae_id`, e.g. their cache folder), items, phases, config."""
+    parts = tracer.classifier.parts
+    return config_key(
+        STUDY_VERSION,
+        model_name,
+        sae_id,
+        parts.prefix,
+        parts.suffix_template,
+        parts.labels,
+        parts.verbalisers,
+        tracer.classifier.config.max_text_tokens,
+        _items_digest(*ranking),
+        _items_digest(*held_out),
+        {name: list(layers) for name, layers in phases.items()},
+        config,
+    )
+
+
+def cached_study(
+    tracer: FeatureTracer,
+    model_name: str,
+    sae_id: str,
+    ranking: tuple[Sequence[str], Sequence[str]],
+    held_out: tuple[Sequence[str], Sequence[str]],
+    phases: Mapping[str, Iterable[int]],
+    config: StudyConfig,
+) -> Study:
+    """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under `study_key`."""
+    key = study_key(tracer, model_name, sae_id, ranking, held_out, phases, config)
+    folder = cache_dir("tracing") / f"{model_name}-{key}"
+
+    def build(tmp) -> None:
+        study = run_study(tracer, ranking, held_out, phases, config)
+        for name in _STUDY_TABLES:
+            getattr(study, name).to_csv(tmp / f"{name}.csv", index=False)
+        (tmp / "meta.json").write_text(json.dumps(study.meta, indent=2, default=str))
+
+    entry = cached_entry(folder, build, meta={"model": model_name, "sae_id": sae_id})
+    tables = {name: pd.read_csv(entry / f"{name}.csv") for name in _STUDY_TABLES}
+    return Study(**tables, meta=json.loads((entry / "meta.json").read_text()))
+
+
+# -------------------------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class TracingRule:
+    """How the chapter's verdicts read the study: effects in `metric` units under `ablation`; a set of features is
+    "small" when its k50 is at most `small_k`; tests at level `alpha`."""
+
+    metric: str = "prob"
+    ablation: str = "zero"
+    small_k: int = 16
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS or self.ablation not in ABLATIONS:
+            raise TracingError(f"metric must be in {list(METRICS)} and ablation in {ABLATIONS}")
+
+
+def top_vs_random(
+    curves: pd.DataFrame,
+    *,
+    metric: str = "prob",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Paired per-item excess of the top-k drop over the random-k drop (averaged over seeds), with intervals.
+
+    Columns: emotion, phase, ablation, k, n_items, excess, excess_low, excess_high (bootstrap over items).
+    """
+    column = METRICS[metric]
+    rng = np.random.default_rng(seed)
+    rows = []
+    keys = ["emotion", "phase", "ablation"]
+    for (emotion, phase, ablation), group in curves.groupby(keys, sort=False):
+        top = group[group["condition"] == "top"].pivot_table(index="item", columns="k", values=column)
+        rand = group[group["condition"] == "random"].pivot_table(
+            index="item", columns="k", values=column, aggfunc="mean"
+        )
+        diff = (top - rand.reindex(index=top.index, columns=top.columns)).sort_index()
+        values = diff.to_numpy()
+        samples = rng.integers(0, len(values), size=(n_boot, len(values)))
+        for j, k in enumerate(diff.columns):
+            estimate = interval_from_draws(values[:, j].mean(), values[samples, j].mean(axis=1), level)
+            rows.append(
+                {
+                    "emotion": emotion,
+                    "phase": phase,
+                    "ablation": ablation,
+                    "k": int(k),
+                    "n_items": len(values),
+                    "excess": estimate.value,
+                    "excess_low": estimate.low,
+                    "excess_high": estimate.high,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _rows(frame: pd.DataFrame, phase: str, rule: TracingRule, **extra) -> pd.DataFrame:
+    mask = (frame["phase"] == phase) & (frame["ablation"] == rule.ablation)
+    for name, value in extra.items():
+        mask &= frame[name] == value
+    return frame[mask]
+
+
+def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule: TracingRule) -> Verdict:
+    """Does a small set of features drive each emotion's prediction in `phase`?
+
+    An emotion is driven by a small set when its k50 is at most `rule.small_k` and, at that k, the top features'
+    drop beats random features' (paired interval above zero). Holds for at least half of the emotions whose
+    whole-phase ablation has an effect (k50 defined), partly for at least one, does not hold for none;
+    inconclusive when no emotion's whole-phase ablation has an effect.
+    """
+    table = _rows(k50, phase, rule, metric=rule.metric)
+    defined = table[table["k50"].notna()]
+    if defined.empty:
+        return Verdict("inconclusive", f"no emotion's whole-{phase} ablation has an effect to explain")
+    small = []
+    for row in defined.itertuples():
+        if not np.isfinite(row.k50) or row.k50 > rule.small_k:
+            continue
+        beat = _rows(versus, phase, rule, emotion=row.emotion, k=int(row.k50))
+        if not beat.empty and beat["excess_low"].iloc[0] > 0:
+            small.append(f"{row.emotion} (k50 {int(row.k50)})")
+    n, m = len(small), len(defined)
+    reason = (
+        f"in {phase}, {n} of {m} emotions with a whole-phase effect reach half of it with at most "
+        f"{rule.small_k} features that beat random ones" + (f": {', '.join(small)}" if small else "")
+    )
+    verdict = "holds" if n >= math.ceil(m / 2) else "partly" if n else "does not hold"
+    return Verdict(verdict, reason)
+
+
+def _final_drops(curves: pd.DataFrame, phase: str, rule: TracingRule) -> dict[str, np.ndarray]:
+    """Per emotion, the per-item drop when its top-max(k) features of `phase` are ablated."""
+    top = _rows(curves, phase, rule, condition="top")
+    k_max = top["k"].max()
+    top = top[top["k"] == k_max]
+    column = METRICS[rule.metric]
+    return {emotion: group[column].to_numpy() for emotion, group in top.groupby("emotion", sort=False)}
+
+
+def _overlap_free_pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """Pairs of emotions whose k50 intervals do not overlap (an unreached k50, inf, counts as large)."""
+    rows = list(table.itertuples())
+    return [
+        (a.emotion, b.emotion)
+        for a in rows
+        for b in rows
+        if a.emotion != b.emotion and a.k50_high < b.k50_low
+    ]
+
+
+def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: TracingRule) -> Verdict:
+    """Do the number (k50) and impact (drop at the largest k) of the driving features vary by emotion?
+
+    Impact varies when a Kruskal-Wallis test of the per-item drops at the largest k across emotions gives
+    p < alpha; number varies when some pair of emotions has non-overlapping k50 intervals. Holds when both,
+    partly when one, does not hold when neither; inconclusive with fewer than two emotions.
+    """
+    drops = _final_drops(curves, phase, rule)
+    drops = {e: d for e, d in drops.items() if len(d) > 0}
+    if len(drops) < 2:
+        return Verdict("inconclusive", f"fewer than two emotions with items in {phase}")
+    values = list(drops.values())
+    p_value = float(kruskal(*values).pvalue) if len({v for d in values for v in d}) > 1 else 1.0
+    table = _rows(k50, phase, rule, metric=rule.metric).dropna(subset=["k50"])
+    pairs = _overlap_free_pairs(table)
+    impact, number = p_value < rule.alpha, bool(pairs)
+    reason = (
+        f"in {phase}, drops at the largest k differ across emotions with Kruskal-Wallis p = {p_value:.3g}; "
+        f"{len(pairs)} ordered pairs of emotions have non-overlapping k50 intervals"
+    )
+    verdict = "holds" if impact and number else "partly" if impact or number else "does not hold"
+    return Verdict(verdict, reason)
+
+
+def weaker_diffuse_verdict(
+    curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: TracingRule, emotion: str = "disgust"
+) -> Verdict:
+    """Is `emotion` weaker (smaller drop at the largest k than the other emotions' items, one-sided Mann-Whitney
+    p < alpha) and more diffuse (k50 lower bound above the median k50 of the others; inf counts as large)?
+
+    Holds when both, partly when one, does not hold when neither; inconclusive without items of `emotion`.
+    """
+    drops = _final_drops(curves, phase, rule)
+    if emotion not in drops or len(drops) < 2:
+        return Verdict("inconclusive", f"no {emotion} items, or no other emotion, in {phase}")
+    others = np.concatenate([d for e, d in drops.items() if e != emotion])
+    p_value = float(mannwhitneyu(drops[emotion], others, alternative="less").pvalue)
+    weaker = p_value < rule.alpha
+    table = _rows(k50, phase, rule, metric=rule.metric).set_index("emotion")
+    own = table["k50_low"].get(emotion, float("nan"))
+    rest = table.drop(index=emotion, errors="ignore")["k50"].dropna()
+    if np.isnan(own) or rest.empty:
+        diffuse, diffuse_text = (
+            False,
+            f"{emotion}'s k50 is undefined (no whole-phase effect) or no other k50 is",
+        )
+    else:
+        median = float(np.median(rest))
+        diffuse = own > median
+        diffuse_text = f"{emotion}'s k50 lower bound {own:g} vs the others' median k50 {median:g}"
+    reason = (
+        f"in {phase}: {emotion}'s drop at the largest k ({drops[emotion].mean():.3f}) vs the others' "
+        f"({others.mean():.3f}), one-sided p = {p_value:.3g}; {diffuse_text}"
+    )
+    verdict = "holds" if weaker and diffuse else "partly" if weaker or diffuse else "does not hold"
+    return Verdict(verdict, reason)

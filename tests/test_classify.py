@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
 
-from emolib import classify
 from emolib.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict, parse_label
+from emolib.models import has_interventions
 from emolib.prompts import build_prompt, encode_prefix, encode_suffix
 
 #: Every verbaliser is one token of the tiny tokenizer (" joy", " Joy", " fear", " Fear").
@@ -458,12 +458,12 @@ def test_runs_with_hooks_are_never_cached(tiny_model, tiny_tokenizer, tmp_cache)
     plain = clf.predict(TEXTS)
     tiny_model.add_hook("blocks.0.hook_resid_post", lambda resid, hook: resid * 2.0)
     try:
-        assert classify._has_interventions(tiny_model)
+        assert has_interventions(tiny_model)
         hooked = cached_predict(clf, "tiny", IDS, TEXTS)
         hooked_again = cached_predict(clf, "tiny", IDS, TEXTS)
     finally:
         tiny_model.reset_hooks()
-    assert not classify._has_interventions(tiny_model)
+    assert not has_interventions(tiny_model)
     assert prediction_entries(tmp_cache) == []
     np.testing.assert_array_equal(hooked.label_logprobs, hooked_again.label_logprobs)
     assert not np.allclose(hooked.label_logprobs, plain.label_logprobs)
@@ -483,12 +483,12 @@ def test_runs_with_an_sae_attached_are_never_cached(tiny_model, tiny_tokenizer, 
     clf = classifier(tiny_model, tiny_tokenizer, SINGLE, generate=False)
     tiny_model.add_sae(sae)
     try:
-        assert classify._has_interventions(tiny_model)
+        assert has_interventions(tiny_model)
         cached_predict(clf, "tiny", IDS, TEXTS)
     finally:
         tiny_model.reset_saes()
     assert prediction_entries(tmp_cache) == []
-    assert not classify._has_interventions(tiny_model)
+    assert not has_interventions(tiny_model)
 
 
 # ------------------------------------------------------------------------------------------ scoring modes

@@ -425,7 +425,9 @@ def test_reusing_cached_context_and_batching_change_nothing(any_tiny_model, tiny
         )
         attributions = tracer.attribute(TEXTS, GOLD)
         ablated = tracer.run(TEXTS, {0: [0, 3, 5], 1: None}).label_logprobs
-        results.append((attributions, ablated, tracer.feature_means(TEXTS)))
+        # an edit of layer 1 only: with the reused cache, the forward starts at block 1
+        late = tracer.run(TEXTS, {1: [0, 3, 5]}).label_logprobs
+        results.append((attributions, np.concatenate([ablated, late], axis=1), tracer.feature_means(TEXTS)))
     reference = results[0]
     for attributions, ablated, means in results[1:]:
         for layer in (0, 1):
