@@ -118,9 +118,9 @@ def side_emolib(args, out: Path) -> dict:
 
 def _sae_config(config, d_in: int):
     """The sae-lens training config of one SAE, as `emolib.saes.make_training_sae` builds it."""
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAEConfig
+    from emolib.saes import ARCHITECTURES
 
-    return BatchTopKTrainingSAEConfig(
+    return ARCHITECTURES[config.architecture](
         d_in=d_in,
         d_sae=config.width(d_in),
         k=config.k,
