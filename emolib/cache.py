@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ def config_key(*configs: Any, length: int = 16) -> str:
     """A stable hex digest of configs (dataclasses, dicts, scalars): equal configs give equal keys."""
     payload = json.dumps([_jsonable(c) for c in configs], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+def pairs_digest(firsts: Sequence[str], seconds: Sequence[str]) -> str:
+    """SHA-256 of paired strings (e.g. item ids and texts) in order: one cache-key part for a list of items."""
+    joined = "\x1f".join(f"{a}\x1e{b}" for a, b in zip(firsts, seconds, strict=True))
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -12,7 +12,6 @@ All forward passes go through the model's hook points, so SAEs or steering hooks
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformers import PreTrainedTokenizerBase
 
-from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
 from emolib.models import has_interventions
 from emolib.prompts import PromptParts, encode_prefix, encode_suffix
 
@@ -373,20 +372,16 @@ def predictions_key(model_name: str, classifier: EmotionClassifier, ids: list[st
         "scoring_mode": classifier.scoring_mode,
         "sequences": classifier.sequences,
     }
-    items = hashlib.sha256(
-        "\x1f".join(f"{i}\x1e{t}" for i, t in zip(ids, texts, strict=True)).encode()
-    ).hexdigest()
-    parts = classifier.parts
     return config_key(
-        PREDICTIONS_VERSION,
-        model_name,
-        parts.prefix,
-        parts.suffix_template,
-        parts.labels,
-        parts.verbalisers,
-        relevant,
-        items,
+        PREDICTIONS_VERSION, model_name, *prompt_fingerprint(classifier), relevant, pairs_digest(ids, texts)
     )
+
+
+def prompt_fingerprint(classifier: EmotionClassifier) -> tuple:
+    """What a classifier's rendered prompts and label scores depend on: instruction prefix, per-text template,
+    labels and verbalisers (cache-key parts for anything computed from its prompts)."""
+    parts = classifier.parts
+    return parts.prefix, parts.suffix_template, parts.labels, parts.verbalisers
 
 
 def cached_predict(

@@ -70,7 +70,6 @@ reference the cached path is tested against). Feature activations are encoded at
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -87,8 +86,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from emolib.cache import cache_dir, cached_entry, config_key
-from emolib.classify import EmotionClassifier, Predictions, final_logprobs, forward_residual
+from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
+from emolib.classify import (
+    EmotionClassifier,
+    Predictions,
+    final_logprobs,
+    forward_residual,
+    prompt_fingerprint,
+)
 from emolib.features import Verdict
 from emolib.prompts import encode_suffix
 from emolib.saes import SAEError, resume_layer
@@ -341,9 +346,9 @@ class _Layout:
     mask: Tensor
     where: Tensor
     context: TransformerLensKeyValueCache
-    #: With positions="last" and a reused cache: the clean residual entering each block at the last token
-    #: (`[batch, 1, d_model]`) and the attention mask over context + that token, so a forward whose first edit
-    #: is at layer l starts at block l (the blocks before it compute exactly the clean values).
+    #: With positions="last" and a reused cache: the attention mask over context + the last token, and the clean
+    #: residual entering each block at that token (`[batch, 1, d_model]`, recorded by the first clean forward), so
+    #: a forward whose first edit is at layer l starts at block l (the blocks before it compute the clean values).
     resid_in: dict[int, Tensor] | None = None
     full_mask: Tensor | None = None
 
@@ -488,28 +493,18 @@ class FeatureTracer:
             where = torch.ones_like(mask, dtype=torch.bool) if last else mask.bool()
         cache.freeze()  # reused by every forward on this batch
         layout = _Layout(batch, tokens, mask, where, cache)
-        if prefix is not None and last:
-            layout.resid_in = self._clean_inputs(layout)
+        if prefix is not None and last:  # blocks may be skipped: see `_scores`
             layout.full_mask = cache.append_attention_mask(mask)  # frozen: nothing is stored
         return layout
 
-    @torch.no_grad()
-    def _clean_inputs(self, layout: _Layout) -> dict[int, Tensor]:
-        """The clean residual entering every block at the traced (last) token, from one forward."""
-        inputs: dict[int, Tensor] = {}
+    def _input_recorders(self, layout: _Layout) -> list:
+        """Hooks that store the residual entering every block (at the traced token) in `layout.resid_in`."""
+        layout.resid_in = {}
 
         def keep(resid: Tensor, hook) -> None:
-            inputs[hook.layer()] = resid.detach()
+            layout.resid_in[hook.layer()] = resid.detach()
 
-        hooks = [(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(self.model.cfg.n_layers)]
-        with self.model.hooks(fwd_hooks=hooks):
-            self.model(
-                layout.tokens,
-                attention_mask=layout.mask,
-                past_kv_cache=layout.context,
-                stop_at_layer=self.model.cfg.n_layers,
-            )
-        return inputs
+        return [(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(self.model.cfg.n_layers)]
 
     def _hooks(
         self,
@@ -562,8 +557,15 @@ class FeatureTracer:
         correctness are unchanged, and only the label tokens' columns of the unembedding are computed (Gemma's
         has 262k).
         """
+        skippable = layout.full_mask is not None
+        if skippable and layout.resid_in is None:
+            if not hooks:  # a clean forward: record the blocks' inputs as it runs
+                hooks = self._input_recorders(layout)
+            elif start > 0:  # a skipping forward before any clean one: run the clean one first
+                with torch.no_grad():
+                    self._scores(layout, [], normalised=False)
         with self.model.hooks(fwd_hooks=hooks):
-            if start > 0 and layout.resid_in is not None:
+            if start > 0 and skippable:
                 resid = self.model(
                     layout.resid_in[start],
                     start_at_layer=start,
@@ -1353,38 +1355,6 @@ def per_label_sample(gold: Sequence[str], n_per_label: int | None, seed: int = 0
     return np.sort(np.concatenate(chosen))
 
 
-def _items_digest(texts: Sequence[str], gold: Sequence[str]) -> str:
-    joined = "\x1f".join(f"{g}\x1e{t}" for t, g in zip(texts, gold, strict=True))
-    return hashlib.sha256(joined.encode()).hexdigest()
-
-
-def study_key(
-    tracer: FeatureTracer,
-    model_name: str,
-    sae_id: str,
-    ranking: tuple[Sequence[str], Sequence[str]],
-    held_out: tuple[Sequence[str], Sequence[str]],
-    phases: Mapping[str, Iterable[int]],
-    config: StudyConfig,
-) -> str:
-    """Cache key: model, prompt and verbalisers, SAEs (`sae_id`, e.g. their cache folder), items, phases, config."""
-    parts = tracer.classifier.parts
-    return config_key(
-        STUDY_VERSION,
-        model_name,
-        sae_id,
-        parts.prefix,
-        parts.suffix_template,
-        parts.labels,
-        parts.verbalisers,
-        tracer.classifier.config.max_text_tokens,
-        _items_digest(*ranking),
-        _items_digest(*held_out),
-        {name: list(layers) for name, layers in phases.items()},
-        config,
-    )
-
-
 def cached_study(
     tracer: FeatureTracer,
     model_name: str,
@@ -1394,8 +1364,19 @@ def cached_study(
     phases: Mapping[str, Iterable[int]],
     config: StudyConfig,
 ) -> Study:
-    """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under `study_key`."""
-    key = study_key(tracer, model_name, sae_id, ranking, held_out, phases, config)
+    """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
+    prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases and the config."""
+    key = config_key(
+        STUDY_VERSION,
+        model_name,
+        sae_id,
+        *prompt_fingerprint(tracer.classifier),
+        tracer.classifier.config.max_text_tokens,
+        pairs_digest(ranking[1], ranking[0]),
+        pairs_digest(held_out[1], held_out[0]),
+        {name: list(layers) for name, layers in phases.items()},
+        config,
+    )
     folder = cache_dir("tracing") / f"{model_name}-{key}"
 
     def build(tmp) -> None:

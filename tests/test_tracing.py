@@ -445,28 +445,22 @@ def test_reusing_cached_context_and_batching_change_nothing(any_tiny_model, tiny
 # ----------------------------------------------------------------------------------------------- summaries
 
 
+def curve_row(emotion: str, condition: str, k: int, seed: int, item, drop: float) -> dict:
+    """One per-item row as `ablation_curves` writes it (phase "p", zero-ablation), every metric dropping `drop`."""
+    return {"emotion": emotion, "phase": "p", "ablation": "zero", "condition": condition, "k": k, "seed": seed,
+            "n_features": k, "item": item, "drop_prob": drop, "drop_margin": drop, "drop_correct": drop}  # fmt: skip
+
+
 def synthetic_curves(top: dict[int, list[float]], whole: list[float], emotion="joy") -> pd.DataFrame:
     """Per-item rows with given drops per k (all metrics equal) and the whole-phase drops."""
-    rows = []
-    for condition, per_k in [("top", top), ("whole", {99: whole})]:
-        for k, drops in per_k.items():
-            for item, drop in enumerate(drops):
-                rows.append(
-                    {
-                        "emotion": emotion,
-                        "phase": "p",
-                        "ablation": "zero",
-                        "condition": condition,
-                        "k": k,
-                        "seed": -1,
-                        "n_features": k,
-                        "item": item,
-                        "drop_prob": drop,
-                        "drop_margin": drop,
-                        "drop_correct": drop,
-                    }  # fmt: skip
-                )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [
+            curve_row(emotion, condition, k, -1, item, drop)
+            for condition, per_k in [("top", top), ("whole", {99: whole})]
+            for k, drops in per_k.items()
+            for item, drop in enumerate(drops)
+        ]
+    )
 
 
 def test_k50_known_values():

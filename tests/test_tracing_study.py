@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from test_tracing import FAST, GOLD, PHASES, TEXTS, planted  # noqa: F401 (the fixture `study` uses)
+from test_tracing import FAST, GOLD, PHASES, TEXTS, curve_row, planted  # noqa: F401 (the fixture `study` uses)
 
 from emolib import tracing
 from emolib.flow import FlowError, phases_from_results
@@ -87,21 +87,8 @@ def curves(spec: dict[str, dict], n_items: int = 20, seed: int = 0) -> pd.DataFr
         plans += [("whole", 99, -1, parts["whole"])]
         for condition, k, seed_, mean in plans:
             for item in range(n_items):
-                drop = mean + rng.normal(0, 0.01)
                 rows.append(
-                    {
-                        "emotion": emotion,
-                        "phase": "p",
-                        "ablation": "zero",
-                        "condition": condition,
-                        "k": k,
-                        "seed": seed_,
-                        "n_features": k,
-                        "item": f"{emotion}{item}",
-                        "drop_prob": drop,
-                        "drop_margin": drop,
-                        "drop_correct": drop,
-                    }  # fmt: skip
+                    curve_row(emotion, condition, k, seed_, f"{emotion}{item}", mean + rng.normal(0, 0.01))
                 )
     return pd.DataFrame(rows)
 
