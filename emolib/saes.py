@@ -37,9 +37,9 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utils import lm_cross_entropy_loss
 
 from emolib.cache import cache_dir, cached_entry, config_key, write_json
+from emolib.classify import final_logprobs
 
 #: Bump when training or the saved layout changes, so cached SAEs are retrained.
 SAE_FORMAT_VERSION = "1"
@@ -566,8 +566,31 @@ def _outliers(resids: Sequence[Tensor], measured: Tensor, factor: float) -> Tens
     return flagged
 
 
-def _nll_sum(logits: Tensor, tokens: Tensor, mask: Tensor) -> float:
-    return lm_cross_entropy_loss(logits, tokens, mask, per_token=True).sum().item()
+def _nll_sum(model: HookedTransformer, final_resid: Tensor, tokens: Tensor, mask: Tensor) -> float:
+    """Summed next-token NLL from the last block's residual, unembedding only the scored positions.
+
+    Scored positions are those whose token and next token are both real (TransformerLens'
+    `lm_cross_entropy_loss` rule); padding never reaches the unembedding, which for Gemma's 262k-token
+    vocabulary is most of a forward pass's cost.
+    """
+    scored = mask[:, :-1].bool() & mask[:, 1:].bool()
+    logprobs = final_logprobs(model, final_resid[:, :-1][scored])
+    return -logprobs.gather(1, tokens[:, 1:][scored][:, None]).sum().item()
+
+
+def _length_batches(mask: Tensor, loss_rows: int, batch_size: int) -> list[tuple[Tensor, bool]]:
+    """Row batches of similar length, each with whether its losses are measured.
+
+    The first `loss_rows` rows (the loss set) and the others are batched apart, each group by length, so that
+    each batch is trimmed to its longest sequence and little compute goes to padding. Every metric is a sum over
+    tokens, so the batching changes nothing but float rounding.
+    """
+    lengths = mask.sum(1)
+    batches = []
+    for rows, with_loss in ((torch.arange(loss_rows), True), (torch.arange(loss_rows, len(mask)), False)):
+        rows = rows[torch.argsort(lengths[rows], stable=True)]
+        batches += [(chunk, with_loss) for chunk in rows.split(batch_size) if len(chunk)]
+    return batches
 
 
 @torch.no_grad()
@@ -600,8 +623,10 @@ def evaluate_saes(
     average, and equals a full forward with the SAE spliced in by a hook (tested).
 
     The spliced forwards cost one forward per hook, the reconstruction metrics almost nothing: `loss_sequences`
-    limits the losses to the batches that start within the first `loss_sequences` sequences (so order the tokens
-    with a representative mix first), while reconstruction, L0, dead and dense fractions use every sequence.
+    limits the losses to the first `loss_sequences` sequences (so order the tokens with a representative mix
+    first), while reconstruction, L0, dead and dense fractions use every sequence. Sequences are batched by length
+    and each batch is cut to its longest sequence (causal attention: trailing padding changes nothing), and only
+    the scored positions are unembedded.
     """
     if getattr(model, "acts_to_saes", None):
         raise SAEError("the model has SAEs attached; remove them (model.reset_saes()) before evaluating")
@@ -622,26 +647,29 @@ def evaluate_saes(
     for sae in saes.values():
         sae.eval()
 
-    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="SAE quality", disable=not progress):
-        toks = tokens[start : start + batch_size]
-        mask = attention_mask[start : start + batch_size]
-        keep = keep_all[start : start + batch_size]
+    n_layers = model.cfg.n_layers
+    loss_rows = tokens.shape[0] if loss_sequences is None else min(loss_sequences, tokens.shape[0])
+    for rows, with_loss in tqdm(
+        _length_batches(attention_mask, loss_rows, batch_size), desc="SAE quality", disable=not progress
+    ):
+        columns = attention_mask[rows].any(0).nonzero()
+        width = int(columns.max()) + 1 if len(columns) else 1
+        toks, mask, keep = tokens[rows, :width], attention_mask[rows, :width], keep_all[rows, :width]
         measured = mask.bool() & ~keep
-        with_loss = loss_sequences is None or start < loss_sequences
-        logits, cache = model.run_with_cache(
+        final, cache = model.run_with_cache(
             toks,
             attention_mask=mask,
             names_filter=hooks,
-            **({"return_type": "logits"} if with_loss else {"stop_at_layer": max(starts.values())}),
+            stop_at_layer=n_layers if with_loss else max(starts.values()),
         )
         if outlier_factor is not None:
             outliers = _outliers([cache[hook] for hook in hooks], measured, outlier_factor)
             keep, measured = keep | outliers, measured & ~outliers
             n_outliers += int(outliers.sum())
         if with_loss:
-            clean_loss += _nll_sum(logits, toks, mask)
+            clean_loss += _nll_sum(model, final, toks, mask)
             n_predicted += int((mask[:, :-1].bool() & mask[:, 1:].bool()).sum())
-        del logits
+        del final
         for hook, sae in saes.items():
             resid = cache[hook]
             acts = sae.encode(resid)
@@ -659,8 +687,10 @@ def evaluate_saes(
                 "zero": torch.where(keep[..., None], resid, torch.zeros_like(resid)),
             }
             for variant, replaced in variants.items():
-                out = model(replaced, start_at_layer=starts[hook], attention_mask=mask, return_type="logits")
-                hook_stats.loss[variant] += _nll_sum(out, toks, mask)
+                out = model(
+                    replaced, start_at_layer=starts[hook], stop_at_layer=n_layers, attention_mask=mask
+                )
+                hook_stats.loss[variant] += _nll_sum(model, out, toks, mask)
         del cache
 
     rows = []
@@ -691,7 +721,7 @@ def evaluate_saes(
         {
             "dense_threshold": dense_threshold,
             "n_predicted_tokens": n_predicted,
-            "n_loss_sequences": min(tokens.shape[0], loss_sequences or tokens.shape[0]),
+            "n_loss_sequences": loss_rows,
             "n_sequences": tokens.shape[0],
             "n_outlier_tokens": n_outliers,
         }
