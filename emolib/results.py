@@ -13,7 +13,7 @@ import math
 import platform
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,22 @@ def load_all_results(results_dir: Path | None = None) -> dict[str, dict[str, Any
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+def in_reading_order(
+    records: Mapping[str, Mapping[str, Any]], docnames: Sequence[str]
+) -> dict[str, Mapping[str, Any]]:
+    """`records` in the book's reading order: a record named `flow` belongs to the page `book/01_flow` (the page's
+    name, or its name after a `NN_`-style prefix, equals the record's); records of no page come last, by name."""
+
+    def rank(chapter: str) -> int:
+        for i, docname in enumerate(docnames):
+            page = docname.rsplit("/", 1)[-1]
+            if page == chapter or page.split("_", 1)[-1] == chapter:
+                return i
+        return len(docnames)
+
+    return {ch: records[ch] for ch in sorted(records, key=lambda ch: (rank(ch), ch))}
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -217,10 +233,17 @@ def replace_block(text: str, block: str) -> str:
 
 
 def update_readme(readme: Path | None = None, results_dir: Path | None = None) -> bool:
-    """Rewrite the README results block from the results files; return whether the file changed."""
+    """Rewrite the README results block from the results files, in the book's reading order; return whether the
+    file changed."""
+    from emolib.book import toc_docnames  # emolib.book imports this module
+
     readme = Path(readme or project_root() / "README.md")
     text = readme.read_text()
-    new = replace_block(text, readme_block(load_all_results(results_dir)))
+    toc = project_root() / "_toc.yml"
+    records = load_all_results(results_dir)
+    if toc.exists():
+        records = in_reading_order(records, toc_docnames(toc))
+    new = replace_block(text, readme_block(records))
     if new == text:
         return False
     readme.write_text(new)

@@ -578,18 +578,29 @@ def _nll_sum(model: HookedTransformer, final_resid: Tensor, tokens: Tensor, mask
     return -logprobs.gather(1, tokens[:, 1:][scored][:, None]).sum().item()
 
 
-def _length_batches(mask: Tensor, loss_rows: int, batch_size: int) -> list[tuple[Tensor, bool]]:
+def _length_batches(
+    mask: Tensor, loss_rows: int, batch_size: int, max_padding: float = 0.25
+) -> list[tuple[Tensor, bool]]:
     """Row batches of similar length, each with whether its losses are measured.
 
-    The first `loss_rows` rows (the loss set) and the others are batched apart, each group by length, so that
-    each batch is trimmed to its longest sequence and little compute goes to padding. Every metric is a sum over
-    tokens, so the batching changes nothing but float rounding.
+    The first `loss_rows` rows (the loss set) and the others are batched apart, each group sorted by length; a
+    batch holds at most `batch_size` rows and closes early when the next row is more than `max_padding` longer
+    than its shortest, so each batch, cut to its longest row, spends little compute on padding. Every metric is a
+    sum over tokens, so the batching changes nothing but float rounding.
     """
-    lengths = mask.sum(1)
-    batches = []
-    for rows, with_loss in ((torch.arange(loss_rows), True), (torch.arange(loss_rows, len(mask)), False)):
-        rows = rows[torch.argsort(lengths[rows], stable=True)]
-        batches += [(chunk, with_loss) for chunk in rows.split(batch_size) if len(chunk)]
+    lengths = mask.sum(1).tolist()
+    batches: list[tuple[Tensor, bool]] = []
+    for rows, with_loss in ((range(loss_rows), True), (range(loss_rows, len(lengths)), False)):
+        current: list[int] = []
+        for row in sorted(rows, key=lambda r: lengths[r]):
+            if current and (
+                len(current) == batch_size or lengths[row] > (1 + max_padding) * max(lengths[current[0]], 1)
+            ):
+                batches.append((torch.tensor(current), with_loss))
+                current = []
+            current.append(row)
+        if current:
+            batches.append((torch.tensor(current), with_loss))
     return batches
 
 

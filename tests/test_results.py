@@ -100,7 +100,7 @@ def test_readme_block_rewrite_keeps_markers_and_is_idempotent(tmp_path):
     assert text.count(rs.START_MARKER) == 1 and text.count(rs.END_MARKER) == 1
     assert "old content" not in text
     assert "| claim | model | accuracy |" in text and "| baseline | gemma3 |  |" in text
-    # one table per chapter, in file-name order, each with its own columns
+    # one table per chapter, in reading order, each with its own columns
     assert "| model | layers meeting every goal |" in text and "| smollm2 | 3 of 30 |" in text
     assert text.index("| claim |") < text.index("| model | layers")
     assert "preset `full`" in text
@@ -109,6 +109,14 @@ def test_readme_block_rewrite_keeps_markers_and_is_idempotent(tmp_path):
 
     assert rs.update_readme(readme, results) is False
     assert readme.read_text() == text
+
+
+def test_records_follow_the_reading_order():
+    records = {
+        name: {"readme_rows": [{"x": name}]} for name in ("00_setup", "features", "flow", "saes", "zz")
+    }
+    docnames = ["book/intro", "book/00_setup", "book/01_flow", "book/02_features", "book/appendix_saes"]
+    assert list(rs.in_reading_order(records, docnames)) == ["00_setup", "flow", "features", "saes", "zz"]
 
 
 def test_readme_without_results_says_so(tmp_path):

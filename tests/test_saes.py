@@ -575,6 +575,19 @@ def test_batching_and_trailing_padding_change_nothing(tiny_model, batch):
         assert table.attrs["n_predicted_tokens"] == reference.attrs["n_predicted_tokens"]
 
 
+def test_length_batches_cover_every_row_once_with_little_padding():
+    lengths = torch.tensor([256, 90, 100, 95, 250, 30, 256, 101, 99, 40])
+    mask = (torch.arange(256)[None, :] < lengths[:, None]).long()
+    batches = S._length_batches(mask, loss_rows=4, batch_size=3)
+    rows = [int(r) for chunk, _ in batches for r in chunk]
+    assert sorted(rows) == list(range(10))
+    assert all(
+        with_loss == (int(chunk.max()) < 4) and (chunk < 4).all() == with_loss for chunk, with_loss in batches
+    )
+    for chunk, _ in batches:
+        assert len(chunk) <= 3 and lengths[chunk].max() <= 1.25 * lengths[chunk].min()
+
+
 def test_excluded_tokens_match_the_activation_cache(tiny_model, tiny_tokenizer, batch, tmp_cache):
     """The tokens measured here are exactly the rows SAE training sees: `emolib.activations` drops the first
     position and attention-sink outliers by the same rule."""
