@@ -6,9 +6,10 @@ and, optionally, attention-sink outliers. An `ActivationStore` reads an entry ba
 
 Batches are exact: in `all` mode sequences are right-padded (a causal model never lets a real token see later
 padding); in `last` mode prompts are laid out as `[common prefix][pad...][rest]` with an attention mask, the layout
-`emolib.classify` uses, so TransformerLens' mask-derived rotary positions equal the unpadded ones. Results depend
-neither on `batch_size` nor on `progress` (beyond float rounding of batched matrix products), so neither is part
-of the cache key; everything else in `ExtractionConfig` is.
+`emolib.classify` uses, so TransformerLens' mask-derived rotary positions equal the unpadded ones. An
+instruction prefix that a whole batch shares and drops (`starts`) runs once, its keys and values reused by the
+batch. Results depend neither on `batch_size` nor on `progress` (beyond float rounding of batched matrix
+products), so neither is part of the cache key; everything else in `ExtractionConfig` is.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import MANIFEST, cache_dir, cached_entry, config_key
-from emolib.models import LoadedModel, has_interventions
+from emolib.models import LoadedModel, expanded_cache, has_interventions
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
@@ -416,15 +418,24 @@ def _stop_layer(model: HookedTransformer, hooks: Sequence[str]) -> int | None:
     return max(layers) + 1
 
 
-def _forward(model: HookedTransformer, tokens: Tensor, mask: Tensor, hooks, stop: int | None) -> None:
-    """One forward pass with capturing hooks, stopped after the deepest hook (`stop`).
+def _forward(
+    model: HookedTransformer,
+    tokens: Tensor,
+    mask: Tensor,
+    hooks,
+    stop: int | None,
+    cache: TransformerLensKeyValueCache | None = None,
+) -> None:
+    """One forward pass with capturing hooks, stopped after the deepest hook (`stop`), after `cache`'s tokens.
 
-    A batch without padding runs unmasked, declared right-padded: TransformerLens would otherwise derive a mask
-    from pad ids whenever the tokenizer pads on the left (Gemma's does), and masking costs time. A padded batch
-    always passes its explicit mask.
+    A batch without padding or cache runs unmasked, declared right-padded: TransformerLens would otherwise derive
+    a mask from pad ids whenever the tokenizer pads on the left (Gemma's does), and masking costs time. A padded
+    or cached batch always passes its explicit mask (the cache holds the prefix's part of it).
     """
     kwargs: dict[str, Any] = {"stop_at_layer": stop} if stop is not None else {"return_type": None}
-    if bool(mask.all()):
+    if cache is not None:
+        kwargs.update(attention_mask=mask, past_kv_cache=cache)
+    elif bool(mask.all()):
         kwargs.update(attention_mask=None, padding_side="right")
     else:
         kwargs.update(attention_mask=mask)
@@ -461,6 +472,9 @@ def _all_mode_batch(
     """Rows of one right-padded batch: every token from `skip_first` (and the sequence's start) on, minus outliers
     (at any hook).
 
+    A prefix that every sequence of the batch shares and drops (an instruction prefix, see `starts`) runs once,
+    and the rest of each sequence runs on its keys and values: a causal model gives the kept tokens the same
+    activations, for less compute (the prefix is ~40% of the SAE corpus' tokens).
     Returns per-hook rows `[kept, d]`, the index tensors, drop counts and per-hook outlier counts.
     """
     batch, width = len(seqs), max(len(s) for s in seqs)
@@ -476,11 +490,13 @@ def _all_mode_batch(
         for row, begin in enumerate(starts):
             wanted[row, :begin] = False
     b_idx, p_idx = wanted.nonzero(as_tuple=True)  # sequence-major order
-    flat = b_idx * width + p_idx
+    shared = _dropped_shared_prefix(seqs, starts, config.skip_first)
+    cache = _prefix_cache(model, seqs[0][:shared], stop, batch) if shared else None
+    flat = b_idx * (width - shared) + (p_idx - shared)
     fwd_hooks, captured = _capturing(
-        hooks, (batch, width), lambda act: act.flatten(0, 1).index_select(0, flat)
+        hooks, (batch, width - shared), lambda act: act.flatten(0, 1).index_select(0, flat)
     )
-    _forward(model, tokens, mask, fwd_hooks, stop)
+    _forward(model, tokens[:, shared:], mask[:, shared:], fwd_hooks, stop, cache)
     dropped = {FIRST_POSITIONS: n_first, SHARED_PREFIX: int(mask.sum()) - len(flat) - n_first, OUTLIERS: 0}
     by_hook = {h: 0 for h in hooks}
     if config.outlier_factor is not None and len(flat):
@@ -500,6 +516,31 @@ def _all_mode_batch(
             b_idx, p_idx = b_idx[keep], p_idx[keep]
     index = {"token_ids": tokens[b_idx, p_idx], "sequence_index": seq_index[b_idx], "position": p_idx}
     return captured, index, dropped, by_hook
+
+
+def _dropped_shared_prefix(
+    seqs: Sequence[Sequence[int]], starts: Sequence[int] | None, skip_first: int
+) -> int:
+    """Length of the prefix that every sequence of a batch shares and none stores (0: nothing worth reusing).
+
+    It stops short of each sequence's last token, so every sequence keeps at least one token to run.
+    """
+    if starts is None:
+        return 0
+    dropped = min(max(begin, skip_first) for begin in starts)
+    shared = min(_common_prefix(seqs), dropped, min(len(s) for s in seqs) - 1)
+    return shared if shared > 1 and len(seqs) > 1 else 0
+
+
+def _prefix_cache(
+    model: HookedTransformer, prefix: Sequence[int], stop: int | None, batch: int
+) -> TransformerLensKeyValueCache:
+    """Keys and values of `prefix` (run once, without hooks) for every block up to `stop`, broadcast to `batch`."""
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+    tokens = torch.tensor([list(prefix)])
+    kwargs: dict[str, Any] = {"stop_at_layer": stop} if stop is not None else {"return_type": None}
+    model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache, **kwargs)
+    return expanded_cache(cache, batch)
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

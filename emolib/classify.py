@@ -24,11 +24,10 @@ from scipy.special import softmax
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
-from emolib.models import has_interventions
+from emolib.models import expanded_cache, has_interventions
 from emolib.prompts import PromptParts, encode_prefix, encode_suffix
 
 
@@ -181,20 +180,6 @@ def final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tenso
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _expanded(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensKeyValueCache:
-    """A copy of a batch-1 cache broadcast to `batch` rows (views; appends allocate new tensors)."""
-    return TransformerLensKeyValueCache(
-        entries=[
-            TransformerLensKeyValueCacheEntry(
-                past_keys=e.past_keys.expand(batch, -1, -1, -1),
-                past_values=e.past_values.expand(batch, -1, -1, -1),
-            )
-            for e in cache.entries
-        ],
-        previous_attention_mask=cache.previous_attention_mask.expand(batch, -1),
-    )
-
-
 def forward_residual(
     model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, cache
 ) -> torch.Tensor:
@@ -281,7 +266,7 @@ class EmotionClassifier:
             tokens[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         if prefix_cache is not None:
-            return tokens, mask, _expanded(prefix_cache, len(suffixes))
+            return tokens, mask, expanded_cache(prefix_cache, len(suffixes))
         prefix = torch.tensor([self.prefix_ids]).expand(len(suffixes), -1)
         cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, len(suffixes))
         return torch.cat([prefix, tokens], 1), torch.cat([torch.ones_like(prefix), mask], 1), cache

@@ -595,6 +595,41 @@ def test_token_chunks(tiny_tokenizer):
         token_chunks(tiny_tokenizer, DOCUMENTS, 1)
 
 
+@pytest.mark.parametrize("window", [None, 24])
+def test_a_dropped_shared_prefix_runs_once_per_batch_and_changes_no_row(
+    any_tiny_model, tiny_tokenizer, tmp_cache, monkeypatch, window
+):
+    """Prompts whose instruction prefix is dropped run it once per batch, from a key-value cache; every kept row
+    equals `run_with_cache` of the whole prompt alone (also with a local-attention window shorter than a prompt)."""
+    model = any_tiny_model
+    if window is not None:
+        model = make_tiny_model(gemma_like_config(len(tiny_tokenizer), window_size=window), tiny_tokenizer)
+    sequences = prompts(tiny_tokenizer)
+    parts = build_prompt(tiny_tokenizer, ("joy", "fear", "anger"), chat=False)
+    prefix = len(encode_prefix(tiny_tokenizer, parts))
+    assert prefix > 2 and (window is None or max(map(len, sequences)) > window)
+    starts = [0] + [prefix] * (len(sequences) - 1)  # the corpus layout: the first prompt keeps the prefix
+    widths: list[int] = []
+    real_forward = activations._forward
+    monkeypatch.setattr(
+        activations,
+        "_forward",
+        lambda model, tokens, *args: (widths.append(tokens.shape[1]), real_forward(model, tokens, *args))[1],
+    )
+    store = extract(model, sequences, hooks=HOOKS, batch_size=3, starts=starts)
+    batches = [sequences[i : i + 3] for i in range(0, len(sequences), 3)]
+    # the first batch holds the prompt that keeps its prefix: it runs whole; the others skip the prefix
+    assert widths == [max(map(len, batches[0]))] + [max(map(len, b)) - prefix for b in batches[1:]]
+    expected = reference(model, sequences, HOOKS, lambda ids: slice(None))
+    offsets = [0, *torch.tensor([len(s) for s in sequences]).cumsum(0).tolist()]
+    kept = [offsets[i] + p for i, s in enumerate(sequences) for p in range(max(1, starts[i]), len(s))]
+    for hook in HOOKS:
+        torch.testing.assert_close(store.load(hook), expected[hook][kept], rtol=1e-5, atol=1e-5)
+    assert store.positions().tolist() == [
+        p for i, s in enumerate(sequences) for p in range(max(1, starts[i]), len(s))
+    ]
+
+
 def test_starts_keep_a_shared_prefix_once_and_enter_the_key(tiny_model):
     """Per-sequence starts drop the positions before them (counted), keep later tokens exact, change the key."""
     sequences = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12], [5, 6, 7, 13, 14, 15, 16]]
