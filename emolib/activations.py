@@ -490,7 +490,8 @@ def _all_mode_batch(
         for row, begin in enumerate(starts):
             wanted[row, :begin] = False
     b_idx, p_idx = wanted.nonzero(as_tuple=True)  # sequence-major order
-    shared = _dropped_shared_prefix(seqs, starts, config.skip_first)
+    # the blocks fill the prefix's key-value cache: with embedding hooks only (stop 0) there is nothing to reuse
+    shared = _dropped_shared_prefix(seqs, starts, config.skip_first) if stop != 0 else 0
     cache = _prefix_cache(model, seqs[0][:shared], stop, batch) if shared else None
     flat = b_idx * (width - shared) + (p_idx - shared)
     fwd_hooks, captured = _capturing(

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from emolib import activations
 from emolib.activations import (
@@ -628,6 +629,19 @@ def test_a_dropped_shared_prefix_runs_once_per_batch_and_changes_no_row(
     assert store.positions().tolist() == [
         p for i, s in enumerate(sequences) for p in range(max(1, starts[i]), len(s))
     ]
+
+
+@pytest.mark.parametrize("hook", ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_post"])
+def test_starts_with_embedding_hooks_only_need_no_prefix_cache(tmp_cache, hook):
+    """With hooks before the first block no block fills a prefix cache: the batch runs whole, rows exact."""
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, d_head=4, n_heads=4, n_ctx=64, d_vocab=50, act_fn="gelu", seed=0
+    )
+    model = HookedTransformer(cfg)  # learned positional embeddings: a wrong offset would show
+    sequences = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 8, 9], [1, 2, 3, 4, 10, 11, 12, 13]]
+    store = extract(model, sequences, hooks=(hook,), starts=[4, 4, 4])
+    expected = reference(model, sequences, (hook,), lambda ids: slice(4, None))
+    torch.testing.assert_close(store.load(hook), expected[hook], rtol=1e-5, atol=1e-5)
 
 
 def test_starts_keep_a_shared_prefix_once_and_enter_the_key(tiny_model):
