@@ -62,9 +62,9 @@ class SuiteConfig:
 
 
 #: `quick` runs both models' suites in a few minutes (CI); `full` is sized to the issue's 40-minute budget for both
-#: models on 2 CPU cores (SmolLM2: ~120k tokens through the model, ~70k stored, 2 epochs). Measured: SmolLM2
-#: extract 273 s, train 986 s, evaluate 117 s; Gemma 189, 627 and 151 s (39 minutes in all; the evaluation took
-#: 263 and 460 s before it was batched by length). The appendix reports each build's own times.
+#: models on 2 CPU cores (SmolLM2: ~120k tokens through the model, ~70k stored, 2 epochs). Measured on a fresh
+#: build (0a74a4c): SmolLM2 extract 180 s, train 861 s, evaluate 106 s; Gemma 145, 618 and 136 s (34 minutes in
+#: all). The appendix reports each build's own times.
 SUITE_PRESETS: dict[str, SuiteConfig] = {
     "quick": SuiteConfig(
         corpus=CorpusConfig(emotion_per_label=3, general_tokens=4_000, max_length=128),
