@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 
 from emolib import data
-from emolib.baselines import BaselineConfig, evaluation_items, make_classifier
-from emolib.classify import ClassifierConfig
-from emolib.models import load_hf_model, load_model
-from emolib.prompts import encode_prefix, encode_suffix
+from emolib.lm.baselines import BaselineConfig, evaluation_items, make_classifier
+from emolib.lm.classify import ClassifierConfig
+from emolib.lm.models import load_hf_model, load_model
+from emolib.lm.prompts import encode_prefix, encode_suffix
 
 GOAL = 3.0
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from emolib import data
-from emolib.activations import ExtractionConfig, extract_activations, resid_hooks, token_chunks
-from emolib.models import load_hf_model, load_model
+from emolib.lm.models import load_hf_model, load_model
+from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks, token_chunks
 
 GOAL = 0.9
 GIB = 2**30

@@ -5,9 +5,9 @@ the attention sink, is excluded from training), the same SAE (the full preset's 
 windows, normalisation; TopK unless `--architecture batchtopk`) and the same number of training tokens (`--tokens` x
 `--epochs`).
 
-- emolib: one forward pass per batch writes every layer's residual to the activation cache (`emolib.activations`),
+- emolib: one forward pass per batch writes every layer's residual to the activation cache (`emolib.sae.activations`),
   then sae-lens' `MultiSAETrainer` trains all layers' SAEs in lockstep from one `{hook: batch}` stream
-  (`emolib.saes.train_saes`). Timed: extraction + training.
+  (`emolib.sae.training.train_saes`). Timed: extraction + training.
 - sae-lens: `LanguageModelSAETrainingRunner` for one layer at a time. Its `ActivationsStore` runs the model (up to
   the SAE's layer) for every batch of every epoch. It is run on `--runner-layers` and extrapolated to all layers
   with a least-squares fit time(layer) = a + b (layer + 1), since each forward stops at the SAE's layer.
@@ -15,7 +15,7 @@ windows, normalisation; TopK unless `--architecture batchtopk`) and the same num
   model re-runs for every epoch.
 
 Each side runs in its own subprocess, so its peak resident memory is its own; model loading is not timed. The
-trained SAEs of the runner layers are then measured on held-out WikiText (`emolib.saes.evaluate_saes`), so the
+trained SAEs of the runner layers are then measured on held-out WikiText (`emolib.sae.training.evaluate_saes`), so the
 speed-up is not bought with quality. Goal: emolib >= 5x faster than the runner over all layers.
 
     EMOLIB_DATA_DIR=/work/shared/data python benchmarks/sae_training_speed.py [--tokens 110000] [--epochs 3]
@@ -50,8 +50,8 @@ def peak_rss_gib() -> float:
 
 def sequences(tokenizer, split: str, n_tokens: int, context: int) -> list[list[int]]:
     """Full-length WikiText chunks of `context` tokens, enough for `n_tokens` training rows (position 0 dropped)."""
-    from emolib.activations import token_chunks
     from emolib.data import wikitext_articles
+    from emolib.sae.activations import token_chunks
 
     chunks = [c for c in token_chunks(tokenizer, wikitext_articles(split), context) if len(c) == context]
     n = -(-n_tokens // (context - 1))
@@ -65,7 +65,7 @@ def sae_config(args, n_rows: int):
     average that a run of a few dozen steps leaves far from converged, so its L0 would not be comparable)."""
     import dataclasses
 
-    from emolib.saes import FULL
+    from emolib.sae.training import FULL
 
     return dataclasses.replace(FULL, architecture=args.architecture).for_rows(n_rows, args.epochs)
 
@@ -74,9 +74,9 @@ def sae_config(args, n_rows: int):
 
 
 def side_emolib(args, out: Path) -> dict:
-    from emolib.activations import ExtractionConfig, extract_activations, resid_hooks
-    from emolib.models import load_model
-    from emolib.saes import save_saes, train_saes
+    from emolib.lm.models import load_model
+    from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
+    from emolib.sae.training import save_saes, train_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "train", args.tokens, args.context)
@@ -117,8 +117,8 @@ def side_emolib(args, out: Path) -> dict:
 
 
 def _sae_config(config, d_in: int):
-    """The sae-lens training config of one SAE, as `emolib.saes.make_training_sae` builds it."""
-    from emolib.saes import ARCHITECTURES
+    """The sae-lens training config of one SAE, as `emolib.sae.training.make_training_sae` builds it."""
+    from emolib.sae.training import ARCHITECTURES
 
     return ARCHITECTURES[config.architecture](
         d_in=d_in,
@@ -161,8 +161,8 @@ def side_runner(args, out: Path) -> dict:
     from datasets import Dataset
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
-    from emolib.models import load_model
-    from emolib.saes import save_saes
+    from emolib.lm.models import load_model
+    from emolib.sae.training import save_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "train", args.tokens, args.context)
@@ -203,8 +203,8 @@ def side_multi_runner(args, out: Path) -> dict:
     from datasets import Dataset
     from sae_lens.multi_sae_training_runner import MultiSAETrainingRunner, MultiSAETrainingRunnerConfig
 
-    from emolib.activations import resid_hooks
-    from emolib.models import load_model
+    from emolib.lm.models import load_model
+    from emolib.sae.activations import resid_hooks
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "train", args.tokens, args.context)
@@ -237,8 +237,8 @@ def run_side(name: str, args, out: Path) -> dict:
 
 def quality(args, folders: dict[str, Path]) -> None:
     """FVE, L0, dead fraction and loss recovered of both sides' SAEs at the runner layers, on held-out WikiText."""
-    from emolib.models import load_model
-    from emolib.saes import evaluate_saes, load_saes
+    from emolib.lm.models import load_model
+    from emolib.sae.training import evaluate_saes, load_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "dev", args.eval_sequences * (args.context - 1), args.context)

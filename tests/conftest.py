@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from emolib.models import LoadedModel, ModelInfo, use_transposed_layout
+from emolib.lm.models import LoadedModel, ModelInfo, use_transposed_layout
 
 # Nothing in the test suite may reach the Hugging Face hub (huggingface_hub reads the flag when it is first
 # imported, which may happen before this file runs: `offline_hub` below sets it again for every session).

@@ -1,4 +1,4 @@
-"""Tests for emolib.activations on tiny random-weight models: extraction against `run_with_cache`, padding and
+"""Tests for emolib.sae.activations on tiny random-weight models: extraction against `run_with_cache`, padding and
 batching, dropped first positions and planted outliers, cache keys, corrupt shards, bounded streaming, shuffled
 batches, and bfloat16 storage."""
 
@@ -11,8 +11,9 @@ import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from emolib import activations
-from emolib.activations import (
+from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix
+from emolib.sae import activations
+from emolib.sae.activations import (
     BEYOND_MAX_LENGTH,
     FIRST_POSITIONS,
     OUTLIERS,
@@ -25,7 +26,6 @@ from emolib.activations import (
     sequences_sha256,
     token_chunks,
 )
-from emolib.prompts import build_prompt, encode_prefix, encode_suffix
 
 #: Residual stream and other hook points, out of layer order, with one that is not `[batch, pos, d_model]`.
 HOOKS = (

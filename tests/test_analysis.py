@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_loaded
 
-from emolib.analysis import ANALYSIS_PRESETS, analysis_set
 from emolib.data import get_spec
+from emolib.studies.items import ANALYSIS_PRESETS, analysis_set
 
 CONFIG = dataclasses.replace(ANALYSIS_PRESETS["quick"], n_per_label=2, dataset="builtin")
 

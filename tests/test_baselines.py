@@ -1,4 +1,4 @@
-"""Tests for emolib.baselines: run label sets, the evaluation sample, and a baseline run end to end on a tiny model."""
+"""Tests for emolib.lm.baselines: run label sets, the evaluation sample, and a baseline run end to end on a tiny model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import tiny_loaded
 from sklearn.metrics import f1_score
 
 from emolib import data
-from emolib.baselines import (
+from emolib.lm.baselines import (
     PRESETS,
     BaselineConfig,
     evaluation_items,
@@ -19,8 +19,8 @@ from emolib.baselines import (
     run_baseline,
     run_labels,
 )
-from emolib.classify import ClassifierConfig, EmotionClassifier
-from emolib.prompts import shuffled_order
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.lm.prompts import shuffled_order
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data" / "good"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emolib import book as bk
 from emolib.cache import project_root
-from emolib.cli import main
+from emolib.pipeline import book as bk
+from emolib.pipeline.cli import main
 
 HEADER = """\
 ---

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from emolib import cache
-from emolib.baselines import BaselineConfig
-from emolib.classify import ClassifierConfig
+from emolib.lm.baselines import BaselineConfig
+from emolib.lm.classify import ClassifierConfig
 
 
 @dataclasses.dataclass(frozen=True)

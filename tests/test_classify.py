@@ -1,4 +1,4 @@
-"""Tests for emolib.classify on tiny random-weight models: batching, prefix reuse, scores and generations against
+"""Tests for emolib.lm.classify on tiny random-weight models: batching, prefix reuse, scores and generations against
 brute-force computations, answer parsing, and the on-disk prediction cache."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
 
-from emolib.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict, parse_label
-from emolib.models import has_interventions
-from emolib.prompts import build_prompt, encode_prefix, encode_suffix
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict, parse_label
+from emolib.lm.models import has_interventions
+from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix
 
 #: Every verbaliser is one token of the tiny tokenizer (" joy", " Joy", " fear", " Fear").
 SINGLE = ("joy", "fear")

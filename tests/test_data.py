@@ -35,7 +35,7 @@ def realdata(test):
 def builtin_fixture(monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point `builtin` at the fixture CSV (uneven label counts: 7, 3, 5, 11, 4, 6, 9)."""
     folder = GOOD / "builtin"
-    monkeypatch.setattr(data, "RESOURCES_DIR", folder)
+    monkeypatch.setattr(data.registry, "RESOURCES_DIR", folder)
     return folder
 
 
@@ -187,7 +187,7 @@ def test_builtin_format_and_default(builtin_fixture):
 
 
 def test_packaged_builtin_loads():
-    if not (data.RESOURCES_DIR / data.BUILTIN_FILE).is_file():
+    if not (data.registry.RESOURCES_DIR / data.readers.BUILTIN_FILE).is_file():
         pytest.skip("emolib/resources/builtin_emotions.csv is not written yet")
     ds = data.load("builtin")
     assert len(ds) == 350
@@ -320,7 +320,7 @@ def test_malformed_row_names_file_and_line(case, name, file, line, expected):
 
 
 def test_builtin_missing_column(monkeypatch):
-    monkeypatch.setattr(data, "RESOURCES_DIR", FIXTURES / "builtin_missing_column" / "builtin")
+    monkeypatch.setattr(data.registry, "RESOURCES_DIR", FIXTURES / "builtin_missing_column" / "builtin")
     with pytest.raises(
         data.EmolibDataError, match=r"builtin_emotions.csv, line 1: header lacks column\(s\) \['label'\]"
     ):

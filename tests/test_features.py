@@ -1,4 +1,4 @@
-"""Tests for emolib.features on synthetic codes with planted features whose selective sets, overlaps, diffuseness
+"""Tests for emolib.studies.features on synthetic codes with planted features whose selective sets, overlaps, diffuseness
 and co-activation are known, on pure noise (the false-discovery control), on hand-computed sets and mass vectors,
 and on the tiny model for promoted tokens."""
 
@@ -16,7 +16,7 @@ import torch
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from emolib import features as F
+from emolib.studies import features as F
 
 EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")
 N_PER_CLASS = 100

@@ -1,4 +1,4 @@
-"""Tests for emolib.flow: probes against planted and memorisable labels, CKA's invariances and a hand-computed
+"""Tests for emolib.studies.flow: probes against planted and memorisable labels, CKA's invariances and a hand-computed
 value, the logit lens against the tiny models' own logits, and phase segmentation, the phase-count test and the
 item bootstrap on profiles with planted phases and on pure noise."""
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from emolib import flow
-from emolib.flow import FlowError, ProbeConfig
+from emolib.studies import flow
+from emolib.studies.flow import FlowError, ProbeConfig
 
 FAST = ProbeConfig(n_boot=300)
 

@@ -1,4 +1,4 @@
-"""Tests for emolib.models: the registry and its errors, loading an official TransformerLens name from a local
+"""Tests for emolib.lm.models: the registry and its errors, loading an official TransformerLens name from a local
 Hugging Face cache built in the test, and (slow) the real models against their transformers implementation."""
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from huggingface_hub import constants as hub_constants
 from sae_lens import HookedSAETransformer
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from emolib import data, models
-from emolib.classify import ClassifierConfig, EmotionClassifier
-from emolib.models import MODELS, ModelLoadError, ModelSpec, load_model
-from emolib.prompts import build_prompt, encode_prefix, encode_suffix, template_for
+from emolib import data
+from emolib.lm import models
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.lm.models import MODELS, ModelLoadError, ModelSpec, load_model
+from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix, template_for
 
 # ------------------------------------------------------------------------------------------ registry
 

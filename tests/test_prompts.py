@@ -1,4 +1,4 @@
-"""Tests for emolib.prompts: the paper's template rendered for base and chat models, split into prefix and suffix."""
+"""Tests for emolib.lm.prompts: the paper's template rendered for base and chat models, split into prefix and suffix."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from emolib import prompts
-from emolib.prompts import PAPER_TEMPLATE, build_prompt, encode_prefix, encode_suffix
+from emolib.lm import prompts
+from emolib.lm.prompts import PAPER_TEMPLATE, build_prompt, encode_prefix, encode_suffix
 
 LABELS = ("joy", "fear", "anger")
 INSTRUCTION = (

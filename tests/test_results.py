@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from emolib import results as rs
-from emolib.cli import main
+from emolib.pipeline import results as rs
+from emolib.pipeline.cli import main
 
 README = f"""# Project
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import tiny_loaded
 
-from emolib import sae_suite as suite_module
-from emolib import saes as saes_module
-from emolib.activations import ExtractionConfig
-from emolib.corpus import CorpusConfig, build_corpus
-from emolib.sae_suite import SuiteConfig, evaluation_batch, padded, sae_suite
-from emolib.saes import QUICK
+from emolib.sae import suite as suite_module
+from emolib.sae import training as saes_module
+from emolib.sae.activations import ExtractionConfig
+from emolib.sae.corpus import CorpusConfig, build_corpus
+from emolib.sae.suite import SuiteConfig, evaluation_batch, padded, sae_suite
+from emolib.sae.training import QUICK
 
 TINY_SUITE = SuiteConfig(
     corpus=CorpusConfig(emotion_per_label=2, general_tokens=500, max_length=64),
@@ -66,7 +66,7 @@ def test_a_second_call_reuses_every_stage(tiny_lm, tmp_cache, builtin_only, monk
 
     monkeypatch.setattr(saes_module, "train_saes", refuse)
     monkeypatch.setattr(suite_module, "evaluate_saes", refuse)
-    monkeypatch.setattr("emolib.activations._build", refuse)
+    monkeypatch.setattr("emolib.sae.activations._build", refuse)
     again = sae_suite(tiny_lm, "test", TINY_SUITE)
     assert again.folder == first.folder
     assert again.timings == first.timings, "timings come from the cache entries, not from this call"

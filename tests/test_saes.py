@@ -1,4 +1,4 @@
-"""Tests for emolib.saes: planted-feature recovery with sae-lens' synthetic data, SAELens-format save/load (local
+"""Tests for emolib.sae.training: planted-feature recovery with sae-lens' synthetic data, SAELens-format save/load (local
 and through the pretrained-release path, offline), the trained-SAE cache, known-answer quality metrics on tiny
 models, the `start_at_layer` shortcut against full forwards with the SAE spliced in, and errors on bad inputs."""
 
@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformer_lens.utils import lm_cross_entropy_loss
 
-from emolib import saes as S
-from emolib.saes import (
+from emolib.sae import training as S
+from emolib.sae.training import (
     PRETRAINED,
     PretrainedSAEs,
     SAEError,
@@ -207,11 +207,11 @@ def test_trained_saes_are_cached_and_rebuilt_when_corrupt(tmp_cache):
 
 
 def test_training_from_the_activation_cache(tiny_model, tiny_tokenizer, tmp_cache):
-    """The real stream: an `emolib.activations.ActivationStore`'s endless batches drive every hook's SAE, and the
+    """The real stream: an `emolib.sae.activations.ActivationStore`'s endless batches drive every hook's SAE, and the
     trained SAEs are cached under the store's key."""
     from conftest import CORPUS
 
-    from emolib.activations import ExtractionConfig, extract_activations, token_chunks
+    from emolib.sae.activations import ExtractionConfig, extract_activations, token_chunks
 
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     sequences = token_chunks(tiny_tokenizer, CORPUS * 4, 32)
@@ -589,9 +589,9 @@ def test_length_batches_cover_every_row_once_with_little_padding():
 
 
 def test_excluded_tokens_match_the_activation_cache(tiny_model, tiny_tokenizer, batch, tmp_cache):
-    """The tokens measured here are exactly the rows SAE training sees: `emolib.activations` drops the first
+    """The tokens measured here are exactly the rows SAE training sees: `emolib.sae.activations` drops the first
     position and attention-sink outliers by the same rule."""
-    from emolib.activations import ExtractionConfig, extract_activations
+    from emolib.sae.activations import ExtractionConfig, extract_activations
 
     tokens, mask = batch
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

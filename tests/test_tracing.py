@@ -1,4 +1,4 @@
-"""Tests for emolib.tracing on tiny random-weight models.
+"""Tests for emolib.studies.tracing on tiny random-weight models.
 
 A "planted" model has one SAE feature that provably drives its predictions: a constant direction u is added to the
 residual stream after the last block (a bias), feature F of that layer's SAE reads and writes exactly u, and the
@@ -18,9 +18,9 @@ from sae_lens import StandardSAE
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.standard_sae import StandardSAEConfig
 
-from emolib.classify import ClassifierConfig, EmotionClassifier
-from emolib.prompts import build_prompt, encode_prefix, encode_suffix
-from emolib.tracing import (
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix
+from emolib.studies.tracing import (
     FeatureTracer,
     TracingConfig,
     TracingError,
@@ -96,7 +96,7 @@ def full_tokens(classifier: EmotionClassifier, text: str) -> tuple[torch.Tensor,
 
 
 def label_scores(classifier: EmotionClassifier, logits: torch.Tensor) -> np.ndarray:
-    """First-token label scores from the last position's logits, computed independently of emolib.tracing."""
+    """First-token label scores from the last position's logits, computed independently of emolib.studies.tracing."""
     logprobs = torch.log_softmax(logits[0, -1].double(), dim=-1)
     scores = []
     for label in classifier.parts.labels:

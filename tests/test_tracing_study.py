@@ -1,4 +1,4 @@
-"""Tests for the tracing chapter's study runner, its cache and its verdict rules (emolib.tracing)."""
+"""Tests for the tracing chapter's study runner, its cache and its verdict rules (emolib.studies.tracing)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from test_tracing import FAST, GOLD, PHASES, TEXTS, curve_row, planted  # noqa: F401 (the fixture `study` uses)
 
-from emolib import tracing
-from emolib.flow import FlowError, phases_from_results
-from emolib.tracing import (
+from emolib.studies import tracing
+from emolib.studies.flow import FlowError, phases_from_results
+from emolib.studies.tracing import (
     FeatureTracer,
     StudyConfig,
     TracingRule,

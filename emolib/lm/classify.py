@@ -27,8 +27,8 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
-from emolib.models import expanded_cache, has_interventions
-from emolib.prompts import PromptParts, encode_prefix, encode_suffix
+from emolib.lm.models import expanded_cache, has_interventions
+from emolib.lm.prompts import PromptParts, encode_prefix, encode_suffix
 
 
 @dataclass(frozen=True)

@@ -87,17 +87,17 @@ from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
-from emolib.classify import (
+from emolib.lm.classify import (
     EmotionClassifier,
     Predictions,
     final_logprobs,
     forward_residual,
     prompt_fingerprint,
 )
-from emolib.features import Verdict
-from emolib.prompts import encode_suffix
-from emolib.saes import SAEError, resume_layer
+from emolib.lm.prompts import encode_suffix
+from emolib.sae.training import SAEError, resume_layer
 from emolib.stats import interval_from_draws
+from emolib.studies.features import Verdict
 
 POSITIONS = ("last", "suffix")
 ABLATIONS = ("zero", "mean")
@@ -367,7 +367,7 @@ _Edits = dict[int, tuple[Tensor | None, Tensor]]
 class FeatureTracer:
     """Attribution and ablation of SAE features in a classifier's model (see the module docstring for the method).
 
-    `saes` maps `blocks.{l}.hook_resid_post` hook names (as `emolib.saes.load_saes` returns them) or layer numbers to
+    `saes` maps `blocks.{l}.hook_resid_post` hook names (as `emolib.sae.training.load_saes` returns them) or layer numbers to
     inference SAEs. The model must have no SAEs attached through sae-lens; the tracer adds temporary hooks only.
     """
 

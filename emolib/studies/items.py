@@ -15,11 +15,11 @@ import torch
 from sae_lens import SAE
 
 from emolib import data
-from emolib.activations import ActivationStore, ExtractionConfig, extract_activations, resid_hooks
-from emolib.baselines import BaselineConfig, evaluation_items, make_classifier
-from emolib.classify import ClassifierConfig, EmotionClassifier, cached_predict
-from emolib.models import LoadedModel
-from emolib.prompts import encode_prefix, encode_suffix, suffix_text_mask
+from emolib.lm.baselines import BaselineConfig, evaluation_items, make_classifier
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier, cached_predict
+from emolib.lm.models import LoadedModel
+from emolib.lm.prompts import encode_prefix, encode_suffix, suffix_text_mask
+from emolib.sae.activations import ActivationStore, ExtractionConfig, extract_activations, resid_hooks
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformer_lens import HookedTransformer
 
-from emolib.classify import final_logprobs
-from emolib.features import Selectivity, SelectivityConfig, selectivity
+from emolib.lm.classify import final_logprobs
 from emolib.stats import Estimate, summarize
+from emolib.studies.features import Selectivity, SelectivityConfig, selectivity
 
 
 class FlowError(ValueError):

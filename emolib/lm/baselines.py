@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from emolib import data
-from emolib.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
-from emolib.models import LoadedModel
-from emolib.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
+from emolib.lm.models import LoadedModel
+from emolib.lm.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
 from emolib.stats import Estimate, Summary, agreement_rate, paired_difference, summarize
 
 

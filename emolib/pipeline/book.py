@@ -34,7 +34,8 @@ import yaml
 
 from emolib import __version__
 from emolib.cache import atomic_file, project_root
-from emolib.results import git_state
+from emolib.pipeline.provenance import git_state
+from emolib.pipeline.toc import TocError, toc_docnames
 
 PRESETS = ("quick", "full")
 BOOK_FOLDER = "book"
@@ -100,7 +101,11 @@ class Book:
 
     def pages(self) -> list[Page]:
         """Every page of `_toc.yml`, in reading order."""
-        pages = [self._page(docname) for docname in toc_docnames(self.root / "_toc.yml")]
+        try:
+            docnames = toc_docnames(self.root / "_toc.yml")
+        except TocError as err:
+            raise BookError(str(err)) from None
+        pages = [self._page(docname) for docname in docnames]
         names = [p.name for p in pages if p.is_chapter]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise BookError(f"chapters must have distinct file names; repeated: {', '.join(dupes)}")
@@ -137,29 +142,6 @@ class Book:
         raise BookError(
             f"{self.root / '_toc.yml'} lists {docname!r}, but {self.root / docname}.md does not exist"
         )
-
-
-def toc_docnames(toc_path: Path) -> list[str]:
-    """The documents of a Jupyter Book `_toc.yml`, root first, then depth-first in reading order."""
-    from sphinx_external_toc.api import GlobItem, UrlItem
-    from sphinx_external_toc.parsing import parse_toc_yaml
-
-    site_map = parse_toc_yaml(toc_path)
-    order: list[str] = []
-
-    def visit(docname: str) -> None:
-        order.append(docname)
-        for tree in site_map[docname].subtrees:
-            for item in tree.items:
-                if isinstance(item, GlobItem):
-                    raise BookError(
-                        f"{toc_path}: glob entries ({item}) are not supported; list files one by one"
-                    )
-                if not isinstance(item, UrlItem):
-                    visit(str(item))
-
-    visit(site_map.root.docname)
-    return [str(Path(d).with_suffix("")) if Path(d).suffix in (".md", ".rst", ".ipynb") else d for d in order]
 
 
 def _front_matter(path: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ and, optionally, attention-sink outliers. An `ActivationStore` reads an entry ba
 
 Batches are exact: in `all` mode sequences are right-padded (a causal model never lets a real token see later
 padding); in `last` mode prompts are laid out as `[common prefix][pad...][rest]` with an attention mask, the layout
-`emolib.classify` uses, so TransformerLens' mask-derived rotary positions equal the unpadded ones. An
+`emolib.lm.classify` uses, so TransformerLens' mask-derived rotary positions equal the unpadded ones. An
 instruction prefix that a whole batch shares and drops (`starts`) runs once, its keys and values reused by the
 batch. Results depend neither on `batch_size` nor on `progress` (beyond float rounding of batched matrix
 products), so neither is part of the cache key; everything else in `ExtractionConfig` is.
@@ -35,7 +35,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import MANIFEST, cache_dir, cached_entry, config_key
-from emolib.models import LoadedModel, expanded_cache, has_interventions
+from emolib.lm.models import LoadedModel, expanded_cache, has_interventions
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
@@ -557,7 +557,7 @@ def _last_mode_layouts(
 ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """(members, tokens, mask) for a batch of prompts, right-aligned so the last token is the last column.
 
-    `[common prefix][pad...][rest]`, the layout of `emolib.classify`: padding queries see the (real) common
+    `[common prefix][pad...][rest]`, the layout of `emolib.lm.classify`: padding queries see the (real) common
     prefix, real tokens never see padding, and mask-derived positions equal the unpadded ones. When the batch has
     no common prefix, or padding could push a real token out of a local-attention window (TransformerLens'
     window counts slots, padding included), prompts of equal length run together instead, unpadded.

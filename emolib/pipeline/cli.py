@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "book":
         import logging
 
-        from emolib.book import BookError, parse_overrides, run_book
+        from emolib.pipeline.book import BookError, parse_overrides, run_book
 
         logging.basicConfig(level=logging.INFO if args.log_output else logging.WARNING, format="%(message)s")
         try:
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[emolib] the book is at {index}")
         return 0
     if args.command == "readme":
-        from emolib.results import update_readme
+        from emolib.pipeline.results import update_readme
 
         changed = update_readme(args.readme, args.results_dir)
         print("[emolib] README results table " + ("updated" if changed else "already up to date"))

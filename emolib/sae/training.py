@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from emolib.cache import cache_dir, cached_entry, config_key, write_json
-from emolib.classify import final_logprobs
+from emolib.lm.classify import final_logprobs
 
 #: Bump when training or the saved layout changes, so cached SAEs are retrained.
 SAE_FORMAT_VERSION = "1"
@@ -69,7 +69,7 @@ class SAEError(ValueError):
 class BatchFactory(Protocol):
     """Makes an endless stream of `{hook: [batch, d_in]}` batches with rows aligned across hooks.
 
-    `functools.partial(store.endless_batches, hooks=hooks)` is one (for an `emolib.activations.ActivationStore`);
+    `functools.partial(store.endless_batches, hooks=hooks)` is one (for an `emolib.sae.activations.ActivationStore`);
     tests pass synthetic generators.
     """
 
@@ -190,7 +190,7 @@ QUICK = SAETrainingConfig(
 
 #: The book's SAEs: width 4 x d_model, k 32, lr 2e-3 decaying over the last 20%. The token budget here (330k
 #: samples) is a default; the book sets it from its corpus (`FULL.for_rows(store.n_rows, epochs)`, see
-#: `emolib.sae_suite`). On SmolLM2 WikiText, 110k tokens x 3 epochs gave loss recovered ~0.97 but FVE ~0.76 at
+#: `emolib.sae.suite`). On SmolLM2 WikiText, 110k tokens x 3 epochs gave loss recovered ~0.97 but FVE ~0.76 at
 #: layer 15 and ~0.67 at layer 27 (attention-sink outliers excluded): see `GOALS`.
 FULL = SAETrainingConfig()
 

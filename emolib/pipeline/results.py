@@ -6,19 +6,16 @@ chapter, with the preset, commit and library versions that produced it.
 
 from __future__ import annotations
 
-import datetime as dt
-import importlib.metadata
 import json
 import math
-import platform
 import re
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emolib import __version__
 from emolib.cache import build_dir, project_root, write_json
+from emolib.pipeline.provenance import provenance
+from emolib.pipeline.toc import toc_docnames
 
 PROVENANCE = "provenance"
 README_ROWS = "readme_rows"
@@ -32,52 +29,6 @@ class ResultsMissingError(FileNotFoundError):
 
 class ResultsPresetError(ValueError):
     """A chapter's results were computed with another preset than the one asked for."""
-
-
-def git_state(root: Path | None = None) -> dict[str, Any]:
-    """The commit checked out at `root` (default: the project) and whether the work tree differs from it.
-
-    Read-only (`--no-optional-locks`, so it never takes the index lock from a concurrent commit); both fields are
-    None outside a git checkout or without git.
-    """
-    root = Path(root or project_root())
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "--no-optional-locks", *args],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain"))
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def provenance(chapter: str, preset: str) -> dict[str, Any]:
-    """Who produced a result: chapter, preset, commit, library and runtime versions, UTC time."""
-    return {
-        "chapter": chapter,
-        "preset": preset,
-        "git": git_state(),
-        "emolib_version": __version__,
-        "python_version": platform.python_version(),
-        "torch_version": _package_version("torch"),
-        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def _plain(obj: Any) -> Any:
@@ -235,7 +186,6 @@ def replace_block(text: str, block: str) -> str:
 def update_readme(readme: Path | None = None, results_dir: Path | None = None) -> bool:
     """Rewrite the README results block from the results files, in the book's reading order; return whether the
     file changed."""
-    from emolib.book import toc_docnames  # emolib.book imports this module
 
     readme = Path(readme or project_root() / "README.md")
     text = readme.read_text()

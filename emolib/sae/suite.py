@@ -3,9 +3,9 @@
 Three stages, each cached under a key of everything before it, so a second `make build` reuses all of them:
 
 1. the training corpus (TRAIN splits only: prompt-formatted emotion texts plus WikiText articles) run through the
-   model once per batch, every layer's `hook_resid_post` streamed to the activation cache (`emolib.activations`);
-2. all layers' SAEs trained together from that cache with sae-lens' `MultiSAETrainer` (`emolib.saes.train_saes`);
-3. their quality on a held-out DEV corpus (`emolib.saes.evaluate_saes`).
+   model once per batch, every layer's `hook_resid_post` streamed to the activation cache (`emolib.sae.activations`);
+2. all layers' SAEs trained together from that cache with sae-lens' `MultiSAETrainer` (`emolib.sae.training.train_saes`);
+3. their quality on a held-out DEV corpus (`emolib.sae.training.evaluate_saes`).
 
 The analysis chapters call `sae_suite(lm, preset)` and get the SAEs with their quality flags.
 """
@@ -25,11 +25,11 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from emolib.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.cache import BUILD_SECONDS, cache_dir, cached_entry, config_key, entry_meta, write_json
-from emolib.corpus import Corpus, CorpusConfig, build_corpus
-from emolib.models import LoadedModel
-from emolib.saes import (
+from emolib.lm.models import LoadedModel
+from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
+from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
+from emolib.sae.training import (
     FULL,
     QUICK,
     SAETrainingConfig,
@@ -109,7 +109,7 @@ class SAESuite:
 
     @property
     def missed(self) -> pd.DataFrame:
-        """Layers that miss at least one quality goal (`emolib.saes.GOALS`), with the goals they miss."""
+        """Layers that miss at least one quality goal (`emolib.sae.training.GOALS`), with the goals they miss."""
         return missed_goals(self.quality, self.training.k)
 
     def flag(self, layer: int) -> str:

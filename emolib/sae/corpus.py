@@ -14,8 +14,8 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from emolib import data
-from emolib.activations import sequences_sha256, token_chunks
-from emolib.prompts import build_prompt, encode_prefix, encode_suffix, template_for
+from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix, template_for
+from emolib.sae.activations import sequences_sha256, token_chunks
 
 LM_DATASET = "wikitext-2-raw"
 
@@ -43,7 +43,7 @@ class Corpus:
 
     `starts[i]` is the first position of sequence `i` worth storing: prompts of one dataset share their instruction
     prefix token for token, so its activations are identical in every prompt (the model is causal) and are kept
-    once, from the dataset's first prompt (`emolib.activations.extract_activations(..., starts=...)`).
+    once, from the dataset's first prompt (`emolib.sae.activations.extract_activations(..., starts=...)`).
     """
 
     sequences: list[list[int]]
@@ -63,7 +63,7 @@ class Corpus:
         return sum(len(s) - b for s, b in zip(self.sequences, self.starts, strict=True))
 
     def digest(self) -> str:
-        """sha256 of the exact token sequences (as `emolib.activations` hashes them for its cache keys)."""
+        """sha256 of the exact token sequences (as `emolib.sae.activations` hashes them for its cache keys)."""
         return sequences_sha256(self.sequences)
 
 

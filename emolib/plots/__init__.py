@@ -183,8 +183,8 @@ def label_order_effects(table: pd.DataFrame) -> Figure:
 def sae_quality(tables: dict[str, pd.DataFrame], k: dict[str, float], goals) -> Figure:
     """Per-layer SAE quality for each model (colours) against the goals (dashed lines; the good side shaded).
 
-    `tables` maps model to an `emolib.saes.evaluate_saes` table; `k` maps model to its SAEs' k (L0 is shown as
-    L0 / k, whose goal band is 1 +- `goals.l0_tolerance`); `goals` is an `emolib.saes.QualityGoals`.
+    `tables` maps model to an `emolib.sae.training.evaluate_saes` table; `k` maps model to its SAEs' k (L0 is shown as
+    L0 / k, whose goal band is 1 +- `goals.l0_tolerance`); `goals` is an `emolib.sae.training.QualityGoals`.
     """
     panels = [
         ("fve", "variance explained", (goals.min_fve, None)),
@@ -376,7 +376,7 @@ def effect_curves(
     """Small multiples, emotions (rows) x phases (columns): the drop when the top-k attributed features are
     ablated (solid, 95% band) against k random features (grey, dashed), and the whole phase (dotted line).
 
-    `effects` is `emolib.tracing.summarize_effects` output for one model.
+    `effects` is `emolib.studies.tracing.summarize_effects` output for one model.
     """
     rows = effects[effects["ablation"] == ablation]
     emotions = list(dict.fromkeys(rows["emotion"]))

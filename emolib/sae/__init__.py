@@ -1,0 +1,1 @@
+"""Sparse autoencoders: activation caches, training corpora, training, quality, the per-model suite, interventions."""

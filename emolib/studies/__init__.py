@@ -1,0 +1,1 @@
+"""One study per chapter: a frozen config with presets, a cached run, and a typed result that reads and writes JSON."""
