@@ -76,7 +76,8 @@ def sae_config(args, n_rows: int):
 def side_emolib(args, out: Path) -> dict:
     from emolib.lm.models import load_model
     from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
-    from emolib.sae.training import save_saes, train_saes
+    from emolib.sae.loading import save_saes
+    from emolib.sae.training import train_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "train", args.tokens, args.context)
@@ -162,7 +163,7 @@ def side_runner(args, out: Path) -> dict:
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 
     from emolib.lm.models import load_model
-    from emolib.sae.training import save_saes
+    from emolib.sae.loading import save_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "train", args.tokens, args.context)
@@ -238,7 +239,8 @@ def run_side(name: str, args, out: Path) -> dict:
 def quality(args, folders: dict[str, Path]) -> None:
     """FVE, L0, dead fraction and loss recovered of both sides' SAEs at the runner layers, on held-out WikiText."""
     from emolib.lm.models import load_model
-    from emolib.sae.training import evaluate_saes, load_saes
+    from emolib.sae.loading import load_saes
+    from emolib.sae.quality import evaluate_saes
 
     lm = load_model(MODEL)
     seqs = sequences(lm.tokenizer, "dev", args.eval_sequences * (args.context - 1), args.context)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import tiny_loaded
 
+from emolib.lm.batching import right_padded
 from emolib.sae import suite as suite_module
-from emolib.sae import training as saes_module
+from emolib.sae import training as saes_module  # noqa: F401
 from emolib.sae.activations import ExtractionConfig
 from emolib.sae.corpus import CorpusConfig, build_corpus
-from emolib.sae.suite import SuiteConfig, evaluation_batch, padded, sae_suite
+from emolib.sae.suite import SuiteConfig, evaluation_batch, sae_suite
 from emolib.sae.training import QUICK
 
 TINY_SUITE = SuiteConfig(
@@ -86,8 +87,8 @@ def test_a_changed_training_config_retrains(tiny_lm, tmp_cache, builtin_only):
 
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):
     corpus = build_corpus(tiny_lm.tokenizer, True, TINY_SUITE.corpus)
-    tokens, mask, keep = evaluation_batch(corpus, skip_first=1, pad_id=0, seed=3)
-    again = evaluation_batch(corpus, skip_first=1, pad_id=0, seed=3)
+    tokens, mask, keep = evaluation_batch(corpus, skip_first=1, pad=0, seed=3)
+    again = evaluation_batch(corpus, skip_first=1, pad=0, seed=3)
     assert all(torch.equal(a, b) for a, b in zip((tokens, mask, keep), again, strict=True))
     rows = {
         tuple(row[: int(m.sum())].tolist()): (row, k) for row, m, k in zip(tokens, mask, keep, strict=True)
@@ -106,7 +107,7 @@ def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_o
 
 
 def test_padded_right_pads():
-    tokens, mask = padded([[5, 6, 7], [8]], pad_id=0)
+    tokens, mask = right_padded([[5, 6, 7], [8]], pad=0)
     assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +19,36 @@ from sae_lens.loading import pretrained_sae_loaders
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
+from sae_lens.training.sae_trainer import SAETrainer
 from sae_lens.util import cosine_similarities
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformer_lens.utils import lm_cross_entropy_loss
 
+from emolib.sae import loading, quality
 from emolib.sae import training as S
-from emolib.sae.training import (
-    PRETRAINED,
-    PretrainedSAEs,
-    SAEError,
-    SAETrainingConfig,
-    evaluate_saes,
-    load_saes,
-    missed_goals,
-    quality_dict,
-    save_saes,
-    to_inference,
-    train_sae,
-    train_saes,
-    train_saes_cached,
-)
+from emolib.sae.loading import PRETRAINED, PretrainedSAEs, SAEError, load_saes, save_saes
+from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict
+from emolib.sae.training import SAETrainingConfig, train_saes, train_saes_cached
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def to_inference(saes):
+    """The inference SAEs of training SAEs, through emolib's save and sae-lens' load."""
+    with tempfile.TemporaryDirectory(prefix="emolib-saes-") as tmp:
+        return load_saes(save_saes(saes, tmp))
+
+
+def train_sae(batches, config, *, hook, d_in, metadata=None):
+    """The reference for `train_saes`: one hook's SAE trained alone with sae-lens' single-SAE `SAETrainer`, from
+    the same stream format and the same data-based start."""
+    stream = S._checked(S._stream(batches, config), [hook], d_in, config.train_batch_size)
+    sae = S.make_training_sae(config, hook=hook, d_in=d_in, metadata=metadata)
+    trainer = SAETrainer(cfg=config.trainer_config(), sae=sae, data_provider=iter(()))
+    stream = S._start_from_data(stream, {hook: sae}, {hook: trainer.activation_scaler}, config)
+    trainer.data_provider = (batch[hook] for batch in stream)
+    return trainer.fit()
 
 
 # ------------------------------------------------------------------------------------------ synthetic data
@@ -229,7 +237,7 @@ def test_training_from_the_activation_cache(tiny_model, tiny_tokenizer, tmp_cach
     folder = train_saes_cached(factory, config, hooks=hooks, d_in=store.d_model, activation_key=store.key)
     saes = load_saes(folder)
     assert list(saes) == hooks and saes[hooks[0]].cfg.d_in == tiny_model.cfg.d_model
-    assert json.loads((folder / S.INDEX_FILE).read_text())["activation_key"] == store.key
+    assert json.loads((folder / loading.INDEX_FILE).read_text())["activation_key"] == store.key
     assert saes[hooks[1]].cfg.metadata.activation_key == store.key
     table = evaluate_saes(
         tiny_model, saes, torch.tensor([s for s in sequences if len(s) == 32][:4]), progress=False
@@ -459,7 +467,7 @@ def test_sparsity_known_answers(tiny_model, batch):
     assert row.dead_fraction == pytest.approx(1 / n)
     # the coordinate features fire on about half the tokens each: dense at 10%, like the always-on feature
     assert row.dense_fraction == pytest.approx((n - 1) / n)
-    assert table.attrs["dense_threshold"] == S.DENSE_THRESHOLD
+    assert table.attrs["dense_threshold"] == quality.DENSE_THRESHOLD
     strict = evaluate_saes(
         tiny_model, {hook: sae}, tokens, attention_mask=mask, dense_threshold=0.99, progress=False
     )
@@ -578,7 +586,7 @@ def test_batching_and_trailing_padding_change_nothing(tiny_model, batch):
 def test_length_batches_cover_every_row_once_with_little_padding():
     lengths = torch.tensor([256, 90, 100, 95, 250, 30, 256, 101, 99, 40])
     mask = (torch.arange(256)[None, :] < lengths[:, None]).long()
-    batches = S._length_batches(mask, loss_rows=4, batch_size=3)
+    batches = quality._length_batches(mask, loss_rows=4, batch_size=3)
     rows = [int(r) for chunk, _ in batches for r in chunk]
     assert sorted(rows) == list(range(10))
     assert all(
@@ -631,7 +639,7 @@ def test_missed_goals():
     assert missed.loc["blocks.1.hook_resid_post", "missed"] == "fve"
     assert missed.loc["blocks.2.hook_resid_post", "missed"] == "loss_recovered, dead_fraction, l0"
     assert missed.loc["blocks.3.hook_resid_post", "missed"] == "loss_recovered, l0"
-    assert S.goal_summary(table, k=32).startswith("1 of 4 layers meet every goal")
+    assert quality.goal_summary(table, k=32).startswith("1 of 4 layers meet every goal")
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -27,7 +27,18 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
-from emolib.lm.models import expanded_cache, has_interventions
+from emolib.lm.batching import (
+    expanded_cache,
+    final_logprobs,
+    forward_residual,
+    left_padded,
+    local_window,
+    pad_id,
+    padding_fits_window,
+    prefix_cache,
+    prefix_layout,
+)
+from emolib.lm.models import has_interventions
 from emolib.lm.prompts import PromptParts, encode_prefix, encode_suffix
 
 
@@ -166,27 +177,6 @@ def _verbaliser_ids(
     return list(dict.fromkeys((j, ids[:1]) for j, ids in sequences)), "first-token"
 
 
-def final_logprobs(model: HookedTransformer, resid: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the vocabulary from the last block's residual, `[..., d_model] -> [..., d_vocab]`.
-
-    Applied only where needed (the last position), instead of unembedding every position of every prompt.
-    """
-    if model.cfg.normalization_type is not None:
-        resid = model.ln_final(resid)
-    logits = model.unembed(resid)
-    cap = model.cfg.output_logits_soft_cap
-    if cap is not None and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def forward_residual(
-    model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor, cache
-) -> torch.Tensor:
-    """Residual after the last block for `tokens [batch, pos]`, extending `cache` in place."""
-    return model(tokens, attention_mask=mask, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)
-
-
 class EmotionClassifier:
     """Scores and generates answers for emotion prompts with a TransformerLens model."""
 
@@ -203,7 +193,7 @@ class EmotionClassifier:
         self.config = config or ClassifierConfig()
         self.prefix_ids = encode_prefix(tokenizer, parts)
         self.sequences, self.scoring_mode = _verbaliser_ids(tokenizer, parts, self.config.scoring)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
         self.stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         for stop in ("<|im_end|>", "<end_of_turn>", "\n"):
             ids = tokenizer(stop, add_special_tokens=False).input_ids
@@ -249,41 +239,30 @@ class EmotionClassifier:
         return predictions
 
     def prefix_cache(self) -> TransformerLensKeyValueCache:
-        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, 1)
-        tokens = torch.tensor([self.prefix_ids])
-        forward_residual(self.model, tokens, torch.ones_like(tokens), cache)
-        cache.freeze()
-        return cache
+        """The shared prefix's keys and values, computed once per call of `predict` (frozen)."""
+        return prefix_cache(self.model, self.prefix_ids, self.model.cfg.n_layers)
 
     def batch_inputs(
         self, suffixes: list[list[int]], prefix_cache
     ) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Tokens, mask and cache for one batch laid out as `[prefix][pad...][suffix]`."""
-        width = max(len(s) for s in suffixes)
-        tokens = torch.full((len(suffixes), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-        for row, ids in enumerate(suffixes):
-            tokens[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
         if prefix_cache is not None:
+            tokens, mask = left_padded(suffixes, self.pad_id)
             return tokens, mask, expanded_cache(prefix_cache, len(suffixes))
-        prefix = torch.tensor([self.prefix_ids]).expand(len(suffixes), -1)
+        tokens, mask = prefix_layout(self.prefix_ids, suffixes, self.pad_id)
         cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, len(suffixes))
-        return torch.cat([prefix, tokens], 1), torch.cat([torch.ones_like(prefix), mask], 1), cache
+        return tokens, mask, cache
 
     def _padding_reaches_window(self, suffixes: list[list[int]]) -> bool:
-        """True if padding could move a real token out of a local-attention window.
-
-        TransformerLens' sliding window counts cache slots, padding included, so a padded batch is exact only
-        while the whole padded sequence (with continuations and generated tokens) fits in the window.
-        """
-        cfg = self.model.cfg
+        """True if padding could move a real token out of a local-attention window (`padding_fits_window`),
+        counting the prefix, the longest suffix, and the continuations and generated tokens after it."""
         lengths = [len(ids) for ids in suffixes]
-        if not cfg.use_local_attn or not isinstance(cfg.window_size, int) or min(lengths) == max(lengths):
+        if min(lengths) == max(lengths):
             return False
         continuation = max(len(ids) for _, ids in self.sequences) - 1
         steps = max(continuation, self.config.max_new_tokens - 1 if self.config.generate else 0)
-        return len(self.prefix_ids) + max(lengths) + steps > cfg.window_size
+        width = len(self.prefix_ids) + max(lengths) + steps
+        return not padding_fits_window(local_window(self.model.cfg), width)
 
     def _run_batch(self, suffixes: list[list[int]], prefix_cache) -> tuple[np.ndarray, list[str]]:
         if len(suffixes) > 1 and self._padding_reaches_window(suffixes):

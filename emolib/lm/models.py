@@ -24,8 +24,6 @@ import torch
 from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -343,17 +341,3 @@ def has_interventions(model: HookedTransformer) -> bool:
     """True if hooks or SAEs are attached: their effect is not part of any cache key, so such runs are not cached."""
     saes = getattr(model, "acts_to_saes", {})
     return bool(saes) or any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
-
-
-def expanded_cache(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensKeyValueCache:
-    """A copy of a batch-1 cache broadcast to `batch` rows (views; appends allocate new tensors)."""
-    return TransformerLensKeyValueCache(
-        entries=[
-            TransformerLensKeyValueCacheEntry(
-                past_keys=e.past_keys.expand(batch, -1, -1, -1),
-                past_values=e.past_values.expand(batch, -1, -1, -1),
-            )
-            for e in cache.entries
-        ],
-        previous_attention_mask=cache.previous_attention_mask.expand(batch, -1),
-    )

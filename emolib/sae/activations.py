@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -35,7 +35,17 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
 from emolib.cache import MANIFEST, cache_dir, cached_entry, config_key
-from emolib.lm.models import LoadedModel, expanded_cache, has_interventions
+from emolib.lm.batching import (
+    common_prefix,
+    expanded_cache,
+    local_window,
+    pad_id,
+    padding_fits_window,
+    prefix_cache,
+    prefix_layout,
+    right_padded,
+)
+from emolib.lm.models import LoadedModel, has_interventions
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
@@ -339,6 +349,16 @@ class ActivationStore:
 # --------------------------------------------------------------------------------------------- extraction
 
 
+def norm_outliers(
+    norms: Float[Tensor, "batch pos"], measured: Bool[Tensor, "batch pos"], factor: float
+) -> Bool[Tensor, "batch pos"]:
+    """Measured tokens whose residual norm exceeds `factor` x the median norm of their sequence's measured tokens
+    (per sequence, so the rule depends neither on batch size nor on shard boundaries): attention-sink-like outliers
+    that would dominate an SAE's squared error. The same rule drops them from training and from evaluation."""
+    median = norms.masked_fill(~measured, torch.nan).nanmedian(dim=1).values  # lower median
+    return measured & (norms > factor * median[:, None])
+
+
 class _ShardWriter:
     """Rows accumulate in preallocated per-hook buffers of `shard_rows` rows; a full buffer becomes one shard.
 
@@ -466,7 +486,7 @@ def _all_mode_batch(
     seqs: list[list[int]],
     seq_index: Tensor,
     config: ExtractionConfig,
-    pad_id: int,
+    pad: int,
     starts: Sequence[int] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int], dict[str, int]]:
     """Rows of one right-padded batch: every token from `skip_first` (and the sequence's start) on, minus outliers
@@ -478,11 +498,7 @@ def _all_mode_batch(
     Returns per-hook rows `[kept, d]`, the index tensors, drop counts and per-hook outlier counts.
     """
     batch, width = len(seqs), max(len(s) for s in seqs)
-    tokens = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, ids in enumerate(seqs):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    tokens, mask = right_padded(seqs, pad)
     wanted = mask.bool()
     wanted[:, : config.skip_first] = False
     n_first = int(wanted.logical_not().logical_and(mask.bool()).sum())
@@ -492,7 +508,7 @@ def _all_mode_batch(
     b_idx, p_idx = wanted.nonzero(as_tuple=True)  # sequence-major order
     # the blocks fill the prefix's key-value cache: with embedding hooks only (stop 0) there is nothing to reuse
     shared = _dropped_shared_prefix(seqs, starts, config.skip_first) if stop != 0 else 0
-    cache = _prefix_cache(model, seqs[0][:shared], stop, batch) if shared else None
+    cache = expanded_cache(prefix_cache(model, seqs[0][:shared], stop), batch) if shared else None
     flat = b_idx * (width - shared) + (p_idx - shared)
     fwd_hooks, captured = _capturing(
         hooks, (batch, width - shared), lambda act: act.flatten(0, 1).index_select(0, flat)
@@ -502,12 +518,12 @@ def _all_mode_batch(
     by_hook = {h: 0 for h in hooks}
     if config.outlier_factor is not None and len(flat):
         flagged = torch.zeros(len(flat), dtype=torch.bool)
+        kept = torch.zeros((batch, width), dtype=torch.bool)
+        kept[b_idx, p_idx] = True
         for h in hooks:
-            norms = torch.linalg.vector_norm(captured[h], dim=1)
-            grid = torch.full((batch, width), torch.nan)
-            grid[b_idx, p_idx] = norms
-            median = grid.nanmedian(dim=1).values  # per sequence, over its kept positions (lower median)
-            outlier = norms > config.outlier_factor * median[b_idx]
+            grid = torch.zeros((batch, width))
+            grid[b_idx, p_idx] = torch.linalg.vector_norm(captured[h], dim=1)
+            outlier = norm_outliers(grid, kept, config.outlier_factor)[b_idx, p_idx]
             by_hook[h] = int(outlier.sum())
             flagged |= outlier
         dropped[OUTLIERS] = int(flagged.sum())
@@ -529,38 +545,19 @@ def _dropped_shared_prefix(
     if starts is None:
         return 0
     dropped = min(max(begin, skip_first) for begin in starts)
-    shared = min(_common_prefix(seqs), dropped, min(len(s) for s in seqs) - 1)
+    shared = min(common_prefix(seqs), dropped, min(len(s) for s in seqs) - 1)
     return shared if shared > 1 and len(seqs) > 1 else 0
 
 
-def _prefix_cache(
-    model: HookedTransformer, prefix: Sequence[int], stop: int | None, batch: int
-) -> TransformerLensKeyValueCache:
-    """Keys and values of `prefix` (run once, without hooks) for every block up to `stop`, broadcast to `batch`."""
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
-    tokens = torch.tensor([list(prefix)])
-    kwargs: dict[str, Any] = {"stop_at_layer": stop} if stop is not None else {"return_type": None}
-    model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache, **kwargs)
-    return expanded_cache(cache, batch)
-
-
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
-
-
 def _last_mode_layouts(
-    seqs: list[list[int]], pad_id: int, window: int | None
+    seqs: list[list[int]], pad: int, window: int | None
 ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """(members, tokens, mask) for a batch of prompts, right-aligned so the last token is the last column.
 
-    `[common prefix][pad...][rest]`, the layout of `emolib.lm.classify`: padding queries see the (real) common
-    prefix, real tokens never see padding, and mask-derived positions equal the unpadded ones. When the batch has
-    no common prefix, or padding could push a real token out of a local-attention window (TransformerLens'
-    window counts slots, padding included), prompts of equal length run together instead, unpadded.
+    `[common prefix][pad...][rest]` (`prefix_layout`, as `emolib.lm.classify` lays out its batches): padding
+    queries see the (real) common prefix, real tokens never see padding, and mask-derived positions equal the
+    unpadded ones. When the batch has no common prefix, or padding could push a real token out of a local-attention
+    `window` (`padding_fits_window`), prompts of equal length run together instead, unpadded.
     """
     lengths = [len(s) for s in seqs]
     if min(lengths) == max(lengths):
@@ -568,17 +565,9 @@ def _last_mode_layouts(
         yield list(range(len(seqs))), tokens, torch.ones_like(tokens)
         return
     # the shared prefix stops short of the shortest prompt: every prompt keeps at least its last token in `rest`
-    common = min(_common_prefix(seqs), min(lengths) - 1)
-    width = max(lengths)  # = common + the longest rest
-    if common >= 1 and (window is None or width <= window):
-        tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        tokens[:, :common] = torch.tensor(seqs[0][:common])
-        mask[:, :common] = 1
-        for row, ids in enumerate(seqs):
-            rest = ids[common:]
-            tokens[row, width - len(rest) :] = torch.tensor(rest)
-            mask[row, width - len(rest) :] = 1
+    common = min(common_prefix(seqs), min(lengths) - 1)
+    if common >= 1 and padding_fits_window(window, max(lengths)):
+        tokens, mask = prefix_layout(seqs[0][:common], [ids[common:] for ids in seqs], pad)
         yield list(range(len(seqs))), tokens, mask
         return
     for length in sorted(set(lengths)):
@@ -588,13 +577,10 @@ def _last_mode_layouts(
 
 
 def _last_mode_batch(
-    model: HookedTransformer, hooks: Sequence[str], stop: int | None, seqs: list[list[int]], pad_id: int
+    model: HookedTransformer, hooks: Sequence[str], stop: int | None, seqs: list[list[int]], pad: int
 ) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
     """(members, {hook: [len(members), d]}) at the last token of each prompt of a batch."""
-    window = (
-        model.cfg.window_size if model.cfg.use_local_attn and isinstance(model.cfg.window_size, int) else None
-    )
-    for members, tokens, mask in _last_mode_layouts(seqs, pad_id, window):
+    for members, tokens, mask in _last_mode_layouts(seqs, pad, local_window(model.cfg)):
         fwd_hooks, captured = _capturing(
             hooks, tuple(tokens.shape), lambda act: act[:, -1].flatten(1).clone()
         )
@@ -613,7 +599,7 @@ def _build(
 ) -> None:
     stop = _stop_layer(model, hooks)
     tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     writer = _ShardWriter(folder, hooks, config.shard_rows, STORAGE_DTYPES[config.storage_dtype])
     dropped = {FIRST_POSITIONS: 0, SHARED_PREFIX: 0, OUTLIERS: 0, BEYOND_MAX_LENGTH: 0}
     by_hook = {h: 0 for h in hooks}
@@ -634,7 +620,7 @@ def _build(
                 seq_index = torch.arange(start, start + len(batch))
                 batch_starts = None if starts is None else starts[start : start + len(batch)]
                 rows, index, counts, flagged = _all_mode_batch(
-                    model, hooks, stop, batch, seq_index, config, pad_id, batch_starts
+                    model, hooks, stop, batch, seq_index, config, pad, batch_starts
                 )
                 writer.append(rows, index)
                 del rows, index  # before the next batch's rows exist: one batch of rows in memory, not two
@@ -651,7 +637,7 @@ def _build(
                 for b in range(0, len(order), config.batch_size):
                     batch = order[b : b + config.batch_size]
                     seqs = [sequences[i] for i in batch]
-                    for members, rows in _last_mode_batch(model, hooks, stop, seqs, pad_id):
+                    for members, rows in _last_mode_batch(model, hooks, stop, seqs, pad):
                         ids = [batch[m] for m in members]
                         index = {
                             "token_ids": torch.tensor([sequences[i][-1] for i in ids]),

@@ -26,20 +26,13 @@ from sae_lens import SAE
 from torch import Tensor
 
 from emolib.cache import BUILD_SECONDS, cache_dir, cached_entry, config_key, entry_meta, write_json
+from emolib.lm.batching import pad_id, right_padded
 from emolib.lm.models import LoadedModel
 from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
-from emolib.sae.training import (
-    FULL,
-    QUICK,
-    SAETrainingConfig,
-    evaluate_saes,
-    load_saes,
-    missed_goals,
-    quality_dict,
-    quality_table,
-    train_saes_cached,
-)
+from emolib.sae.loading import load_saes
+from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict, quality_table
+from emolib.sae.training import FULL, QUICK, SAETrainingConfig, train_saes_cached
 
 
 @dataclass(frozen=True)
@@ -119,20 +112,7 @@ class SAESuite:
         return "" if rows.empty else str(rows["missed"].iloc[0])
 
 
-def padded(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded tokens and attention mask `[n, longest]` (causal: real tokens never see the padding)."""
-    width = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        tokens[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-    return tokens, mask
-
-
-def evaluation_batch(
-    corpus: Corpus, skip_first: int, pad_id: int, seed: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def evaluation_batch(corpus: Corpus, skip_first: int, pad: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens, attention mask and keep-original mask of an evaluation corpus, sequences in a seeded order.
 
     The order mixes sources, so the leading sequences that the losses use are representative. Positions the
@@ -141,7 +121,7 @@ def evaluation_batch(
     """
     order = list(range(len(corpus.sequences)))
     random.Random(seed).shuffle(order)
-    tokens, mask = padded([corpus.sequences[i] for i in order], pad_id)
+    tokens, mask = right_padded([corpus.sequences[i] for i in order], pad)
     first = torch.tensor([max(corpus.starts[i], skip_first) for i in order])
     keep = torch.arange(tokens.shape[1])[None, :] < first[:, None]
     return tokens, mask, keep
@@ -179,7 +159,6 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig | None = None) -
     saes = load_saes(folder)
 
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     eval_settings = {
         "corpus": eval_corpus.digest(),
         "skip_first": extraction.skip_first,
@@ -190,7 +169,9 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig | None = None) -
     }
 
     def evaluate(tmp: Path) -> None:
-        tokens, mask, keep = evaluation_batch(eval_corpus, extraction.skip_first, pad_id, config.seed)
+        tokens, mask, keep = evaluation_batch(
+            eval_corpus, extraction.skip_first, pad_id(lm.tokenizer), config.seed
+        )
         table = evaluate_saes(
             lm.model,
             saes,

@@ -26,7 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformer_lens import HookedTransformer
 
-from emolib.lm.classify import final_logprobs
+from emolib.lm.batching import final_logprobs
 from emolib.stats import Estimate, summarize
 from emolib.studies.features import Selectivity, SelectivityConfig, selectivity
 

@@ -87,15 +87,11 @@ from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
-from emolib.lm.classify import (
-    EmotionClassifier,
-    Predictions,
-    final_logprobs,
-    forward_residual,
-    prompt_fingerprint,
-)
+from emolib.lm.batching import final_logits, final_logprobs, forward_residual
+from emolib.lm.classify import EmotionClassifier, Predictions, prompt_fingerprint
 from emolib.lm.prompts import encode_suffix
-from emolib.sae.training import SAEError, resume_layer
+from emolib.sae.loading import SAEError
+from emolib.sae.quality import resume_layer
 from emolib.stats import interval_from_draws
 from emolib.studies.features import Verdict
 
@@ -583,20 +579,9 @@ class FeatureTracer:
         if normalised:
             first = final_logprobs(self.model, resid[:, -1])
             return torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in self._label_ids], dim=1)
-        logits = self._label_logits(resid[:, -1])
+        logits = final_logits(self.model, resid[:, -1], self._vocab_ids)
         return torch.stack([torch.logsumexp(logits[:, slots], dim=1) for slots in self._label_slots], dim=1)
 
-    def _label_logits(self, resid: Tensor) -> Tensor:
-        """Logits of the label tokens only (`self._vocab_ids`), as `final_logprobs` computes them before the
-        log-softmax: final norm, unembedding columns and bias, soft cap."""
-        model = self.model
-        if model.cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        logits = resid @ model.unembed.W_U[:, self._vocab_ids] + model.unembed.b_U[self._vocab_ids]
-        cap = model.cfg.output_logits_soft_cap
-        if cap is not None and cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        return logits.float()
 
     def _edits(
         self, features: Mapping[int, Sequence[int] | None], ablation: str, means: Mapping[int, Tensor] | None
