@@ -24,10 +24,17 @@ class Estimate:
     level: float = 0.95
 
     def __str__(self) -> str:
-        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        return format_interval(self.value, self.low, self.high)
 
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "low": self.low, "high": self.high, "level": self.level}
+
+
+def format_interval(value: float, low: float, high: float, digits: int = 3, *, signed: bool = False) -> str:
+    """`value [low, high]`, every number with `digits` decimals (and a sign with `signed`): how the book writes an
+    estimate with its interval."""
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 def _indices(y: Sequence[str], labels: Sequence[str], what: str) -> np.ndarray:
@@ -81,8 +88,7 @@ def bootstrap_counts(
     n, k = len(gold), len(labels)
     if n == 0:
         raise ValueError("cannot bootstrap an empty set of items")
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, n, size=(n_boot, n))
+    samples = resample_indices(n, n_boot, np.random.default_rng(seed))
     cell = gold[samples] * k + pred[samples]  # [n_boot, n]
     offsets = (np.arange(n_boot) * k * k)[:, None]
     counts = np.bincount((cell + offsets).ravel(), minlength=n_boot * k * k)
@@ -90,9 +96,33 @@ def bootstrap_counts(
 
 
 def interval_from_draws(value: float, resampled: np.ndarray, level: float) -> Estimate:
+    """`value` with the percentile interval of its bootstrap draws `resampled`."""
     tail = (1 - level) / 2
     low, high = np.quantile(resampled, [tail, 1 - tail])
     return Estimate(float(value), float(low), float(high), level)
+
+
+def resample_indices(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """`[n_boot, n]` item indices drawn with replacement: one bootstrap resample of `n` items per row."""
+    return rng.integers(0, n, size=(n_boot, n))
+
+
+def mean_estimate(values: np.ndarray, samples: np.ndarray, level: float = 0.95) -> Estimate:
+    """Mean of per-item `values` `[n]` with the percentile interval of its means over resamples `samples`
+    `[n_boot, n]` (share one `samples` across quantities to pair their intervals)."""
+    values = np.asarray(values)
+    return interval_from_draws(values.mean(), values[samples].mean(axis=1), level)
+
+
+def mean_interval(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """Mean of per-item `values` with a percentile-bootstrap interval over items (seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0 or not np.isfinite(values).all():
+        raise ValueError(f"values must be a non-empty finite 1-D array, got shape {values.shape}")
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    samples = resample_indices(len(values), n_boot, np.random.default_rng(seed))
+    return mean_estimate(values, samples, level)
 
 
 @dataclass
@@ -200,6 +230,4 @@ def paired_difference(
 def agreement_rate(a: Sequence[object], b: Sequence[object], n_boot: int = 2000, seed: int = 0) -> Estimate:
     """Share of items on which two label sequences agree, with a bootstrap interval."""
     same = np.array([x == y for x, y in zip(a, b, strict=True)], dtype=float)
-    rng = np.random.default_rng(seed)
-    resampled = same[rng.integers(0, len(same), size=(n_boot, len(same)))].mean(axis=1)
-    return interval_from_draws(float(same.mean()), resampled, 0.95)
+    return mean_interval(same, n_boot=n_boot, seed=seed)

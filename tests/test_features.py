@@ -16,7 +16,9 @@ import torch
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import roc_auc_score
 
-from emolib.studies import features as F
+from emolib import plots, verdicts
+from emolib.methods import cards, coactivation, common, diffuseness, feature_sets, roles, selectivity
+from emolib.studies import features
 
 EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")
 N_PER_CLASS = 100
@@ -86,12 +88,14 @@ def data():
 
 @pytest.fixture(scope="module")
 def sel(data):
-    return F.selectivity(*data, EMOTIONS)
+    return selectivity.selectivity(*data, EMOTIONS)
 
 
 @pytest.fixture(scope="module")
 def draws(data):
-    return F.bootstrap_selectivity(*data, EMOTIONS, boot=F.BootstrapConfig(n_boot=60, seed=3))
+    return selectivity.bootstrap_selectivity(
+        *data, EMOTIONS, boot=selectivity.BootstrapConfig(n_boot=60, seed=3)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ selectivity
@@ -118,7 +122,7 @@ def test_one_ranking_gives_scipys_mann_whitney_for_every_class(data, sel):
         y = np.array([emotions.index(v) for v in labels])
         onehot = np.eye(len(emotions))[y]
         keep = codes.max(axis=0) > codes.min(axis=0)
-        u1, p = F._one_vs_rest_tests(codes[:, keep], onehot, onehot.sum(axis=0))
+        u1, p = selectivity._one_vs_rest_tests(codes[:, keep], onehot, onehot.sum(axis=0))
         for e in range(len(emotions)):
             expected = mannwhitneyu(
                 codes[y == e][:, keep], codes[y != e][:, keep], axis=0, method="asymptotic"
@@ -156,42 +160,47 @@ def test_statistics_and_table(data, sel):
 
 def test_torch_codes_give_the_same_result(data, sel):
     codes, labels = data
-    again = F.selectivity(torch.tensor(codes, dtype=torch.float32), labels, EMOTIONS)
+    again = selectivity.selectivity(torch.tensor(codes, dtype=torch.float32), labels, EMOTIONS)
     np.testing.assert_array_equal(again.selective, sel.selective)
 
 
 def test_general_emotional_features_against_neutral(data):
-    contrast = F.emotional_vs_neutral(*data)
-    assert contrast.emotions == (F.EMOTIONAL, "neutral")
-    assert contrast.sets() == {F.EMOTIONAL: frozenset(GENERAL), "neutral": frozenset(STRONG["neutral"])}
+    contrast = selectivity.emotional_vs_neutral(*data)
+    assert contrast.emotions == (selectivity.EMOTIONAL, "neutral")
+    assert contrast.sets() == {
+        selectivity.EMOTIONAL: frozenset(GENERAL),
+        "neutral": frozenset(STRONG["neutral"]),
+    }
 
 
 # ------------------------------------------------------------------------------- controls and FDR on noise
 
 
 def test_shuffled_labels_find_no_selective_features(data, sel):
-    null = F.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
-    assert list(null.counts.columns) == [*EMOTIONS, *F.TOTALS] and len(null.counts) == 8
+    null = selectivity.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
+    assert list(null.counts.columns) == [*EMOTIONS, *selectivity.TOTALS] and len(null.counts) == 8
     assert null.counts["any"].max() <= 1
     summary = null.summary(sel)
     assert summary.loc["any", "observed"] == 50
     assert summary.loc["any", "p_value"] == pytest.approx(1 / 9)
-    again = F.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
+    again = selectivity.shuffled_control(*data, EMOTIONS, n_shuffles=8, seed=5)
     assert again.counts.equals(null.counts)
 
 
 def test_pure_noise_yields_no_selective_features():
     codes, labels = noise()
-    assert F.selectivity(codes, labels, EMOTIONS).counts()["any"] == 0
+    assert selectivity.selectivity(codes, labels, EMOTIONS).counts()["any"] == 0
     # Without the effect-size threshold only BH decides: under the complete null, discoveries are rare.
-    loose = F.SelectivityConfig(auroc_threshold=0.5, alpha=0.05)
-    null = F.shuffled_control(codes, labels, EMOTIONS, loose, n_shuffles=20, seed=0)
+    loose = selectivity.SelectivityConfig(auroc_threshold=0.5, alpha=0.05)
+    null = selectivity.shuffled_control(codes, labels, EMOTIONS, loose, n_shuffles=20, seed=0)
     assert null.counts["any"].mean() <= 0.5 and (null.counts["any"] > 0).mean() <= 0.2
 
 
 def test_false_discovery_proportion_is_bounded_among_real_effects(data):
     # BH controls the FDR over all rejected feature x emotion tests (both directions): expected <= alpha m0 / m.
-    loose = F.selectivity(*data, EMOTIONS, F.SelectivityConfig(auroc_threshold=0.5, alpha=0.05))
+    loose = selectivity.selectivity(
+        *data, EMOTIONS, selectivity.SelectivityConfig(auroc_threshold=0.5, alpha=0.05)
+    )
     rejected = loose.q_value < 0.05
     assert rejected.sum() >= 300
     assert rejected[list(NOISE)].sum() / rejected.sum() <= 0.05
@@ -202,28 +211,32 @@ def test_false_discovery_proportion_is_bounded_among_real_effects(data):
 
 
 def test_shared_and_specific_counts_with_intervals(sel, draws):
-    plain = F.shared_specific(sel)
+    plain = feature_sets.shared_specific(sel)
     assert plain.loc["anger"].to_dict() == {"n_selective": 7, "n_specific": 4, "n_shared": 3}
     assert plain.loc["disgust"].to_dict() == {"n_selective": 23, "n_specific": 20, "n_shared": 3}
     assert plain.loc["fear"].to_dict() == {"n_selective": 4, "n_specific": 4, "n_shared": 0}
     assert plain.loc["any"].to_dict() == {"n_selective": 50, "n_specific": 44, "n_shared": 6}
-    boot = F.shared_specific(sel, draws)
+    boot = feature_sets.shared_specific(sel, draws)
     for column in ("n_selective", "n_specific", "n_shared"):
         assert (boot[f"{column}_low"] <= boot[column]).all() and (
             boot[column] <= boot[f"{column}_high"]
         ).all()
     assert boot.loc["disgust", "n_selective_low"] >= 15 and boot.loc["fear", "n_shared_high"] == 0
     # Without neutral the same counts (no feature is shared with neutral).
-    without = F.shared_specific(sel, among=EMOTIONS[:-1])
+    without = feature_sets.shared_specific(sel, among=EMOTIONS[:-1])
     assert list(without.index) == [*EMOTIONS[:-1], "any"] and without.loc["any", "n_selective"] == 46
 
 
 def test_bootstrap_is_stratified_seeded_and_its_auroc_matches_the_full_criterion(data):
     codes, labels = data
-    quick = F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1))
-    again = F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1))
-    full = F.bootstrap_selectivity(
-        codes, labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=3, seed=1, criterion="full")
+    quick = selectivity.bootstrap_selectivity(
+        codes, labels, EMOTIONS, boot=selectivity.BootstrapConfig(n_boot=3, seed=1)
+    )
+    again = selectivity.bootstrap_selectivity(
+        codes, labels, EMOTIONS, boot=selectivity.BootstrapConfig(n_boot=3, seed=1)
+    )
+    full = selectivity.bootstrap_selectivity(
+        codes, labels, EMOTIONS, boot=selectivity.BootstrapConfig(n_boot=3, seed=1, criterion="full")
     )
     np.testing.assert_array_equal(quick.auroc, again.auroc)
     finite = np.isfinite(full.auroc)
@@ -234,9 +247,11 @@ def test_bootstrap_is_stratified_seeded_and_its_auroc_matches_the_full_criterion
 
 def test_draws_must_match_the_selectivity(data, sel):
     codes, labels = data
-    other = F.bootstrap_selectivity(codes[:, :50], labels, EMOTIONS, boot=F.BootstrapConfig(n_boot=2))
-    with pytest.raises(F.FeatureError, match="do not match"):
-        F.shared_specific(sel, other)
+    other = selectivity.bootstrap_selectivity(
+        codes[:, :50], labels, EMOTIONS, boot=selectivity.BootstrapConfig(n_boot=2)
+    )
+    with pytest.raises(common.FeatureError, match="do not match"):
+        feature_sets.shared_specific(sel, other)
 
 
 # --------------------------------------------------------------------------------------------------- overlap
@@ -245,14 +260,14 @@ SETS = {"a": {1, 2, 3}, "b": {2, 3, 4}, "c": {5}, "d": set()}
 
 
 def test_jaccard_on_known_sets():
-    matrix = F.jaccard(SETS)
+    matrix = feature_sets.jaccard(SETS)
     assert matrix.loc["a", "b"] == pytest.approx(0.5) and matrix.loc["b", "a"] == pytest.approx(0.5)
     assert matrix.loc["a", "a"] == 1 and matrix.loc["a", "c"] == 0 and matrix.loc["c", "d"] == 0
     assert np.isnan(matrix.loc["d", "d"])
 
 
 def test_intersections_on_known_sets():
-    table = F.intersections(SETS)
+    table = feature_sets.intersections(SETS)
     assert list(table["combination"]) == ["a & b", "a", "b", "c"]
     assert list(table["n_features"]) == [2, 1, 1, 1] and list(table["degree"]) == [2, 1, 1, 1]
     assert table.loc[0, "features"] == [2, 3] and table.loc[0, "emotions"] == ("a", "b")
@@ -260,14 +275,14 @@ def test_intersections_on_known_sets():
 
 
 def test_intersections_of_the_planted_sets(sel):
-    table = F.intersections(sel.sets()).set_index("combination")
+    table = feature_sets.intersections(sel.sets()).set_index("combination")
     assert table["n_features"].sum() == 50
     assert table.loc["anger & disgust", "features"] == list(SHARED["anger", "disgust"])
     assert table.loc["joy & surprise", "n_features"] == 3 and table.loc["disgust", "n_features"] == 20
 
 
 def test_upset_figure_is_labelled_and_sorted():
-    fig = F.upset_figure(F.intersections(SETS), top_n=2, title="Toy")
+    fig = plots.upset_figure(feature_sets.intersections(SETS), top_n=2, title="Toy")
     bars, dots = fig.axes
     assert [p.get_height() for p in bars.patches] == [2, 1]
     assert "top 2 of 4" in bars.get_title()
@@ -279,72 +294,49 @@ def test_upset_figure_is_labelled_and_sorted():
 
 
 def test_concentration_on_known_mass_vectors():
-    assert F.concentration([4, 3, 2, 1]) | {"entropy": 0, "effective_n": 0} == {
+    assert diffuseness.concentration([4, 3, 2, 1]) | {"entropy": 0, "effective_n": 0} == {
         "k50": 2,
         "k80": 3,
         "entropy": 0,
         "effective_n": 0,
     }
-    uniform = F.concentration(np.ones(10))
+    uniform = diffuseness.concentration(np.ones(10))
     assert uniform == pytest.approx({"k50": 5, "k80": 8, "entropy": 1.0, "effective_n": 10.0})
-    assert F.concentration(np.ones(10), n_reference=100)["entropy"] == pytest.approx(0.5)
-    single = F.concentration([0, 5, 0, 0])
+    assert diffuseness.concentration(np.ones(10), n_reference=100)["entropy"] == pytest.approx(0.5)
+    single = diffuseness.concentration([0, 5, 0, 0])
     assert single == pytest.approx({"k50": 1, "k80": 1, "entropy": 0.0, "effective_n": 1.0})
-    two = F.concentration([1, 1, -3, np.nan])  # negatives and NaN count as no mass
+    two = diffuseness.concentration([1, 1, -3, np.nan])  # negatives and NaN count as no mass
     assert two["k50"] == 1 and two["k80"] == 2 and two["entropy"] == pytest.approx(np.log(2) / np.log(4))
-    empty = F.concentration([0, 0, 0])
+    empty = diffuseness.concentration([0, 0, 0])
     assert empty["k50"] == 0 and np.isnan(empty["entropy"])
     p = np.array([4, 3, 2, 1]) / 10
-    assert F.concentration([4, 3, 2, 1])["entropy"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
+    assert diffuseness.concentration([4, 3, 2, 1])["entropy"] == pytest.approx(
+        -(p * np.log(p)).sum() / np.log(4)
+    )
 
 
 def test_the_diffuse_emotion_is_found_more_diffuse(sel, draws):
-    table = F.diffuseness(sel, draws)
+    table = diffuseness.diffuseness(sel, draws)
     assert table.loc["disgust", "n_support"] == 23 and table.loc["fear", "n_support"] == 4
     assert table["k80"].idxmax() == "disgust" and table["entropy"].idxmax() == "disgust"
     assert table.loc["fear", "k80"] == 4 and table.loc["disgust", "k80"] >= 17
     assert (table["k80_low"] <= table["k80"]).all() and (table["k80"] <= table["k80_high"]).all()
     others = [e for e in EMOTIONS if e not in ("disgust", "neutral")]
-    versus = F.compare_diffuseness(sel, draws, "disgust", "k80", others=others)
+    versus = diffuseness.compare_diffuseness(sel, draws, "disgust", "k80", others=others)
     assert list(versus.index) == [*others, "others (mean)"]
     assert (versus["low"] > 0).all() and (versus["share_more"] == 1).all()
-    reverse = F.compare_diffuseness(sel, draws, "fear", "entropy", others=["disgust"])
+    reverse = diffuseness.compare_diffuseness(sel, draws, "fear", "entropy", others=["disgust"])
     assert reverse.loc["disgust", "high"] < 0
-    by_activation = F.diffuseness(sel, config=F.DiffusenessConfig(mass="mean_diff"))
+    by_activation = diffuseness.diffuseness(sel, config=diffuseness.DiffusenessConfig(mass="mean_diff"))
     assert by_activation["k80"].idxmax() == "disgust"
 
 
 def test_diffuseness_over_all_features_counts_noise_mass(sel):
-    everywhere = F.diffuseness(sel, config=F.DiffusenessConfig(support="all"))
-    assert (everywhere["n_support"] > F.diffuseness(sel)["n_support"]).all()
+    everywhere = diffuseness.diffuseness(sel, config=diffuseness.DiffusenessConfig(support="all"))
+    assert (everywhere["n_support"] > diffuseness.diffuseness(sel)["n_support"]).all()
 
 
 # ---------------------------------------------------------------------------------------------- coactivation
-
-
-def test_surprise_features_coactivate_across_emotions(sel):
-    specific = F.coactivation(sel, specific_only=True)
-    assert np.allclose(np.diag(specific), 1.0)
-    off = ~np.eye(len(EMOTIONS), dtype=bool)
-    surprise = specific.loc["surprise"].drop("surprise")
-    assert surprise.min() > 0.2
-    others = specific.drop(index="surprise").to_numpy()[
-        off[[i for i, e in enumerate(EMOTIONS) if e != "surprise"]]
-    ]
-    assert np.nanmax(others) < 0.1
-    assert specific.attrs["n_features"]["surprise"] == 4
-    # Counting shared features too, overlap looks like co-activation (why `specific_only` exists).
-    everything = F.coactivation(sel)
-    assert everything.loc["joy", "surprise"] > 0.3 and specific.loc["joy", "surprise"] < 0.1
-
-
-def test_coactivation_row_without_features_is_nan(data):
-    codes, labels = data
-    codes = codes.copy()
-    codes[:, list(STRONG["fear"])] = np.random.default_rng(0).exponential(1.0, (len(labels), 4))
-    fewer = F.selectivity(codes, labels, EMOTIONS)
-    assert fewer.sets()["fear"] == frozenset()
-    assert F.coactivation(fewer).loc["fear"].isna().all()
 
 
 # ------------------------------------------------------------------------------------------------ token roles
@@ -372,36 +364,36 @@ def test_feature_roles_follow_the_documented_rules():
     chunks, masks = role_tokens()
     emotion = np.zeros(9, dtype=bool)
     emotion[4] = True
-    roles = F.feature_roles(chunks, masks, emotion, F.RoleConfig(min_rate=0.01))
-    assert list(roles["role"]) == [
+    assigned = roles.feature_roles(chunks, masks, emotion, roles.RoleConfig(min_rate=0.01))
+    assert list(assigned["role"]) == [
         "template", "content", "inactive", "content", "emotion", "inactive", "content", "template", "content",
     ]  # fmt: skip
-    assert roles.loc[6, "template_share"] == pytest.approx(1 / 1.3)
-    assert roles.loc[0, "rate_template"] == 1 and roles.loc[0, "rate_content"] == 0
-    assert roles.attrs == {"n_template_tokens": 280, "n_content_tokens": 120}
-    stacked = F.feature_roles(
-        np.concatenate(chunks), np.concatenate(masks), emotion[:, None], F.RoleConfig(min_rate=0.01)
+    assert assigned.loc[6, "template_share"] == pytest.approx(1 / 1.3)
+    assert assigned.loc[0, "rate_template"] == 1 and assigned.loc[0, "rate_content"] == 0
+    assert assigned.attrs == {"n_template_tokens": 280, "n_content_tokens": 120}
+    stacked = roles.feature_roles(
+        np.concatenate(chunks), np.concatenate(masks), emotion[:, None], roles.RoleConfig(min_rate=0.01)
     )
-    pd.testing.assert_frame_equal(stacked, roles)
+    pd.testing.assert_frame_equal(stacked, assigned)
 
 
 def test_feature_roles_take_emotion_features_from_a_selectivity(sel):
     codes = np.zeros((4, D_SAE))
     codes[:, 0] = 1.0
-    roles = F.feature_roles(codes, np.array([True, True, False, True]), sel)
-    assert set(roles.index[roles["role"] == "emotion"]) == set().union(*EXPECTED.values())
+    assigned = roles.feature_roles(codes, np.array([True, True, False, True]), sel)
+    assert set(assigned.index[assigned["role"] == "emotion"]) == set().union(*EXPECTED.values())
 
 
 def test_feature_roles_reject_bad_masks():
     codes = np.ones((5, 3))
-    with pytest.raises(F.FeatureError, match="boolean"):
-        F.feature_roles(codes, np.ones(5), np.zeros(3, dtype=bool))
-    with pytest.raises(F.FeatureError, match=r"shape \(4,\), expected \(5,\)"):
-        F.feature_roles(codes, np.ones(4, dtype=bool), np.zeros(3, dtype=bool))
-    with pytest.raises(F.FeatureError, match="both template and content"):
-        F.feature_roles(codes, np.ones(5, dtype=bool), np.zeros(3, dtype=bool))
-    with pytest.raises(F.FeatureError, match="covers 4 features"):
-        F.feature_roles(codes, np.array([True, False] * 2 + [True]), np.zeros(4, dtype=bool))
+    with pytest.raises(common.FeatureError, match="boolean"):
+        roles.feature_roles(codes, np.ones(5), np.zeros(3, dtype=bool))
+    with pytest.raises(common.FeatureError, match=r"shape \(4,\), expected \(5,\)"):
+        roles.feature_roles(codes, np.ones(4, dtype=bool), np.zeros(3, dtype=bool))
+    with pytest.raises(common.FeatureError, match="both template and content"):
+        roles.feature_roles(codes, np.ones(5, dtype=bool), np.zeros(3, dtype=bool))
+    with pytest.raises(common.FeatureError, match="covers 4 features"):
+        roles.feature_roles(codes, np.array([True, False] * 2 + [True]), np.zeros(4, dtype=bool))
 
 
 # ---------------------------------------------------------------------------------------------- feature cards
@@ -410,16 +402,16 @@ def test_feature_roles_reject_bad_masks():
 def test_top_activating_lists_active_items_in_order():
     texts = [f"text {i}" for i in range(6)]
     labels = ["joy", "fear", "joy", "anger", "fear", "joy"]
-    top = F.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=3, labels=labels)
+    top = cards.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=3, labels=labels)
     assert list(top["item"]) == [1, 3, 5] and list(top["rank"]) == [1, 2, 3]
     assert list(top["text"]) == ["text 1", "text 3", "text 5"] and list(top["label"]) == [
         "fear",
         "anger",
         "joy",
     ]
-    assert len(F.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=10)) == 4
-    with pytest.raises(F.FeatureError, match="6 activations but 5 texts"):
-        F.top_activating(np.zeros(6), texts[:5])
+    assert len(cards.top_activating(np.array([0, 3, 1, 3, 0, 2]), texts, k=10)) == 4
+    with pytest.raises(common.FeatureError, match="6 activations but 5 texts"):
+        cards.top_activating(np.zeros(6), texts[:5])
 
 
 def test_promoted_tokens_through_the_unembedding(tiny_model, tiny_tokenizer):
@@ -427,19 +419,19 @@ def test_promoted_tokens_through_the_unembedding(tiny_model, tiny_tokenizer):
     with torch.no_grad():
         scaled = (row * tiny_model.ln_final.w) @ tiny_model.W_U
         raw = row @ tiny_model.W_U
-    top = F.promoted_tokens(row, tiny_model, tiny_tokenizer, k=5)
+    top = cards.promoted_tokens(row, tiny_model, tiny_tokenizer, k=5)
     assert list(top["token_id"]) == torch.topk(scaled, 5).indices.tolist()
     np.testing.assert_allclose(top["score"], torch.topk(scaled, 5).values.numpy(), rtol=1e-5)
     assert list(top["token"]) == [tiny_tokenizer.decode([i]) for i in top["token_id"]]
-    bottom = F.promoted_tokens(row.numpy(), tiny_model, tiny_tokenizer, k=5, suppressed=True)
+    bottom = cards.promoted_tokens(row.numpy(), tiny_model, tiny_tokenizer, k=5, suppressed=True)
     assert (
         list(bottom["token_id"]) == torch.topk(-scaled, 5).indices.tolist()
         and bottom["score"].is_monotonic_increasing
     )
-    unscaled = F.promoted_tokens(row, tiny_model, k=5, ln_scale=False)
+    unscaled = cards.promoted_tokens(row, tiny_model, k=5, ln_scale=False)
     assert list(unscaled["token_id"]) == torch.topk(raw, 5).indices.tolist()
-    with pytest.raises(F.FeatureError, match="decoder row has 7 dimensions"):
-        F.promoted_tokens(torch.zeros(7), tiny_model, tiny_tokenizer)
+    with pytest.raises(common.FeatureError, match="decoder row has 7 dimensions"):
+        cards.promoted_tokens(torch.zeros(7), tiny_model, tiny_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -452,48 +444,48 @@ def small(n_fear: int = 12):
 
 def test_a_label_outside_the_emotions_is_named():
     codes, labels = small()
-    with pytest.raises(F.FeatureError, match=r"labels \['angry'\] are not in emotions"):
-        F.selectivity(codes, ["angry", *labels[1:]], ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match=r"labels \['angry'\] are not in emotions"):
+        selectivity.selectivity(codes, ["angry", *labels[1:]], ("anger", "fear"))
 
 
 def test_a_shape_mismatch_is_named():
     codes, labels = small()
-    with pytest.raises(F.FeatureError, match="24 rows .* 23 labels"):
-        F.selectivity(codes, labels[:-1], ("anger", "fear"))
-    with pytest.raises(F.FeatureError, match="2-D"):
-        F.selectivity(codes[:, 0], labels, ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match="24 rows .* 23 labels"):
+        selectivity.selectivity(codes, labels[:-1], ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match="2-D"):
+        selectivity.selectivity(codes[:, 0], labels, ("anger", "fear"))
 
 
 def test_a_class_with_too_few_items_is_named():
     codes, labels = small(n_fear=3)
-    with pytest.raises(F.FeatureError, match=r"too few items for emotions \{'fear': 3\}"):
-        F.selectivity(codes, labels, ("anger", "fear"))
-    with pytest.raises(F.FeatureError, match=r"'joy': 0"):
-        F.selectivity(*small(), ("anger", "fear", "joy"))
-    with pytest.raises(F.FeatureError, match="too few items"):
-        F.bootstrap_selectivity(codes, labels, ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match=r"too few items for emotions \{'fear': 3\}"):
+        selectivity.selectivity(codes, labels, ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match=r"'joy': 0"):
+        selectivity.selectivity(*small(), ("anger", "fear", "joy"))
+    with pytest.raises(common.FeatureError, match="too few items"):
+        selectivity.bootstrap_selectivity(codes, labels, ("anger", "fear"))
 
 
 def test_other_bad_inputs_raise_clear_errors(sel):
     codes, labels = small()
     bad = codes.copy()
     bad[0, 0] = np.nan
-    with pytest.raises(F.FeatureError, match="NaN"):
-        F.selectivity(bad, labels, ("anger", "fear"))
-    with pytest.raises(F.FeatureError, match="repeated"):
-        F.selectivity(codes, labels, ("anger", "fear", "anger"))
-    with pytest.raises(F.FeatureError, match="at least two emotions"):
-        F.selectivity(codes, ["anger"] * 24, ("anger",))
-    with pytest.raises(F.FeatureError, match="no item is labelled 'neutral'"):
-        F.emotional_vs_neutral(codes, labels)
-    with pytest.raises(F.FeatureError, match=r"\['calm'\] are not among"):
-        F.coactivation(sel, among=["anger", "calm"])
-    with pytest.raises(F.FeatureError, match="measure must be one of"):
-        F.compare_diffuseness(sel, None, "disgust", measure="k90")
-    with pytest.raises(F.FeatureError, match="criterion must be one of"):
-        F.BootstrapConfig(criterion="q")
-    with pytest.raises(F.FeatureError, match="auroc_threshold"):
-        F.SelectivityConfig(auroc_threshold=0.3)
+    with pytest.raises(common.FeatureError, match="NaN"):
+        selectivity.selectivity(bad, labels, ("anger", "fear"))
+    with pytest.raises(common.FeatureError, match="repeated"):
+        selectivity.selectivity(codes, labels, ("anger", "fear", "anger"))
+    with pytest.raises(common.FeatureError, match="at least two emotions"):
+        selectivity.selectivity(codes, ["anger"] * 24, ("anger",))
+    with pytest.raises(common.FeatureError, match="no item is labelled 'neutral'"):
+        selectivity.emotional_vs_neutral(codes, labels)
+    with pytest.raises(common.FeatureError, match=r"\['calm'\] are not among"):
+        sel.matrix("full", among=["anger", "calm"])
+    with pytest.raises(common.FeatureError, match="measure must be one of"):
+        diffuseness.compare_diffuseness(sel, None, "disgust", measure="k90")
+    with pytest.raises(common.FeatureError, match="criterion must be one of"):
+        selectivity.BootstrapConfig(criterion="q")
+    with pytest.raises(common.FeatureError, match="auroc_threshold"):
+        selectivity.SelectivityConfig(auroc_threshold=0.3)
 
 
 # ---------------------------------------------------------------------------- chapter: null of shared / specific
@@ -501,11 +493,11 @@ def test_other_bad_inputs_raise_clear_errors(sel):
 
 @pytest.fixture(scope="module")
 def null(data):
-    return F.shuffled_shared_specific(*data, EMOTIONS, n_shuffles=19, seed=4)
+    return feature_sets.shuffled_shared_specific(*data, EMOTIONS, n_shuffles=19, seed=4)
 
 
 def test_shared_specific_null_uses_the_shuffled_control_permutations(data, null):
-    control = F.shuffled_control(*data, EMOTIONS, n_shuffles=19, seed=4)
+    control = selectivity.shuffled_control(*data, EMOTIONS, n_shuffles=19, seed=4)
     full = null.counts.xs("full", level="criterion")
     assert list(full[("n_selective", "any")]) == list(control.counts["any"])
     assert list(full[("n_specific", "any")]) == list(control.counts["specific"])
@@ -513,21 +505,21 @@ def test_shared_specific_null_uses_the_shuffled_control_permutations(data, null)
 
 
 def test_shared_specific_null_summary_sets_counts_beside_chance(sel, draws, null):
-    summary = null.summary(F.shared_specific(sel), "full")
+    summary = null.summary(feature_sets.shared_specific(sel), "full")
     assert list(summary.index) == [*EMOTIONS, "any"]
     assert summary.loc["any", ("n_shared", "observed")] == 6
     assert summary.loc["any", ("n_shared", "p_value")] == pytest.approx(1 / 20)
     assert (summary[("n_specific", "null_mean")] < 2).all()
-    boot = null.summary(F.shared_specific(sel, draws), "auroc")
+    boot = null.summary(feature_sets.shared_specific(sel, draws), "auroc")
     assert boot.loc["disgust", ("n_specific", "observed")] == 20
-    restricted = F.shuffled_shared_specific(*planted(), EMOTIONS, n_shuffles=2, among=EMOTIONS[:6])
+    restricted = feature_sets.shuffled_shared_specific(*planted(), EMOTIONS, n_shuffles=2, among=EMOTIONS[:6])
     assert restricted.emotions == EMOTIONS[:6]
-    with pytest.raises(F.FeatureError, match="not among the null"):
-        restricted.summary(F.shared_specific(sel), "full")
+    with pytest.raises(common.FeatureError, match="not among the null"):
+        restricted.summary(feature_sets.shared_specific(sel), "full")
 
 
 def test_specific_sets():
-    assert F.specific_sets(SETS) == {"a": {1}, "b": {4}, "c": {5}, "d": set()}
+    assert feature_sets.specific_sets(SETS) == {"a": {1}, "b": {4}, "c": {5}, "d": set()}
 
 
 # --------------------------------------------------------------------------------- chapter: final phase, pooling
@@ -563,45 +555,45 @@ def test_specific_sets():
     ],
 )
 def test_final_phase_reads_the_flow_results(record, expected, source):
-    phase = F.final_phase(record, "m", 12)
+    phase = features.final_phase(record, "m", 12)
     assert (phase.first, phase.last) == expected and phase.layers == list(range(expected[0], expected[1] + 1))
     if source:
         assert phase.source == source
     if "subsets" in str(record):
         assert phase.n_phases == 3 and phase.chosen == 2
-        two = F.final_phase(record, "m", 12, n_phases=2)
+        two = features.final_phase(record, "m", 12, n_phases=2)
         assert (two.first, two.last, two.n_phases) == (6, 11, 2)
         with pytest.raises(
-            F.FeatureError, match=r"no 4-phase cut under 'boundaries' \(found: \['2', '3'\]\)"
+            common.FeatureError, match=r"no 4-phase cut under 'boundaries' \(found: \['2', '3'\]\)"
         ):
-            F.final_phase(record, "m", 12, n_phases=4)
-        with pytest.raises(F.FeatureError, match="no subset 'correct'"):
-            F.final_phase(record, "m", 12, subset="correct")
+            features.final_phase(record, "m", 12, n_phases=4)
+        with pytest.raises(common.FeatureError, match="no subset 'correct'"):
+            features.final_phase(record, "m", 12, subset="correct")
 
 
 def test_final_phase_errors_name_what_was_found():
-    with pytest.raises(F.FeatureError, match=r"no entry for model 'm' \(top-level keys: \['models'\]\)"):
-        F.final_phase({"models": {"other": {}}}, "m", 12)
-    with pytest.raises(F.FeatureError, match=r"none of .* \(keys: \['cka'\]\)"):
-        F.final_phase({"models": {"m": {"cka": 1}}}, "m", 12)
-    with pytest.raises(F.FeatureError, match=r"\[10, 12\] .* not a range of layers 0..11"):
-        F.final_phase({"models": {"m": {"phases": [[0, 9], [10, 12]]}}}, "m", 12)
-    with pytest.raises(F.FeatureError, match="is not a phase"):
-        F.final_phase({"models": {"m": {"phases": [[0, 1, 2]]}}}, "m", 12)
+    with pytest.raises(common.FeatureError, match=r"no entry for model 'm' \(top-level keys: \['models'\]\)"):
+        features.final_phase({"models": {"other": {}}}, "m", 12)
+    with pytest.raises(common.FeatureError, match=r"none of .* \(keys: \['cka'\]\)"):
+        features.final_phase({"models": {"m": {"cka": 1}}}, "m", 12)
+    with pytest.raises(common.FeatureError, match=r"\[10, 12\] .* not a range of layers 0..11"):
+        features.final_phase({"models": {"m": {"phases": [[0, 9], [10, 12]]}}}, "m", 12)
+    with pytest.raises(common.FeatureError, match="is not a phase"):
+        features.final_phase({"models": {"m": {"phases": [[0, 1, 2]]}}}, "m", 12)
 
 
 def test_pooling_keeps_testable_features_and_leaves_selectivity_unchanged(data, sel):
     codes, labels = data
-    pooled = F.pool_layers({3: codes[:, :100], 4: codes[:, 100:]})
+    pooled = selectivity.pool_layers({3: codes[:, :100], 4: codes[:, 100:]})
     assert pooled.n_features == D_SAE and pooled.codes.shape[1] == D_SAE - len(DEAD)
     column = int(np.flatnonzero((pooled.layer == 4) & (pooled.feature == 20))[0])
-    assert pooled.name(column) == "L4/20" and len(pooled.columns_of(4)) == 100 - len(DEAD)
-    again = F.selectivity(pooled.codes, labels, EMOTIONS)
+    assert pooled.name(column) == "L4/20" and int((pooled.layer == 4).sum()) == 100 - len(DEAD)
+    again = selectivity.selectivity(pooled.codes, labels, EMOTIONS)
     original = np.where(pooled.layer == 3, pooled.feature, pooled.feature + 100)
     assert np.array_equal(again.selective, sel.selective[original])
     assert np.allclose(again.q_value, sel.q_value[original])
-    with pytest.raises(F.FeatureError, match="items"):
-        F.pool_layers({0: codes, 1: codes[:10]})
+    with pytest.raises(common.FeatureError, match="items"):
+        selectivity.pool_layers({0: codes, 1: codes[:10]})
 
 
 # ------------------------------------------------------------------------------ chapter: held-out co-activation
@@ -611,8 +603,8 @@ def test_heldout_coactivation_finds_the_surprise_features(sel):
     held_codes, held_labels = planted(seed=5)
     emotions = [e for e in EMOTIONS if e != "neutral"]
     keep = [i for i, label in enumerate(held_labels) if label != "neutral"]
-    result = F.heldout_coactivation(
-        F.specific_sets(sel.sets(among=emotions)),
+    result = coactivation.heldout_coactivation(
+        feature_sets.specific_sets(sel.sets(among=emotions)),
         held_codes[keep],
         [held_labels[i] for i in keep],
         emotions,
@@ -625,66 +617,74 @@ def test_heldout_coactivation_finds_the_surprise_features(sel):
     assert result.excess("fear").high < 0
     table = result.table()
     assert table["off_diagonal"].idxmax() == "surprise"
-    verdict = F.coactivation_verdict(result)
+    verdict = features.coactivation_verdict(result)
     assert verdict.verdict == "holds" and "ranks 1 of 6" in verdict.reason
-    assert F.coactivation_verdict(result, "fear").verdict == "does not hold"
-    assert F.coactivation_verdict(None).verdict == "inconclusive"
+    assert features.coactivation_verdict(result, "fear").verdict == "does not hold"
+    assert features.coactivation_verdict(None).verdict == "inconclusive"
 
 
 def test_heldout_coactivation_without_features_or_with_silent_features():
     codes = np.zeros((6, 3))
     codes[:3, 0] = 1.0
     labels = ["a"] * 3 + ["b"] * 3
-    result = F.heldout_coactivation({"a": {0}, "b": {1}}, codes, labels, n_boot=5)
+    result = coactivation.heldout_coactivation({"a": {0}, "b": {1}}, codes, labels, n_boot=5)
     assert result.matrix.loc["a", "b"] == 0 and result.n_measured == {"a": 1, "b": 0}
     assert result.matrix.loc["b"].isna().all()
-    assert F.coactivation_verdict(result, "b").verdict == "inconclusive"
-    with pytest.raises(F.FeatureError, match="no feature set"):
-        F.heldout_coactivation({"a": {0}}, codes, labels, ["a", "b"])
+    assert features.coactivation_verdict(result, "b").verdict == "inconclusive"
+    with pytest.raises(common.FeatureError, match="no feature set"):
+        coactivation.heldout_coactivation({"a": {0}}, codes, labels, ["a", "b"])
 
 
 # ------------------------------------------------------------------------------------ chapter: verdicts, figures
 
 
 def test_mix_verdict_on_planted_noise_and_too_few_shuffles(data, sel, draws, null):
-    full = null.summary(F.shared_specific(sel), "full")
-    boot = F.shared_specific(sel, draws)
-    verdict = F.mix_verdict(full, boot, null.summary(boot, "auroc"), null.n_shuffles)
+    full = null.summary(feature_sets.shared_specific(sel), "full")
+    boot = feature_sets.shared_specific(sel, draws)
+    verdict = features.mix_verdict(full, boot, null.summary(boot, "auroc"), null.n_shuffles)
     assert verdict.verdict == "holds" and "4 of 7 emotions" in verdict.reason
-    assert F.mix_verdict(full, boot, null.summary(boot, "auroc"), 5).verdict == "inconclusive"
+    assert features.mix_verdict(full, boot, null.summary(boot, "auroc"), 5).verdict == "inconclusive"
     codes, labels = noise()
-    noisy = F.selectivity(codes, labels, EMOTIONS)
-    noisy_null = F.shuffled_shared_specific(codes, labels, EMOTIONS, n_shuffles=19)
-    noisy_boot = F.shared_specific(
-        noisy, F.bootstrap_selectivity(codes, labels, EMOTIONS, boot=F.BootstrapConfig(20))
+    noisy = selectivity.selectivity(codes, labels, EMOTIONS)
+    noisy_null = feature_sets.shuffled_shared_specific(codes, labels, EMOTIONS, n_shuffles=19)
+    noisy_boot = feature_sets.shared_specific(
+        noisy,
+        selectivity.bootstrap_selectivity(codes, labels, EMOTIONS, boot=selectivity.BootstrapConfig(20)),
     )
-    verdict = F.mix_verdict(
-        noisy_null.summary(F.shared_specific(noisy), "full"),
+    verdict = features.mix_verdict(
+        noisy_null.summary(feature_sets.shared_specific(noisy), "full"),
         noisy_boot,
         noisy_null.summary(noisy_boot, "auroc"),
         19,
     )
     assert verdict.verdict == "does not hold"
-    with pytest.raises(F.FeatureError, match="verdict must be one of"):
-        F.Verdict("maybe", "")
+    with pytest.raises(verdicts.VerdictError, match="verdict must be one of"):
+        verdicts.Verdict("maybe", "")
 
 
 def test_diffuse_verdict(sel, draws):
     others = [e for e in EMOTIONS if e not in ("disgust", "neutral")]
-    comparisons = {m: F.compare_diffuseness(sel, draws, "disgust", m, others=others) for m in ("k50", "k80")}
-    assert F.diffuse_verdict(comparisons, 23).verdict == "holds"
-    assert F.diffuse_verdict(comparisons, 0).verdict == "inconclusive"
-    fear = {m: F.compare_diffuseness(sel, draws, "fear", m, others=["disgust"]) for m in ("k80", "entropy")}
-    assert F.diffuse_verdict(fear, 4, "fear").verdict == "does not hold"
+    comparisons = {
+        m: diffuseness.compare_diffuseness(sel, draws, "disgust", m, others=others) for m in ("k50", "k80")
+    }
+    assert features.diffuse_verdict(comparisons, 23).verdict == "holds"
+    assert features.diffuse_verdict(comparisons, 0).verdict == "inconclusive"
+    fear = {
+        m: diffuseness.compare_diffuseness(sel, draws, "fear", m, others=["disgust"])
+        for m in ("k80", "entropy")
+    }
+    assert features.diffuse_verdict(fear, 4, "fear").verdict == "does not hold"
 
 
 def test_chapter_figures_draw(sel, draws, null):
-    boot = F.shared_specific(sel, draws)
+    boot = feature_sets.shared_specific(sel, draws)
     figures = [
-        F.upset_grid({"m1": F.intersections(sel.sets()), "m2": F.intersections(SETS)}, top_n=5),
-        F.jaccard_figure({"m1": F.jaccard(sel.sets()), "m2": F.jaccard(SETS)}),
-        F.counts_figure({"m1": boot}, {"m1": null.summary(boot, "auroc")}),
-        F.layer_counts_figure(
+        plots.upset_grid(
+            {"m1": feature_sets.intersections(sel.sets()), "m2": feature_sets.intersections(SETS)}, top_n=5
+        ),
+        plots.jaccard_figure({"m1": feature_sets.jaccard(sel.sets()), "m2": feature_sets.jaccard(SETS)}),
+        plots.counts_figure({"m1": boot}, {"m1": null.summary(boot, "auroc")}),
+        plots.layer_counts_figure(
             {
                 "m1": pd.DataFrame(
                     {
@@ -699,10 +699,16 @@ def test_chapter_figures_draw(sel, draws, null):
             },
             {"m1": (1, 2)},
         ),
-        F.diffuseness_figure({"m1": F.diffuseness(sel, draws), "m2": F.diffuseness(sel, draws)}),
+        plots.diffuseness_figure(
+            {"m1": diffuseness.diffuseness(sel, draws), "m2": diffuseness.diffuseness(sel, draws)}
+        ),
     ]
     codes, labels = planted(seed=5)
-    figures.append(F.coactivation_figure({"m1": F.heldout_coactivation(sel.sets(), codes, labels, n_boot=5)}))
+    figures.append(
+        plots.coactivation_figure(
+            {"m1": coactivation.heldout_coactivation(sel.sets(), codes, labels, n_boot=5)}
+        )
+    )
     upset = figures[0]
     assert len(upset.subfigs) == 2 and len(upset.axes) == 4
     assert [a.get_title() for a in figures[1].axes[:2:1]][0] == "m1"

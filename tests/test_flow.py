@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
+from emolib.methods import lens, phases, probes, roles, selectivity, similarity
+from emolib.methods.common import FlowError
+from emolib.methods.probes import ProbeConfig
 from emolib.studies import flow
-from emolib.studies.flow import FlowError, ProbeConfig
 
 FAST = ProbeConfig(n_boot=300)
 
@@ -32,7 +34,7 @@ def blobs(n_per_class: int = 20, d: int = 5, separation: float = 6.0, seed: int 
 
 def test_probe_reads_planted_labels_and_its_control_does_not():
     X, y = blobs()
-    result = flow.probe_accuracy(X, y, FAST)
+    result = probes.probe_accuracy(X, y, FAST)
     assert result.labels == ("anger", "fear", "joy")
     assert result.correct.dtype == bool and result.correct.shape == (60,)
     assert result.accuracy.value == pytest.approx(result.correct.mean())
@@ -49,14 +51,14 @@ def test_probe_is_out_of_fold_so_memorisable_features_score_at_chance():
     # one indicator feature per item: a probe fitted on all items would be perfect; unseen items are unreadable
     rng = np.random.default_rng(1)
     y = rng.permutation(np.repeat(["a", "b"], 30))
-    result = flow.probe_accuracy(np.eye(60), y, ProbeConfig(n_boot=200, control=False))
+    result = probes.probe_accuracy(np.eye(60), y, ProbeConfig(n_boot=200, control=False))
     assert result.control is None
     assert result.accuracy.value <= 0.65
 
 
 def test_probe_is_deterministic_given_the_seed():
     X, y = blobs(separation=1.0)
-    a, b = flow.probe_accuracy(X, y, FAST), flow.probe_accuracy(X, y, FAST)
+    a, b = probes.probe_accuracy(X, y, FAST), probes.probe_accuracy(X, y, FAST)
     np.testing.assert_array_equal(a.predicted, b.predicted)
     assert a.accuracy == b.accuracy and a.control == b.control
 
@@ -65,7 +67,7 @@ def test_probe_reduces_folds_for_a_small_class():
     X, y = blobs()
     keep = np.r_[0:20, 20:23, 40:60]  # "fear" keeps 3 items
     with pytest.warns(UserWarning, match="reduced from 5 to 3.*'fear' has only 3"):
-        result = flow.probe_accuracy(X[keep], y[keep], FAST)
+        result = probes.probe_accuracy(X[keep], y[keep], FAST)
     assert result.folds == 3
 
 
@@ -81,7 +83,7 @@ def test_probe_reduces_folds_for_a_small_class():
 )
 def test_probe_rejects_bad_inputs(X, y, match):
     with pytest.raises(FlowError, match=match):
-        flow.probe_accuracy(X, y, FAST)
+        probes.probe_accuracy(X, y, FAST)
 
 
 def test_probe_config_is_checked():
@@ -89,16 +91,6 @@ def test_probe_config_is_checked():
         ProbeConfig(folds=1)
     with pytest.raises(FlowError, match="level"):
         ProbeConfig(level=1.0)
-
-
-def test_probe_layers_tables_every_layer_and_stacks_correctness():
-    X, y = blobs()
-    noise = np.random.default_rng(5).normal(size=X.shape)
-    probes = flow.probe_layers({3: noise, 7: X}, y, FAST)
-    assert list(probes.table.index) == [3, 7] and probes.table.index.name == "layer"
-    assert probes.correct.shape == (2, 60)
-    np.testing.assert_allclose(probes.table["accuracy"], probes.correct.mean(axis=1))
-    assert probes.table.loc[7, "accuracy"] > probes.table.loc[3, "accuracy"] + 0.4
 
 
 # --------------------------------------------------------------------------------------------------- CKA
@@ -114,7 +106,7 @@ def naive_cka(X, Y):
 
 def test_cka_hand_computed():
     # one feature each: linear CKA is the squared correlation, (4 / sqrt(2 * 26/3))^2 = 12/13
-    assert flow.linear_cka([[0], [1], [2]], [[0], [1], [4]]) == pytest.approx(12 / 13)
+    assert similarity.linear_cka([[0], [1], [2]], [[0], [1], [4]]) == pytest.approx(12 / 13)
 
 
 @pytest.mark.parametrize("d", [5, 50])  # n = 20 items: feature form, then Gram form
@@ -122,9 +114,9 @@ def test_cka_matches_its_definition_and_is_one_on_itself(d):
     rng = np.random.default_rng(d)
     X = rng.normal(size=(20, d))
     Y = X[:, :3] @ rng.normal(size=(3, 7)) + rng.normal(size=(20, 7))
-    assert flow.linear_cka(X, X) == pytest.approx(1.0)
-    assert flow.linear_cka(X, Y) == pytest.approx(naive_cka(X, Y))
-    assert flow.linear_cka(X, Y) == pytest.approx(flow.linear_cka(Y, X))
+    assert similarity.linear_cka(X, X) == pytest.approx(1.0)
+    assert similarity.linear_cka(X, Y) == pytest.approx(naive_cka(X, Y))
+    assert similarity.linear_cka(X, Y) == pytest.approx(similarity.linear_cka(Y, X))
 
 
 @pytest.mark.parametrize("d", [4, 40])
@@ -134,32 +126,22 @@ def test_cka_is_invariant_to_rotation_scaling_and_translation(d):
     Y = X @ rng.normal(size=(d, 6)) + 0.5 * rng.normal(size=(30, 6))
     Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     moved = 3.7 * X @ Q + 5.0
-    assert flow.linear_cka(moved, Y) == pytest.approx(flow.linear_cka(X, Y))
-    assert flow.linear_cka(X, Y) < 0.99  # not trivially one
+    assert similarity.linear_cka(moved, Y) == pytest.approx(similarity.linear_cka(X, Y))
+    assert similarity.linear_cka(X, Y) < 0.99  # not trivially one
 
 
 def test_cka_of_independent_data_is_near_zero():
     rng = np.random.default_rng(0)
-    assert flow.linear_cka(rng.normal(size=(5000, 3)), rng.normal(size=(5000, 4))) < 0.01
+    assert similarity.linear_cka(rng.normal(size=(5000, 3)), rng.normal(size=(5000, 4))) < 0.01
 
 
 def test_cka_rejects_bad_inputs():
     with pytest.raises(FlowError, match="same items"):
-        flow.linear_cka(np.ones((5, 2)), np.ones((6, 2)))
+        similarity.linear_cka(np.ones((5, 2)), np.ones((6, 2)))
     with pytest.raises(FlowError, match="constant"):
-        flow.linear_cka(np.ones((5, 2)), np.arange(10.0).reshape(5, 2))
+        similarity.linear_cka(np.ones((5, 2)), np.arange(10.0).reshape(5, 2))
     with pytest.raises(FlowError, match="2-D"):
-        flow.linear_cka(np.arange(5.0), np.arange(5.0))
-
-
-def test_cka_matrix_is_symmetric_with_unit_diagonal():
-    rng = np.random.default_rng(0)
-    acts = {0: rng.normal(size=(15, 4)), 5: rng.normal(size=(15, 30)), 9: rng.normal(size=(15, 4))}
-    matrix = flow.cka_matrix(acts)
-    assert list(matrix.index) == [0, 5, 9] and list(matrix.columns) == [0, 5, 9]
-    np.testing.assert_allclose(matrix.to_numpy(), matrix.to_numpy().T)
-    np.testing.assert_allclose(np.diag(matrix), 1.0)
-    assert matrix.loc[0, 5] == pytest.approx(flow.linear_cka(acts[0], acts[5]))
+        similarity.linear_cka(np.arange(5.0), np.arange(5.0))
 
 
 # -------------------------------------------------------------------------------------------- logit lens
@@ -179,21 +161,21 @@ def final_residual_and_probs(model, tokenizer):
 
 def test_lens_at_the_last_layer_is_the_models_own_output(any_tiny_model, tiny_tokenizer):
     resid, probs, _ = final_residual_and_probs(any_tiny_model, tiny_tokenizer)
-    lens = flow.logit_lens(any_tiny_model, resid, LABEL_IDS, batch_size=3)  # several batches
+    lensed = lens.logit_lens(any_tiny_model, resid, LABEL_IDS, batch_size=3)  # several batches
     expected = probs[:, LABEL_IDS].numpy()
-    np.testing.assert_allclose(lens.label_probs, expected, atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(lens.renormalised, expected / expected.sum(1, keepdims=True), atol=1e-5)
-    np.testing.assert_allclose(lens.mass, expected.sum(1), atol=1e-5)
-    assert lens.label_probs.shape == (len(resid), len(LABEL_IDS))
+    np.testing.assert_allclose(lensed.label_probs, expected, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(lensed.renormalised, expected / expected.sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(lensed.mass, expected.sum(1), atol=1e-5)
+    assert lensed.label_probs.shape == (len(resid), len(LABEL_IDS))
 
 
 def test_lens_sums_a_labels_tokens_and_reads_numpy_and_earlier_layers(tiny_model, tiny_tokenizer):
     resid, _, cache = final_residual_and_probs(tiny_model, tiny_tokenizer)
-    single = flow.logit_lens(tiny_model, resid, LABEL_IDS)
-    grouped = flow.logit_lens(tiny_model, resid.numpy(), [[5, 17], 42])
+    single = lens.logit_lens(tiny_model, resid, LABEL_IDS)
+    grouped = lens.logit_lens(tiny_model, resid.numpy(), [[5, 17], 42])
     np.testing.assert_allclose(grouped.label_probs[:, 0], single.label_probs[:, :2].sum(1), rtol=1e-6)
     np.testing.assert_allclose(grouped.label_probs[:, 1], single.label_probs[:, 2], rtol=1e-6)
-    early = flow.logit_lens(tiny_model, cache["blocks.0.hook_resid_post"].reshape(len(resid), -1), LABEL_IDS)
+    early = lens.logit_lens(tiny_model, cache["blocks.0.hook_resid_post"].reshape(len(resid), -1), LABEL_IDS)
     assert not np.allclose(early.label_probs, single.label_probs)
     np.testing.assert_allclose(early.renormalised.sum(1), 1.0)
 
@@ -201,33 +183,33 @@ def test_lens_sums_a_labels_tokens_and_reads_numpy_and_earlier_layers(tiny_model
 def test_lens_rejects_bad_inputs_and_readout_hooks(tiny_model, tiny_tokenizer):
     resid, _, _ = final_residual_and_probs(tiny_model, tiny_tokenizer)
     with pytest.raises(FlowError, match="d_model=32"):
-        flow.logit_lens(tiny_model, resid[:, :10], LABEL_IDS)
+        lens.logit_lens(tiny_model, resid[:, :10], LABEL_IDS)
     with pytest.raises(FlowError, match="d_model"):
-        flow.logit_lens(tiny_model, resid[0], LABEL_IDS)
+        lens.logit_lens(tiny_model, resid[0], LABEL_IDS)
     with pytest.raises(FlowError, match="ambiguous"):
-        flow.logit_lens(tiny_model, resid, [[5, 17], [17]])
+        lens.logit_lens(tiny_model, resid, [[5, 17], [17]])
     with pytest.raises(FlowError, match="must be in"):
-        flow.logit_lens(tiny_model, resid, [5, 400])
+        lens.logit_lens(tiny_model, resid, [5, 400])
     with (
         tiny_model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda t, hook: t)]),
         pytest.raises(FlowError, match="ln_final.hook_normalized"),
     ):
-        flow.logit_lens(tiny_model, resid, LABEL_IDS)
+        lens.logit_lens(tiny_model, resid, LABEL_IDS)
 
 
 def test_label_first_tokens_and_gold_column():
     sequences = [(0, (5,)), (0, (6, 7)), (1, (9, 3)), (0, (5, 8))]
-    assert flow.label_first_tokens(sequences, 2) == [[5, 6], [9]]
+    assert lens.label_first_tokens(sequences, 2) == [[5, 6], [9]]
     with pytest.raises(FlowError, match="ambiguous"):
-        flow.label_first_tokens([(0, (5,)), (1, (5, 2))], 2)
+        lens.label_first_tokens([(0, (5,)), (1, (5, 2))], 2)
     with pytest.raises(FlowError, match="no verbaliser"):
-        flow.label_first_tokens(sequences, 3)
+        lens.label_first_tokens(sequences, 3)
     values = np.array([[0.1, 0.9], [0.7, 0.3], [0.4, 0.6]])
-    np.testing.assert_allclose(flow.at_gold(values, ["b", "a", "a"], ("a", "b")), [0.9, 0.7, 0.4])
+    np.testing.assert_allclose(lens.at_gold(values, ["b", "a", "a"], ("a", "b")), [0.9, 0.7, 0.4])
     with pytest.raises(FlowError, match="not among"):
-        flow.at_gold(values, ["b", "a", "c"], ("a", "b"))
+        lens.at_gold(values, ["b", "a", "c"], ("a", "b"))
     with pytest.raises(FlowError, match="n_items=2"):
-        flow.at_gold(values, ["b", "a"], ("a", "b"))
+        lens.at_gold(values, ["b", "a"], ("a", "b"))
 
 
 # ------------------------------------------------------------------------------------------ segmentation
@@ -239,7 +221,7 @@ def planted(means: list[tuple[int, list[float]]], noise: float, seed: int, first
     signal = np.concatenate([np.tile(m, (n, 1)) for n, m in means])
     signal = signal + noise * rng.normal(size=signal.shape)
     layers = range(first_layer, first_layer + len(signal))
-    return flow.layer_profile({f"m{j}": signal[:, j] for j in range(signal.shape[1])}, layers)
+    return phases.layer_profile({f"m{j}": signal[:, j] for j in range(signal.shape[1])}, layers)
 
 
 THREE = [(7, [0.0, 0.0]), (12, [1.0, -1.0]), (11, [3.0, 1.0])]  # 30 layers, phases start at 7 and 19
@@ -247,7 +229,7 @@ THREE = [(7, [0.0, 0.0]), (12, [1.0, -1.0]), (11, [3.0, 1.0])]  # 30 layers, pha
 
 def test_a_planted_change_point_is_recovered_exactly():
     profile = planted([(8, [0.2, 5.0]), (12, [0.8, 2.0])], noise=0.1, seed=0, first_layer=10)
-    segmentation = flow.segment_phases(profile, 2)
+    segmentation = phases.segment_phases(profile, 2)
     assert segmentation.boundaries == (18,)
     assert segmentation.phases == ((10, 17), (18, 29))
     phase = segmentation.phase_of(profile.index)
@@ -256,27 +238,27 @@ def test_a_planted_change_point_is_recovered_exactly():
 
 def test_three_planted_phases_are_recovered_and_the_cost_is_the_z_scored_l2_cost():
     profile = planted(THREE, noise=0.3, seed=1)
-    segmentation = flow.segment_phases(profile, 3)
+    segmentation = phases.segment_phases(profile, 3)
     assert segmentation.boundaries == (7, 19)
     z = (profile - profile.mean()) / profile.std(ddof=0)
     cost = sum(((part - part.mean()) ** 2).to_numpy().sum() for part in (z[:7], z[7:19], z[19:]))
     assert segmentation.cost == pytest.approx(cost)
-    assert flow.segment_phases(profile, 1).cost == pytest.approx(len(profile) * 2)  # z-scored: variance 1
+    assert phases.segment_phases(profile, 1).cost == pytest.approx(len(profile) * 2)  # z-scored: variance 1
 
 
 def test_a_constant_metric_changes_nothing():
     profile = planted(THREE, noise=0.3, seed=1)
     rounded = 0.1 + 1e-16 * (np.arange(30) % 3)  # constant but for rounding: z-scoring must not inflate it
     with_constant = profile.assign(flat=7.0, rounded=rounded)
-    assert not np.isnan(flow.standardised(with_constant)).any()
-    a, b = flow.segment_phases(profile, 3), flow.segment_phases(with_constant, 3)
+    assert not np.isnan(phases.standardised(with_constant)).any()
+    a, b = phases.segment_phases(profile, 3), phases.segment_phases(with_constant, 3)
     assert a.boundaries == b.boundaries and a.cost == pytest.approx(b.cost)
 
 
 def test_min_size_keeps_a_single_odd_layer_from_being_a_phase():
     profile = planted([(1, [9.0]), (9, [0.0]), (10, [2.0])], noise=0.05, seed=0)
-    assert flow.segment_phases(profile, 3, min_size=1).boundaries == (1, 10)
-    two_layers_at_least = flow.segment_phases(profile, 3, min_size=2)
+    assert phases.segment_phases(profile, 3, min_size=1).boundaries == (1, 10)
+    two_layers_at_least = phases.segment_phases(profile, 3, min_size=2)
     assert two_layers_at_least.boundaries == (2, 10)
     assert all(last > first for first, last in two_layers_at_least.phases)
 
@@ -287,20 +269,20 @@ def test_min_size_keeps_a_single_odd_layer_from_being_a_phase():
 )
 def test_segmentation_rejects_impossible_phase_counts(n_phases, min_size, match):
     with pytest.raises(FlowError, match=match):
-        flow.segment_phases(planted(THREE, 0.3, 0), n_phases, min_size=min_size)
+        phases.segment_phases(planted(THREE, 0.3, 0), n_phases, min_size=min_size)
 
 
 def test_profiles_are_checked():
     with pytest.raises(FlowError, match="same length"):
-        flow.layer_profile({"a": [1, 2, 3], "b": [1, 2]})
+        phases.layer_profile({"a": [1, 2, 3], "b": [1, 2]})
     with pytest.raises(FlowError, match="2 layers given"):
-        flow.layer_profile({"a": [1, 2, 3]}, layers=[0, 1])
+        phases.layer_profile({"a": [1, 2, 3]}, layers=[0, 1])
     with pytest.raises(FlowError, match="NaN"):
-        flow.layer_profile({"a": [1, np.nan, 3]})
+        phases.layer_profile({"a": [1, np.nan, 3]})
     with pytest.raises(FlowError, match="repeated"):
-        flow.segment_phases(pd.DataFrame({"a": [1.0, 2.0, 3.0]}, index=[0, 1, 1]), 1)
+        phases.segment_phases(pd.DataFrame({"a": [1.0, 2.0, 3.0]}, index=[0, 1, 1]), 1)
     with pytest.raises(FlowError, match="non-empty"):
-        flow.segment_phases(pd.DataFrame(), 1)
+        phases.segment_phases(pd.DataFrame(), 1)
 
 
 # --------------------------------------------------------------------------------- phase-count test
@@ -308,9 +290,11 @@ def test_profiles_are_checked():
 
 @pytest.mark.parametrize("penalty", ["calibrated", "bic"])
 def test_three_planted_phases_choose_three_not_two_or_four(penalty):
-    chosen = [flow.phase_count_test(planted(THREE, 0.3, seed), penalty=penalty).chosen for seed in range(10)]
+    chosen = [
+        phases.phase_count_test(planted(THREE, 0.3, seed), penalty=penalty).chosen for seed in range(10)
+    ]
     assert chosen == [3] * 10
-    test = flow.phase_count_test(planted(THREE, 0.3, 0), penalty=penalty)
+    test = phases.phase_count_test(planted(THREE, 0.3, 0), penalty=penalty)
     assert list(test.table.index) == [1, 2, 3, 4]
     assert test.table.loc[3, "reduction"] > test.penalty > test.table.loc[4, "reduction"]
     assert test.table.loc[3, "boundaries"] == (7, 19)
@@ -321,9 +305,9 @@ def test_three_planted_phases_choose_three_not_two_or_four(penalty):
 
 def test_pure_noise_rarely_gets_phases():
     noise = [planted([(30, [0.0, 0.0])], 1.0, seed) for seed in range(40)]
-    chosen = [flow.phase_count_test(profile).chosen for profile in noise]
+    chosen = [phases.phase_count_test(profile).chosen for profile in noise]
     assert chosen.count(1) >= 34  # the calibrated penalty allows ~5% false phases
-    without_one = flow.phase_count_test(noise[0], candidates=(2, 3, 4))
+    without_one = phases.phase_count_test(noise[0], candidates=(2, 3, 4))
     assert without_one.chosen == 2
 
 
@@ -331,39 +315,39 @@ def test_the_calibrated_penalty_lets_noise_buy_a_phase_about_five_percent_of_the
     rng = np.random.default_rng(7)
     hits = []
     for _ in range(150):
-        profile = flow.layer_profile({"a": rng.normal(size=20), "b": 3 * rng.normal(size=20)})
-        penalty = flow.calibrated_penalty(profile, sd=[1.0, 3.0], n_sim=400)
-        drop = flow.segment_phases(profile, 1).cost - flow.segment_phases(profile, 2).cost
+        profile = phases.layer_profile({"a": rng.normal(size=20), "b": 3 * rng.normal(size=20)})
+        penalty = phases.calibrated_penalty(profile, sd=[1.0, 3.0], n_sim=400)
+        drop = phases.segment_phases(profile, 1).cost - phases.segment_phases(profile, 2).cost
         hits.append(drop > penalty)
     assert 0.01 <= np.mean(hits) <= 0.12
 
 
 def test_penalty_extremes_and_smooth_trends():
     profile = planted(THREE, 0.3, 0)
-    assert flow.phase_count_test(profile, penalty=0.0).chosen == 4
-    assert flow.phase_count_test(profile, penalty=1e6).chosen == 1
+    assert phases.phase_count_test(profile, penalty=0.0).chosen == 4
+    assert phases.phase_count_test(profile, penalty=1e6).chosen == 1
     x = np.linspace(-3, 3, 30)
-    ramp = flow.layer_profile({"s": 1 / (1 + np.exp(-2 * x)), "r": x})
-    assert flow.phase_count_test(ramp).at_largest  # a trend is not a few steps: no count is supported
+    ramp = phases.layer_profile({"s": 1 / (1 + np.exp(-2 * x)), "r": x})
+    assert phases.phase_count_test(ramp).at_largest  # a trend is not a few steps: no count is supported
 
 
 def test_noiseless_steps_choose_the_fewest_exact_phases():
     profile = planted(THREE, 0.0, 0)
-    assert flow.phase_count_test(profile).chosen == 3
+    assert phases.phase_count_test(profile).chosen == 3
 
 
 def test_phase_count_test_rejects_bad_settings():
     profile = planted(THREE, 0.3, 0)
     with pytest.raises(FlowError, match="do not fit"):
-        flow.phase_count_test(profile, candidates=(2, 16))
+        phases.phase_count_test(profile, candidates=(2, 16))
     with pytest.raises(FlowError, match="one of"):
-        flow.phase_count_test(profile, penalty="aic")
+        phases.phase_count_test(profile, penalty="aic")
     with pytest.raises(FlowError, match="non-negative"):
-        flow.phase_count_test(profile, penalty=-1.0)
+        phases.phase_count_test(profile, penalty=-1.0)
     with pytest.raises(FlowError, match="one non-negative value per metric"):
-        flow.phase_count_test(profile, sd=[1.0])
+        phases.phase_count_test(profile, sd=[1.0])
     with pytest.raises(FlowError, match="no candidate"):
-        flow.phase_count_test(profile, candidates=())
+        phases.phase_count_test(profile, candidates=())
 
 
 # ------------------------------------------------------------------------------------- item bootstraps
@@ -381,21 +365,21 @@ def item_values(step: float, n_items: int = 60, seed: int = 0) -> dict[str, np.n
 
 def test_item_metric_profile_averages_the_chosen_items():
     values = {"a": np.arange(12.0).reshape(3, 4), "b": np.ones((3, 4))}
-    profile = flow.item_metric_profile(values, [0, 0, 3], layers=[4, 5, 6])
+    profile = phases.item_metric_profile(values, [0, 0, 3], layers=[4, 5, 6])
     assert list(profile.index) == [4, 5, 6] and list(profile.columns) == ["a", "b"]
     np.testing.assert_allclose(profile["a"], [1.0, 5.0, 9.0])  # (0 + 0 + 3) / 3, ...
-    np.testing.assert_allclose(flow.item_metric_profile(values)["a"], [1.5, 5.5, 9.5])
+    np.testing.assert_allclose(phases.item_metric_profile(values)["a"], [1.5, 5.5, 9.5])
     with pytest.raises(FlowError, match="same"):
-        flow.item_metric_profile({"a": np.ones((3, 4)), "b": np.ones((3, 5))})
+        phases.item_metric_profile({"a": np.ones((3, 4)), "b": np.ones((3, 5))})
     with pytest.raises(FlowError, match="integer positions"):
-        flow.item_metric_profile(values, [0, 4])
+        phases.item_metric_profile(values, [0, 4])
     with pytest.raises(FlowError, match="integer positions"):
-        flow.item_metric_profile(values, [0.0, 1.0])
+        phases.item_metric_profile(values, [0.0, 1.0])
 
 
 def test_bootstrap_intervals_contain_planted_boundaries_and_are_narrow_for_a_strong_signal():
-    profile_fn = functools.partial(flow.item_metric_profile, item_values(step=1.5))
-    boot = flow.bootstrap_boundaries(profile_fn, 60, 3, n_boot=40, seed=0, candidates=(1, 2, 3, 4))
+    profile_fn = functools.partial(phases.item_metric_profile, item_values(step=1.5))
+    boot = phases.bootstrap_boundaries(profile_fn, 60, 3, n_boot=40, seed=0, candidates=(1, 2, 3, 4))
     assert boot.point.boundaries == (6, 14)
     for interval, planted_at in zip(boot.intervals, (6, 14), strict=True):
         assert interval.low <= planted_at <= interval.high
@@ -403,15 +387,15 @@ def test_bootstrap_intervals_contain_planted_boundaries_and_are_narrow_for_a_str
     assert boot.draws.shape == (40, 2)
     assert boot.counts is not None and boot.counts.loc[3] >= 0.9
     assert boot.boundary_frequency().sum() == pytest.approx(2.0)
-    again = flow.bootstrap_boundaries(profile_fn, 60, 3, n_boot=40, seed=0)
+    again = phases.bootstrap_boundaries(profile_fn, 60, 3, n_boot=40, seed=0)
     pd.testing.assert_frame_equal(boot.draws, again.draws)
     assert again.counts is None
 
 
 def test_bootstrap_intervals_widen_for_a_weak_signal():
     def width(step):
-        fn = functools.partial(flow.item_metric_profile, item_values(step=step, n_items=30))
-        boot = flow.bootstrap_boundaries(fn, 30, 3, n_boot=40, seed=1)
+        fn = functools.partial(phases.item_metric_profile, item_values(step=step, n_items=30))
+        boot = phases.bootstrap_boundaries(fn, 30, 3, n_boot=40, seed=1)
         return sum(i.high - i.low for i in boot.intervals)
 
     assert width(0.15) > width(1.5) + 4
@@ -423,12 +407,12 @@ def test_bootstrap_rejects_inconsistent_profiles():
 
     def shifting(indices):
         calls.append(indices)
-        return flow.item_metric_profile(values, indices, layers=range(len(calls), len(calls) + 20))
+        return phases.item_metric_profile(values, indices, layers=range(len(calls), len(calls) + 20))
 
     with pytest.raises(FlowError, match="same layers"):
-        flow.bootstrap_boundaries(shifting, 60, 2, n_boot=5)
+        phases.bootstrap_boundaries(shifting, 60, 2, n_boot=5)
     with pytest.raises(FlowError, match="at least 2 items"):
-        flow.bootstrap_boundaries(shifting, 1, 2)
+        phases.bootstrap_boundaries(shifting, 1, 2)
 
 
 # ------------------------------------------------------------------------------------ per-layer controls
@@ -436,27 +420,27 @@ def test_bootstrap_rejects_inconsistent_profiles():
 
 def test_permutation_chance_is_the_expected_accuracy_under_shuffled_gold():
     gold = np.array(["a", "b", "c", "a", "b", "c"])
-    assert flow.permutation_chance(gold, gold) == pytest.approx(1 / 3)  # balanced: 1 / L
-    assert flow.permutation_chance(["a"] * 6, gold) == pytest.approx(1 / 3)  # always one label
+    assert lens.permutation_chance(gold, gold) == pytest.approx(1 / 3)  # balanced: 1 / L
+    assert lens.permutation_chance(["a"] * 6, gold) == pytest.approx(1 / 3)  # always one label
     skewed = np.array(["a", "a", "a", "a", "b", "c"])
-    assert flow.permutation_chance(skewed, skewed) == pytest.approx((4 / 6) ** 2 + 2 * (1 / 6) ** 2)
+    assert lens.permutation_chance(skewed, skewed) == pytest.approx((4 / 6) ** 2 + 2 * (1 / 6) ** 2)
     rng = np.random.default_rng(0)
     simulated = np.mean([(skewed == rng.permutation(skewed)).mean() for _ in range(4000)])
-    assert simulated == pytest.approx(flow.permutation_chance(skewed, skewed), abs=0.01)
+    assert simulated == pytest.approx(lens.permutation_chance(skewed, skewed), abs=0.01)
     with pytest.raises(FlowError, match="same non-empty"):
-        flow.permutation_chance(["a"], ["a", "b"])
+        lens.permutation_chance(["a"], ["a", "b"])
 
 
 def test_consecutive_cka_tracks_identity_and_its_control_is_low():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 6))
     acts = {0: X, 1: 2 * X + 1, 2: rng.normal(size=(80, 6))}
-    table = flow.consecutive_cka(acts, seed=0)
+    table = similarity.consecutive_cka(acts, seed=0)
     assert list(table.index) == [0, 1, 2] and np.isnan(table.loc[0, "cka"])
     assert table.loc[1, "cka"] == pytest.approx(1.0)
     assert table.loc[1, "control"] < 0.3 and table.loc[2, "cka"] < 0.3
     with pytest.raises(FlowError, match="two layers"):
-        flow.consecutive_cka({0: X})
+        similarity.consecutive_cka({0: X})
 
 
 def coded_items(n_per: int = 15, d: int = 12, seed: int = 0):
@@ -470,7 +454,7 @@ def coded_items(n_per: int = 15, d: int = 12, seed: int = 0):
 
 def test_selective_with_null_finds_the_planted_feature_and_the_null_does_not():
     codes, y = coded_items()
-    result = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
+    result = selectivity.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
     assert result.count >= 1 and result.selectivity.selective[0, 0]
     assert result.null_counts.shape == (10,) and result.null_counts.max() == 0
     assert result.exceeds_null and result.p_value == pytest.approx(1 / 11)
@@ -479,17 +463,17 @@ def test_selective_with_null_finds_the_planted_feature_and_the_null_does_not():
     assert (result.null_shares == 0).all()
     row = result.row()
     assert row["selective"] == result.count and row["selective_null_max"] == 0
-    again = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
+    again = selectivity.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=10, seed=0)
     np.testing.assert_array_equal(result.null_counts, again.null_counts)
     with pytest.raises(FlowError, match="non-negative"):
-        flow.selective_with_null(-codes, y, ("joy", "fear", "anger"))
+        selectivity.selective_with_null(-codes, y, ("joy", "fear", "anger"))
 
 
 def test_selective_with_null_on_noise_does_not_exceed_its_null():
     rng = np.random.default_rng(3)
     codes = np.maximum(rng.normal(size=(45, 20)), 0)
     y = np.repeat(["joy", "fear", "anger"], 15)
-    result = flow.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=5)
+    result = selectivity.selective_with_null(codes, y, ("joy", "fear", "anger"), n_shuffles=5)
     assert result.count == 0 and not result.exceeds_null and result.p_value == 1.0
 
 
@@ -517,23 +501,23 @@ def test_token_codes_marks_template_rows_and_top_tokens_shows_context():
     masks = [np.array([False, False, True, False]), np.array([False, False, True])]
     rows = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 5.0]])
     store = FakeStore([0, 0, 0, 1], [1, 2, 3, 2], [11, 12, 13, 14], rows)
-    tokens = flow.token_codes(store, "h", lambda x: x * 2, masks)
+    tokens = roles.token_codes(store, "h", lambda x: x * 2, masks)
     np.testing.assert_array_equal(tokens.is_template, [True, False, True, False])
     np.testing.assert_allclose(tokens.codes, rows * 2)
-    table = flow.top_tokens(
+    table = roles.top_tokens(
         tokens.codes[:, 1], tokens, prompts, lambda ids: "".join(f"<{i}>" for i in ids), k=5
     )
     assert list(table["token"]) == ["<14>", "<12>"]  # only active rows, strongest first
     assert table.loc[0, "context"] == "<10><11>[[<14>]]" and not table.loc[0, "template"]
     with pytest.raises(FlowError, match="beyond"):
-        flow.token_codes(FakeStore([1], [3], [1], rows[:1]), "h", lambda x: x, masks)
+        roles.token_codes(FakeStore([1], [3], [1], rows[:1]), "h", lambda x: x, masks)
     with pytest.raises(FlowError, match="one entry per stored token"):
-        flow.top_tokens(np.ones(2), tokens, prompts, str)
+        roles.top_tokens(np.ones(2), tokens, prompts, str)
 
 
 def test_role_mass_shares_sum_to_one():
     codes = np.array([[1.0, 2.0, 0.0], [1.0, 0.0, 4.0]])
-    shares = flow.role_mass_shares(
+    shares = roles.role_mass_shares(
         codes, ["template", "emotion", "template"], ("template", "content", "emotion")
     )
     assert shares == pytest.approx({"template": 0.75, "content": 0.0, "emotion": 0.25})
@@ -595,13 +579,3 @@ def test_phase_roles_verdict():
     assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]).iloc[:2])[0] == (
         "inconclusive"
     )
-
-
-def test_mean_interval_covers_the_mean_and_shrinks_with_more_items():
-    rng = np.random.default_rng(0)
-    small, large = rng.normal(size=20), rng.normal(size=2000)
-    a, b = flow.mean_interval(small, n_boot=500), flow.mean_interval(large, n_boot=500)
-    assert a.low <= a.value <= a.high and a.value == pytest.approx(small.mean())
-    assert (b.high - b.low) < (a.high - a.low) / 5
-    with pytest.raises(FlowError, match="non-empty"):
-        flow.mean_interval([])

@@ -272,3 +272,13 @@ def test_agreement_rate():
     assert (same.value, same.low, same.high) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError):
         stats.agreement_rate(a, b[:-1])
+
+
+def test_mean_interval_covers_the_mean_and_shrinks_with_more_items():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=20), rng.normal(size=2000)
+    a, b = stats.mean_interval(small, n_boot=500), stats.mean_interval(large, n_boot=500)
+    assert a.low <= a.value <= a.high and a.value == pytest.approx(small.mean())
+    assert (b.high - b.low) < (a.high - a.low) / 5
+    with pytest.raises(ValueError, match="non-empty"):
+        stats.mean_interval([])

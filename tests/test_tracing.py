@@ -20,15 +20,8 @@ from sae_lens.saes.standard_sae import StandardSAEConfig
 
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
 from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix
-from emolib.studies.tracing import (
-    FeatureTracer,
-    TracingConfig,
-    TracingError,
-    confusion_shift,
-    gold_drop_matrix,
-    k50_table,
-    summarize_effects,
-)
+from emolib.methods.ablation import confusion_shift, gold_drop_matrix, k50_table, summarize_effects
+from emolib.methods.tracing import FeatureTracer, TracingConfig, TracingError
 
 #: Labels whose first tokens are distinct in the tiny tokenizer (first-token scoring applies).
 LABELS = ("anger", "joy", "fear")

@@ -7,16 +7,18 @@ import pandas as pd
 import pytest
 from test_tracing import FAST, GOLD, PHASES, TEXTS, curve_row, planted  # noqa: F401 (the fixture `study` uses)
 
+from emolib.methods import ablation
+from emolib.methods.ablation import top_vs_random
+from emolib.methods.common import FlowError
+from emolib.methods.tracing import FeatureTracer
 from emolib.studies import tracing
-from emolib.studies.flow import FlowError, phases_from_results
+from emolib.studies.flow import phases_from_results
 from emolib.studies.tracing import (
-    FeatureTracer,
     StudyConfig,
     TracingRule,
     cached_study,
     run_study,
     small_set_verdict,
-    top_vs_random,
     varies_verdict,
     weaker_diffuse_verdict,
 )
@@ -106,20 +108,20 @@ def test_top_vs_random_is_the_paired_excess():
 
 def test_verdicts_on_known_curves():
     frame = curves({"joy": CONCENTRATED, "anger": CONCENTRATED, "disgust": DIFFUSE_WEAK})
-    k50 = tracing.k50_table(frame, metrics=("prob",), n_boot=100, min_effect=0.01)
+    k50 = ablation.k50_table(frame, metrics=("prob",), n_boot=100, min_effect=0.01)
     versus = top_vs_random(frame, n_boot=100)
     small = small_set_verdict(k50, versus, "p", RULE)
     assert small.verdict == "holds" and "2 of 3" in small.reason
     assert varies_verdict(frame, k50, "p", RULE).verdict == "holds"
     assert weaker_diffuse_verdict(frame, k50, "p", RULE).verdict == "holds"
     same = curves({"joy": CONCENTRATED, "anger": CONCENTRATED, "disgust": CONCENTRATED})
-    same_k50 = tracing.k50_table(same, metrics=("prob",), n_boot=100, min_effect=0.01)
+    same_k50 = ablation.k50_table(same, metrics=("prob",), n_boot=100, min_effect=0.01)
     assert weaker_diffuse_verdict(same, same_k50, "p", RULE).verdict == "does not hold"
     assert varies_verdict(same, same_k50, "p", RULE).verdict == "does not hold"
     without = curves({"joy": CONCENTRATED, "anger": CONCENTRATED})
     assert weaker_diffuse_verdict(without, same_k50, "p", RULE).verdict == "inconclusive"
     nothing = curves({"joy": {**CONCENTRATED, "whole": -0.2}})
-    none_k50 = tracing.k50_table(nothing, metrics=("prob",), n_boot=50, min_effect=0.01)
+    none_k50 = ablation.k50_table(nothing, metrics=("prob",), n_boot=50, min_effect=0.01)
     assert small_set_verdict(none_k50, top_vs_random(nothing), "p", RULE).verdict == "inconclusive"
 
 

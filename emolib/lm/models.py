@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,9 @@ class ModelSpec:
     gguf_locator: Callable[[], Path]
     tl_name: str | None
     quantisation: str
+    #: How figures and tables name the model, and the colour that stands for it in every figure.
+    display_name: str = ""
+    colour: str = "#444444"
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ MODELS: dict[str, ModelSpec] = {
             gguf_locator=_smollm2_gguf,
             tl_name=None,
             quantisation="Q4_1",
+            display_name="SmolLM2-135M-Instruct",
+            colour="#1f77b4",
         ),
         ModelSpec(
             name="gemma-3-270m",
@@ -137,9 +142,27 @@ MODELS: dict[str, ModelSpec] = {
             gguf_locator=_gemma3_270m_gguf,
             tl_name="google/gemma-3-270m",
             quantisation="Q4_K_M",
+            display_name="Gemma-3-270m",
+            colour="#d62728",
         ),
     ]
 }
+
+#: The models every chapter runs by default (a chapter's `models` parameter overrides it): registered models only.
+BOOK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+def book_models(models: Sequence[str] | None = None) -> list[str]:
+    """A chapter's model list: `models` as given, or the book's models when it is None."""
+    return list(BOOK_MODELS if models is None else models)
+
+
+def model_colour(name: str, index: int = 0) -> str:
+    """The colour that stands for a model in figures: its registry colour, else one of matplotlib's cycle."""
+    if name in MODELS:
+        return MODELS[name].colour
+    cycle = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e")
+    return cycle[index % len(cycle)]
 
 
 def _convert_gguf(spec: ModelSpec, folder: Path) -> None:
