@@ -4,6 +4,7 @@ emolib book --preset quick                      # execute every chapter, then re
 emolib book --chapters 00_setup -p n_items=20   # one chapter with an override, rendered as a partial book
 emolib book --render-only                       # re-render from _build/executed/ (refuses stale notebooks)
 emolib readme                                   # rewrite the README block from _build/results/*.json
+emolib compare OLD NEW                          # compare two builds' results, number by number
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     readme.add_argument(
         "--results-dir", type=Path, help="default: $EMOLIB_BUILD_DIR/results or _build/results"
     )
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare two results files or folders number by number (did a change move any result?)",
+        description="Exit 0 when every number of OLD is in NEW (within the tolerance), 1 otherwise.",
+    )
+    compare.add_argument("old", type=Path, help="a results file or a folder of them (e.g. another build's)")
+    compare.add_argument("new", type=Path, help="the results file or folder to compare with")
+    compare.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6)")
+    compare.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance (default 1e-9)")
+    compare.add_argument("--limit", type=int, default=30, help="differences listed per kind (default 30)")
     return parser
 
 
@@ -97,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         changed = update_readme(args.readme, args.results_dir)
         print("[emolib] README results table " + ("updated" if changed else "already up to date"))
         return 0
+    if args.command == "compare":
+        from emolib.pipeline.compare import compare_results
+
+        comparison = compare_results(args.old, args.new, rtol=args.rtol, atol=args.atol)
+        print(comparison.report(limit=args.limit))
+        return 0 if comparison.same else 1
     return 2
 
 

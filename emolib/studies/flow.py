@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from emolib.methods.common import FlowError
+from emolib.stats import Estimate
 
 
 def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None) -> tuple[str, str]:
@@ -87,36 +90,103 @@ def phase_roles_verdict(shares: pd.DataFrame) -> tuple[str, str]:
     return verdict, f"{reason} (expected 1, 2, 3: {len(met)} of 3 as expected)"
 
 
-def phases_from_results(
-    record: Mapping, model: str, *, n_phases: int = 3, subset: str = "all"
-) -> dict[str, tuple[int, ...]]:
-    """The layers of each phase of `model`'s best `n_phases`-phase cut, from the flow chapter's results.
+# ------------------------------------------------------------------------------------------------ result
+# The interface later chapters use (phases of a cut, the final phase, the chosen phase count) is fixed here; the
+# rest of the result is filled in by the flow study (`run_flow`).
 
-    Reads `record["models"][model]["subsets"][subset]["boundaries"][str(n_phases)]["phases"]` (a list of
-    [first, last] layers) as `read_results("flow")` returns it, and gives `{"phase 1": (0, 1, ...), ...}`, so
-    later chapters stratify by the same phases chapter 1 found. Missing keys raise, naming what is there.
-    """
-    models = record.get("models", {})
-    if model not in models:
-        raise FlowError(
-            f"the flow results have no model {model!r} (have {sorted(models)}): run chapter 01_flow with it"
+
+@dataclass(frozen=True)
+class PhaseCut:
+    """The best cut of one subset's layer profile into `len(phases)` phases: `phases` as (first, last) layers,
+    `intervals` the item-bootstrap intervals of the boundaries (first layers of phases 2..n)."""
+
+    phases: tuple[tuple[int, int], ...]
+    intervals: tuple[Estimate, ...]
+
+    def layers(self) -> dict[str, tuple[int, ...]]:
+        """`{"phase 1": (0, 1, ...), ...}`: every layer of each phase, contiguous and in order."""
+        out = {f"phase {i}": tuple(range(first, last + 1)) for i, (first, last) in enumerate(self.phases, 1)}
+        flat = [layer for members in out.values() for layer in members]
+        if not flat or flat != list(range(flat[0], flat[0] + len(flat))):
+            raise FlowError(f"the cut {self.phases} is not a contiguous range of layers")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phases": [list(p) for p in self.phases], "intervals": [e.as_dict() for e in self.intervals]}
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> PhaseCut:
+        return cls(
+            phases=tuple((int(a), int(b)) for a, b in payload["phases"]),
+            intervals=tuple(
+                Estimate(e["value"], e["low"], e["high"], e.get("level", 0.95)) for e in payload["intervals"]
+            ),
         )
-    subsets = models[model].get("subsets", {})
+
+
+def phase_cuts(result: Mapping[str, Any], model: str, subset: str) -> dict[int, PhaseCut]:
+    """The cuts stored for one subset of a flow result's JSON (`subsets.<subset>.boundaries`), by phase count."""
+    subsets = result.get("subsets", {})
     if subset not in subsets or "boundaries" not in subsets[subset]:
         raise FlowError(
-            f"the flow results for {model!r} have no boundaries for the subset {subset!r} "
-            f"(subsets: {sorted(subsets)})"
+            f"the flow results for {model!r} have no boundaries for the subset {subset!r} (subsets: {sorted(subsets)})"
         )
-    cuts = subsets[subset]["boundaries"]
-    if str(n_phases) not in cuts:
-        raise FlowError(
-            f"the flow results for {model!r} ({subset}) have no {n_phases}-phase cut (have {sorted(cuts)})"
+    return {int(k): PhaseCut.from_json(v) for k, v in subsets[subset]["boundaries"].items()}
+
+
+@dataclass
+class FlowResult:
+    """One model's flow study. Later chapters read it only through `phases`, `final_phase` and
+    `chosen_phase_count` (from `read_study_results("flow", FlowResult)`).
+
+    `cuts[subset][n]` is the best n-phase cut of the subset's profile; `chosen[subset]` the phase count its test
+    prefers. The other fields hold what chapter 1 shows.
+    """
+
+    study: ClassVar[str] = "flow"
+
+    model: str
+    cuts: dict[str, dict[int, PhaseCut]]
+    chosen: dict[str, int]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def cut(self, n_phases: int = 3, subset: str = "all") -> PhaseCut:
+        if subset not in self.cuts:
+            raise FlowError(
+                f"the flow results for {self.model!r} have no subset {subset!r} ({sorted(self.cuts)})"
+            )
+        if n_phases not in self.cuts[subset]:
+            raise FlowError(
+                f"the flow results for {self.model!r} ({subset}) have no {n_phases}-phase cut "
+                f"(have {sorted(self.cuts[subset])})"
+            )
+        return self.cuts[subset][n_phases]
+
+    def phases(self, n_phases: int = 3, subset: str = "all") -> dict[str, tuple[int, ...]]:
+        """`{"phase 1": (layers...), ...}` of the best `n_phases`-phase cut of `subset`'s profile."""
+        return self.cut(n_phases, subset).layers()
+
+    def final_phase(self, n_phases: int = 3, subset: str = "all") -> tuple[int, ...]:
+        """The layers of the last phase of that cut."""
+        return list(self.phases(n_phases, subset).values())[-1]
+
+    def chosen_phase_count(self, subset: str = "all") -> int:
+        """The number of phases the phase-count test prefers on `subset`."""
+        if subset not in self.chosen:
+            raise FlowError(f"the flow results for {self.model!r} have no phase-count test for {subset!r}")
+        return self.chosen[subset]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.payload
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> FlowResult:
+        subsets = payload.get("subsets", {})
+        model = str(payload.get("model", ""))
+        analysed = [s for s, v in subsets.items() if "boundaries" in v]
+        return cls(
+            model=model,
+            cuts={s: phase_cuts(payload, model, s) for s in analysed},
+            chosen={s: int(subsets[s]["phase_count_test"]["chosen"]) for s in analysed},
+            payload=dict(payload),
         )
-    bounds = cuts[str(n_phases)]["phases"]
-    phases = {
-        f"phase {i}": tuple(range(int(first), int(last) + 1)) for i, (first, last) in enumerate(bounds, 1)
-    }
-    layers = [layer for members in phases.values() for layer in members]
-    if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
-        raise FlowError(f"the {n_phases}-phase cut of {model!r} is not contiguous: {bounds}")
-    return phases
