@@ -11,7 +11,6 @@ from sklearn.metrics import f1_score
 
 from emolib import data
 from emolib.lm.baselines import (
-    PRESETS,
     BaselineConfig,
     evaluation_items,
     label_order_check,
@@ -21,6 +20,7 @@ from emolib.lm.baselines import (
 )
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
 from emolib.lm.prompts import shuffled_order
+from emolib.studies.presets import PresetError, get_preset
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data" / "good"
 
@@ -43,9 +43,12 @@ def test_run_labels_rejects_unknown_label_sets_and_datasets():
         run_labels("nope", "native")
 
 
-def test_presets_are_baseline_configs():
-    assert all(isinstance(p, BaselineConfig) for p in PRESETS.values())
-    assert PRESETS["quick"].n_per_label < PRESETS["full"].n_per_label
+def test_presets_hold_baseline_configs():
+    quick, full = get_preset("quick").setup.baseline, get_preset("full").setup.baseline
+    assert isinstance(quick, BaselineConfig) and isinstance(full, BaselineConfig)
+    assert quick.n_per_label < full.n_per_label
+    with pytest.raises(PresetError, match="unknown preset"):
+        get_preset("medium")
 
 
 # -------------------------------------------------------------------------------------- evaluation items

@@ -1,4 +1,4 @@
-"""Tests for emolib.studies.features on synthetic codes with planted features whose selective sets, overlaps, diffuseness
+"""Tests for the features chapter's methods and verdict rules on synthetic codes with planted features whose selective sets, overlaps, diffuseness
 and co-activation are known, on pure noise (the false-discovery control), on hand-computed sets and mass vectors,
 and on the tiny model for promoted tokens."""
 
@@ -525,61 +525,47 @@ def test_specific_sets():
 # --------------------------------------------------------------------------------- chapter: final phase, pooling
 
 
-@pytest.mark.parametrize(
-    ("record", "expected", "source"),
-    [
-        ({"models": {"m": {"phases": [[0, 3], [4, 9], [10, 11]]}}}, (10, 11), "models.m.phases[-1]"),
-        ({"models": {"m": {"phases": [{"first": 0, "last": 5}, {"first": 6, "last": 11}]}}}, (6, 11), None),
-        ({"models": {"m": {"final_phase": [7, 11], "phases": [[0, 11]]}}}, (7, 11), "models.m.final_phase"),
-        ({"models": [{"model": "m", "boundaries": [4, 8]}]}, (8, 11), "models[model=m].boundaries"),
-        ({"m": {"boundaries": []}}, (0, 11), "m.boundaries"),
-        (
-            {
-                "models": {
-                    "m": {
-                        "subsets": {
-                            "all": {
-                                "phase_count_test": {"chosen": 2},
-                                "boundaries": {
-                                    "2": {"phases": [[0, 5], [6, 11]]},
-                                    "3": {"phases": [[0, 3], [4, 8], [9, 11]]},
-                                },
-                            }
-                        }
-                    }
-                }
-            },
-            (9, 11),
-            "models.m.subsets.all.boundaries.3.phases[-1]",
-        ),
-    ],
-)
-def test_final_phase_reads_the_flow_results(record, expected, source):
-    phase = features.final_phase(record, "m", 12)
-    assert (phase.first, phase.last) == expected and phase.layers == list(range(expected[0], expected[1] + 1))
-    if source:
-        assert phase.source == source
-    if "subsets" in str(record):
-        assert phase.n_phases == 3 and phase.chosen == 2
-        two = features.final_phase(record, "m", 12, n_phases=2)
-        assert (two.first, two.last, two.n_phases) == (6, 11, 2)
-        with pytest.raises(
-            common.FeatureError, match=r"no 4-phase cut under 'boundaries' \(found: \['2', '3'\]\)"
-        ):
-            features.final_phase(record, "m", 12, n_phases=4)
-        with pytest.raises(common.FeatureError, match="no subset 'correct'"):
-            features.final_phase(record, "m", 12, subset="correct")
+class Flow:
+    """The flow study's accessors (`FlowResult.phases`, `final_phase`, `chosen_phase_count`) over cuts of 12 layers
+    into 2 and 3 phases, the test preferring `chosen`."""
+
+    CUTS = {2: [(0, 5), (6, 11)], 3: [(0, 3), (4, 8), (9, 11)]}
+
+    def __init__(self, chosen: int = 2) -> None:
+        self.chosen = chosen
+
+    def phases(self, n_phases: int = 3, subset: str = "all") -> dict[str, tuple[int, ...]]:
+        if n_phases not in self.CUTS:
+            raise common.FlowError(f"no {n_phases}-phase cut")
+        return {f"phase {i}": tuple(range(a, b + 1)) for i, (a, b) in enumerate(self.CUTS[n_phases], 1)}
+
+    def final_phase(self, n_phases: int = 3, subset: str = "all") -> tuple[int, ...]:
+        return list(self.phases(n_phases, subset).values())[-1]
+
+    def chosen_phase_count(self, subset: str = "all") -> int:
+        return self.chosen
 
 
-def test_final_phase_errors_name_what_was_found():
-    with pytest.raises(common.FeatureError, match=r"no entry for model 'm' \(top-level keys: \['models'\]\)"):
-        features.final_phase({"models": {"other": {}}}, "m", 12)
-    with pytest.raises(common.FeatureError, match=r"none of .* \(keys: \['cka'\]\)"):
-        features.final_phase({"models": {"m": {"cka": 1}}}, "m", 12)
+def test_final_phase_comes_from_the_Flow():
+    phase = features.final_phase_of(Flow(), "m", 12)
+    assert (phase.first, phase.last, phase.layers) == (9, 11, [9, 10, 11])
+    assert phase.source == "models.m.subsets.all.boundaries.3.phases[-1]"
+    assert (phase.n_phases, phase.chosen) == (3, 2)
+    two = features.FinalPhase.from_flow(Flow(), "m", n_phases=2)
+    assert (two.first, two.last, two.n_phases) == (6, 11, 2)
+    assert features.FinalPhase.from_json(phase.to_json()) == phase
+
+
+def test_final_phase_from_the_parameter_and_its_errors():
+    phase = features.final_phase_of([7, 11], "m", 12)
+    assert (phase.first, phase.last) == (7, 11) and phase.source == features.PARAMETER_SOURCE
+    assert phase.n_phases is None and phase.chosen is None
     with pytest.raises(common.FeatureError, match=r"\[10, 12\] .* not a range of layers 0..11"):
-        features.final_phase({"models": {"m": {"phases": [[0, 9], [10, 12]]}}}, "m", 12)
-    with pytest.raises(common.FeatureError, match="is not a phase"):
-        features.final_phase({"models": {"m": {"phases": [[0, 1, 2]]}}}, "m", 12)
+        features.final_phase_of((10, 12), "m", 12)
+    with pytest.raises(common.FeatureError, match=r"\[9, 11\] .* not a range of layers 0..7"):
+        features.final_phase_of(Flow(), "m", 8)
+    with pytest.raises(common.FlowError):
+        features.FinalPhase.from_flow(Flow(), "m", n_phases=4)
 
 
 def test_pooling_keeps_testable_features_and_leaves_selectivity_unchanged(data, sel):
@@ -619,6 +605,8 @@ def test_heldout_coactivation_finds_the_surprise_features(sel):
     assert table["off_diagonal"].idxmax() == "surprise"
     verdict = features.coactivation_verdict(result)
     assert verdict.verdict == "holds" and "ranks 1 of 6" in verdict.reason
+    assert verdict.rule == "coactivation_verdict" and verdict.numbers["rank"] == 1
+    assert verdict.numbers["excess_low"] == surprise.low
     assert features.coactivation_verdict(result, "fear").verdict == "does not hold"
     assert features.coactivation_verdict(None).verdict == "inconclusive"
 
@@ -643,6 +631,8 @@ def test_mix_verdict_on_planted_noise_and_too_few_shuffles(data, sel, draws, nul
     boot = feature_sets.shared_specific(sel, draws)
     verdict = features.mix_verdict(full, boot, null.summary(boot, "auroc"), null.n_shuffles)
     assert verdict.verdict == "holds" and "4 of 7 emotions" in verdict.reason
+    assert verdict.rule == "mix_verdict" and verdict.numbers["emotions_with_both"] == 4
+    assert verdict.numbers["p_specific"] <= 0.05 and verdict.numbers["p_shared"] <= 0.05
     assert features.mix_verdict(full, boot, null.summary(boot, "auroc"), 5).verdict == "inconclusive"
     codes, labels = noise()
     noisy = selectivity.selectivity(codes, labels, EMOTIONS)
@@ -667,7 +657,10 @@ def test_diffuse_verdict(sel, draws):
     comparisons = {
         m: diffuseness.compare_diffuseness(sel, draws, "disgust", m, others=others) for m in ("k50", "k80")
     }
-    assert features.diffuse_verdict(comparisons, 23).verdict == "holds"
+    holds = features.diffuse_verdict(comparisons, 23)
+    assert holds.verdict == "holds" and holds.rule == "diffuse_verdict"
+    assert holds.numbers["k80_low"] > 0 and holds.numbers["n_support"] == 23
+    assert features.diffuse_verdict(None, None).reason == "no disgust label"
     assert features.diffuse_verdict(comparisons, 0).verdict == "inconclusive"
     fear = {
         m: diffuseness.compare_diffuseness(sel, draws, "fear", m, others=["disgust"])
@@ -706,12 +699,15 @@ def test_chapter_figures_draw(sel, draws, null):
     codes, labels = planted(seed=5)
     figures.append(
         plots.coactivation_figure(
-            {"m1": coactivation.heldout_coactivation(sel.sets(), codes, labels, n_boot=5)}
+            {"m1": coactivation.heldout_coactivation(sel.sets(), codes, labels, n_boot=5).matrix}
         )
     )
     upset = figures[0]
     assert len(upset.subfigs) == 2 and len(upset.axes) == 4
     assert [a.get_title() for a in figures[1].axes[:2:1]][0] == "m1"
     assert len(figures[4].axes) == 6
+    empty = plots.coactivation_figure({}, missing="no surprise label")
+    assert empty.axes[0].texts[0].get_text() == "no surprise label"
+    figures.append(empty)
     for fig in figures:
         plt.close(fig)

@@ -539,8 +539,8 @@ def test_role_mass_shares_sum_to_one():
     ],
 )
 def test_three_phase_verdict(chosen, at_largest, share, expected):
-    verdict, reason = flow.three_phase_verdict(chosen, at_largest, share)
-    assert verdict == expected and reason
+    verdict = flow.three_phase_verdict(chosen, at_largest, share)
+    assert verdict.verdict == expected and verdict.reason and verdict.rule == "three_phase_verdict"
 
 
 def test_late_emergence_verdict():
@@ -550,7 +550,7 @@ def test_late_emergence_verdict():
     def verdict(present, excess):
         return flow.late_emergence_verdict(
             pd.Series(present, index=layers), pd.Series(excess, index=layers), phase
-        )[0]
+        ).verdict
 
     none = [False] * 6
     assert verdict(none, [0.0] * 6) == "inconclusive"
@@ -566,16 +566,20 @@ def test_phase_roles_verdict():
     def frame(template, content, emotion):
         return pd.DataFrame({"template": template, "content": content, "emotion": emotion}, index=[1, 2, 3])
 
-    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]))[0] == "holds"
-    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.6, 0.5, 0.3], [0.0, 0.1, 0.4]))[0] == "partly"
     assert (
-        flow.phase_roles_verdict(frame([0.1, 0.3, 0.6], [0.6, 0.5, 0.3], [0.4, 0.1, 0.0]))[0]
+        flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4])).verdict == "holds"
+    )
+    assert (
+        flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.6, 0.5, 0.3], [0.0, 0.1, 0.4])).verdict == "partly"
+    )
+    assert (
+        flow.phase_roles_verdict(frame([0.1, 0.3, 0.6], [0.6, 0.5, 0.3], [0.4, 0.1, 0.0])).verdict
         == "does not hold"
     )
     assert (
-        flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.0, 0.0]))[0]
+        flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.0, 0.0])).verdict
         == "inconclusive"
     )
-    assert flow.phase_roles_verdict(frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]).iloc[:2])[0] == (
-        "inconclusive"
-    )
+    assert flow.phase_roles_verdict(
+        frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]).iloc[:2]
+    ).verdict == ("inconclusive")

@@ -21,7 +21,7 @@ from sae_lens.saes.standard_sae import StandardSAEConfig
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
 from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix
 from emolib.methods.ablation import confusion_shift, gold_drop_matrix, k50_table, summarize_effects
-from emolib.methods.tracing import FeatureTracer, TracingConfig, TracingError
+from emolib.methods.tracing import FeatureTracer, TracerConfig, TracingError
 
 #: Labels whose first tokens are distinct in the tiny tokenizer (first-token scoring applies).
 LABELS = ("anger", "joy", "fear")
@@ -43,7 +43,7 @@ PHASES = {"early": [0], "late": [1], "all": [0, 1]}
 F = 5
 STRENGTH = 4.0
 D_SAE = 16
-FAST = TracingConfig(ks=(1, 2, 4, 8), random_seeds=(0, 1), batch_size=4)
+FAST = TracerConfig(ks=(1, 2, 4, 8), random_seeds=(0, 1), batch_size=4)
 #: k50 needs an effect to halve: below these whole-phase drops it is undefined.
 MIN_EFFECT = {"prob": 0.01, "margin": 0.05, "accuracy": 0.0}
 
@@ -240,7 +240,7 @@ def test_verification_attributions_predict_single_feature_effects(traced):
 @pytest.mark.parametrize("positions", ["last", "suffix"])
 def test_running_without_features_equals_the_classifier(planted, positions):
     classifier, saes = planted
-    tracer = FeatureTracer(classifier, saes, TracingConfig(positions=positions, batch_size=3))
+    tracer = FeatureTracer(classifier, saes, TracerConfig(positions=positions, batch_size=3))
     expected = classifier.predict(TEXTS).label_logprobs
     np.testing.assert_allclose(tracer.run(TEXTS).label_logprobs, expected, atol=1e-5, rtol=0)
     assert no_hooks_left(classifier.model)
@@ -287,7 +287,7 @@ def test_ablation_equals_a_manual_edit_of_the_residual(planted, positions, ablat
     by hand on one unpadded sequence at a time, against the tracer's batched, cached run."""
     classifier, saes = planted
     model = classifier.model
-    tracer = FeatureTracer(classifier, saes, TracingConfig(positions=positions, batch_size=4))
+    tracer = FeatureTracer(classifier, saes, TracerConfig(positions=positions, batch_size=4))
     features = {0: [1, 7], 1: [F]}
     means = {layer: torch.rand(D_SAE, generator=torch.Generator().manual_seed(layer)) for layer in (0, 1)}
     got = tracer.run(TEXTS, features, ablation=ablation, means=means).label_logprobs
@@ -339,7 +339,7 @@ def test_whole_phase_zero_ablation_leaves_error_plus_decoder_bias(planted):
 def test_feature_means_are_mean_activations_at_the_last_position(planted):
     classifier, saes = planted
     model = classifier.model
-    means = FeatureTracer(classifier, saes, TracingConfig(batch_size=3)).feature_means(TEXTS)
+    means = FeatureTracer(classifier, saes, TracerConfig(batch_size=3)).feature_means(TEXTS)
     for layer in (0, 1):
         sae = saes[f"blocks.{layer}.hook_resid_post"]
         rows = []
@@ -379,7 +379,7 @@ def test_attribution_is_activation_times_gradient_of_the_true_model(tiny_model, 
     it through layer 1's reconstruction instead). A tracer holding layer 0's SAE alone agrees."""
     classifier = make_classifier(tiny_model, tiny_tokenizer)
     saes = random_saes(tiny_model, decoder_norm=1.0)
-    config = TracingConfig(positions=positions, batch_size=3)
+    config = TracerConfig(positions=positions, batch_size=3)
     texts, gold = TEXTS[:4], GOLD[:4]
     attributions = FeatureTracer(classifier, saes, config).attribute(texts, gold)
     alone = FeatureTracer(classifier, {0: saes["blocks.0.hook_resid_post"]}, config).attribute(texts, gold)
@@ -414,7 +414,7 @@ def test_reusing_cached_context_and_batching_change_nothing(any_tiny_model, tiny
     results = []
     for reuse, batch_size in [(True, 4), (False, 4), (True, 1)]:
         tracer = FeatureTracer(
-            classifier, saes, TracingConfig(positions=positions, reuse_cache=reuse, batch_size=batch_size)
+            classifier, saes, TracerConfig(positions=positions, reuse_cache=reuse, batch_size=batch_size)
         )
         attributions = tracer.attribute(TEXTS, GOLD)
         ablated = tracer.run(TEXTS, {0: [0, 3, 5], 1: None}).label_logprobs
@@ -505,7 +505,7 @@ def test_bad_inputs_raise_clear_errors(planted, traced, tiny_model, tiny_tokeniz
         tracer.ablation_curves(attributions, TEXTS, GOLD, {"odd": [1, 0]}, means=means)
     with pytest.raises(TracingError, match="no phases"):
         tracer.ablation_curves(attributions, TEXTS, GOLD, {}, means=means)
-    too_many = FeatureTracer(classifier, saes, TracingConfig(ks=(1, 32)))
+    too_many = FeatureTracer(classifier, saes, TracerConfig(ks=(1, 32)))
     with pytest.raises(TracingError, match="k=32 exceeds the 16 features of phase 'late'"):
         too_many.ablation_curves(attributions, TEXTS, GOLD, {"late": [1]}, means=means)
     with pytest.raises(TracingError, match="k=17 exceeds the 16 features"):
@@ -525,13 +525,13 @@ def test_bad_inputs_raise_clear_errors(planted, traced, tiny_model, tiny_tokeniz
     with pytest.raises(TracingError, match="unknown emotion"):
         attributions.ranking("shame")
     with pytest.raises(TracingError, match="positions"):
-        FeatureTracer(classifier, saes, TracingConfig(positions="suffix")).ablation_curves(
+        FeatureTracer(classifier, saes, TracerConfig(positions="suffix")).ablation_curves(
             attributions, TEXTS, GOLD, PHASES, means=means
         )
     with pytest.raises(TracingError, match="positions must be"):
-        TracingConfig(positions="first")
+        TracerConfig(positions="first")
     with pytest.raises(TracingError, match="ks must be increasing"):
-        TracingConfig(ks=(4, 2))
+        TracerConfig(ks=(4, 2))
     with pytest.raises(TracingError, match="hook_resid_post"):
         FeatureTracer(classifier, {"blocks.0.hook_resid_pre": saes["blocks.0.hook_resid_post"]})
     with pytest.raises(TracingError, match="trained on blocks.1.hook_resid_post"):

@@ -1,29 +1,43 @@
-"""Tests for the tracing chapter's study runner, its cache and its verdict rules (emolib.studies.tracing)."""
+"""Tests for the tracing chapter's study (emolib.studies.tracing): the per-item study and its cache on a planted
+model, the verdict rules on known curves, and `run_tracing` in its quick preset on a tiny model (JSON round trip,
+cache reuse, the chapter's tables)."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_loaded
+from test_sae_suite import TINY_SUITE
 from test_tracing import FAST, GOLD, PHASES, TEXTS, curve_row, planted  # noqa: F401 (the fixture `study` uses)
 
+from emolib.lm import baselines
 from emolib.methods import ablation
 from emolib.methods.ablation import top_vs_random
 from emolib.methods.common import FlowError
 from emolib.methods.tracing import FeatureTracer
 from emolib.studies import tracing
-from emolib.studies.flow import phases_from_results
+from emolib.studies.flow import FlowResult
 from emolib.studies.tracing import (
-    StudyConfig,
+    CLAIMS,
+    PRESETS,
+    TracingConfig,
+    TracingResult,
     TracingRule,
     cached_study,
     run_study,
+    run_tracing,
     small_set_verdict,
+    study_phases,
     varies_verdict,
     weaker_diffuse_verdict,
 )
+from emolib.verdicts import findings_markdown
 
-STUDY = StudyConfig(tracing=FAST, cross_k=1, n_boot=50)
+STUDY = TracingConfig(tracing=FAST, cross_k=1, n_boot=50)
 RULE = TracingRule(small_k=2)
 
 
@@ -112,6 +126,14 @@ def test_verdicts_on_known_curves():
     versus = top_vs_random(frame, n_boot=100)
     small = small_set_verdict(k50, versus, "p", RULE)
     assert small.verdict == "holds" and "2 of 3" in small.reason
+    assert small.rule == "small_set_verdict" and small.numbers == {"n_small": 2, "n_defined": 3, "small_k": 2}
+    varies = varies_verdict(frame, k50, "p", RULE)
+    assert varies.rule == "varies_verdict" and varies.numbers["kruskal_p"] < RULE.alpha
+    weaker = weaker_diffuse_verdict(frame, k50, "p", RULE)
+    assert (
+        weaker.numbers["drop"] < weaker.numbers["others_drop"]
+        and weaker.numbers["mannwhitney_p"] < RULE.alpha
+    )
     assert varies_verdict(frame, k50, "p", RULE).verdict == "holds"
     assert weaker_diffuse_verdict(frame, k50, "p", RULE).verdict == "holds"
     same = curves({"joy": CONCENTRATED, "anger": CONCENTRATED, "disgust": CONCENTRATED})
@@ -120,23 +142,42 @@ def test_verdicts_on_known_curves():
     assert varies_verdict(same, same_k50, "p", RULE).verdict == "does not hold"
     without = curves({"joy": CONCENTRATED, "anger": CONCENTRATED})
     assert weaker_diffuse_verdict(without, same_k50, "p", RULE).verdict == "inconclusive"
+    # top features that do no better than random ones: no small set (partly when one emotion has one)
+    no_better = {**CONCENTRATED, "random": CONCENTRATED["top"]}
+    plain = curves({"joy": no_better, "anger": no_better, "disgust": no_better})
+    plain_k50 = ablation.k50_table(plain, metrics=("prob",), n_boot=100, min_effect=0.01)
+    assert small_set_verdict(plain_k50, top_vs_random(plain), "p", RULE).verdict == "does not hold"
+    one = curves({"joy": CONCENTRATED, "anger": no_better, "disgust": no_better})
+    one_k50 = ablation.k50_table(one, metrics=("prob",), n_boot=100, min_effect=0.01)
+    partly = small_set_verdict(one_k50, top_vs_random(one), "p", RULE)
+    assert partly.verdict == "partly" and "1 of 3" in partly.reason
     nothing = curves({"joy": {**CONCENTRATED, "whole": -0.2}})
     none_k50 = ablation.k50_table(nothing, metrics=("prob",), n_boot=50, min_effect=0.01)
     assert small_set_verdict(none_k50, top_vs_random(nothing), "p", RULE).verdict == "inconclusive"
 
 
-def test_phases_from_flow_results():
-    record = {
-        "models": {"m": {"subsets": {"all": {"boundaries": {"3": {"phases": [[0, 3], [4, 8], [9, 11]]}}}}}}
+def flow_result(model: str = "m") -> FlowResult:
+    """A flow result as chapter 1 writes it, with a 2- and a 3-phase cut and the test choosing 2."""
+    cuts = {"2": [[0, 8], [9, 11]], "3": [[0, 3], [4, 8], [9, 11]]}
+    payload = {
+        "model": model,
+        "subsets": {
+            "all": {
+                "boundaries": {n: {"phases": p, "intervals": []} for n, p in cuts.items()},
+                "phase_count_test": {"chosen": 2},
+            }
+        },
     }
-    phases = phases_from_results(record, "m")
+    return FlowResult.from_json(payload)
+
+
+def test_phases_come_from_the_flow_result_or_by_hand():
+    phases, chosen = study_phases(flow_result(), 3)
     assert phases == {"phase 1": (0, 1, 2, 3), "phase 2": (4, 5, 6, 7, 8), "phase 3": (9, 10, 11)}
-    with pytest.raises(FlowError, match="no model 'other'.*run chapter 01_flow"):
-        phases_from_results(record, "other")
-    with pytest.raises(FlowError, match="no 2-phase cut"):
-        phases_from_results(record, "m", n_phases=2)
-    with pytest.raises(FlowError, match="subset 'correct'"):
-        phases_from_results(record, "m", subset="correct")
+    assert chosen == 2
+    assert study_phases({"late": [1, 2]}, 3) == ({"late": (1, 2)}, None)
+    with pytest.raises(FlowError, match="no 4-phase cut"):
+        study_phases(flow_result(), 4)
 
 
 def test_ablation_metrics_read_without_the_vocabulary_normaliser_equal_the_classifiers(study):
@@ -150,3 +191,98 @@ def test_ablation_metrics_read_without_the_vocabulary_normaliser_equal_the_class
     np.testing.assert_array_equal(
         clean["clean_correct"], (np.array(predictions.predicted) == GOLD)[clean.index]
     )
+
+
+# ------------------------------------------------------------------------------ the study on a tiny model
+
+#: Labels whose first tokens differ in the tiny tokenizer (the tracer needs first-token scoring).
+TINY_LABELS = ("anger", "fear", "joy")
+
+
+@pytest.fixture
+def tiny_study(tiny_model, tiny_tokenizer, tmp_cache, monkeypatch):
+    """(model, config, phases) of the quick preset on the tiny model: the built-in items restricted to three
+    labels, a tiny SAE suite, and a two-phase cut from a flow result."""
+    monkeypatch.delenv("EMOLIB_DATA_DIR", raising=False)
+    monkeypatch.setattr(baselines, "run_labels", lambda dataset, label_set: TINY_LABELS)
+    lm = tiny_loaded(tiny_model, tiny_tokenizer, name="tiny-tracing", chat=True)
+    quick = PRESETS["quick"]
+    config = dataclasses.replace(
+        quick,
+        preset="test",
+        items=dataclasses.replace(quick.items, dataset="builtin"),
+        saes=TINY_SUITE,
+        n_phases=2,
+        tracing=dataclasses.replace(quick.tracing, progress=False),
+    )
+    cuts = {"2": {"phases": [[0, 0], [1, 1]], "intervals": []}}
+    flow = FlowResult.from_json(
+        {"model": lm.info.name, "subsets": {"all": {"boundaries": cuts, "phase_count_test": {"chosen": 2}}}}
+    )
+    return lm, config, flow
+
+
+def assert_same_result(a: TracingResult, b: TracingResult) -> None:
+    for field in dataclasses.fields(TracingResult):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, pd.DataFrame):
+            pd.testing.assert_frame_equal(x, y)
+        else:
+            assert x == y, field.name
+
+
+def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
+    lm, config, flow = tiny_study
+    result = run_tracing(lm, config, flow)
+    assert result.phases == {"phase 1": (0,), "phase 2": (1,)} and result.final_phase == "phase 2"
+    assert result.chosen_phase_count == 2 and result.facts["phases chosen by ch. 1's test"] == 2
+    assert set(result.k50["emotion"]) == set(TINY_LABELS)
+    assert set(result.effects["condition"]) == {"top", "random", "whole"}
+    assert list(result.gold_drop.index) == list(TINY_LABELS) == list(result.gold_drop.columns)
+    assert result.confusion_source == "anger"  # no disgust label: the first source
+    assert result.meta["n_held_out"] == 2 * 6 * len(TINY_LABELS)
+
+    again = TracingResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert_same_result(result, again)
+
+    # the per-model entry keeps the chapter's old keys
+    entry = result.to_json()
+    assert {
+        "meta", "final_phase", "effects", "top_vs_random", "k50", "gold_drop_matrix", "verification_summary",
+        "top_features", "verdicts", "verdicts_by_phase",
+    } <= set(entry)  # fmt: skip
+    assert set(entry["verdicts"]) == set(CLAIMS)
+    assert entry["verdicts_by_phase"]["phase 2"] == {
+        CLAIMS[k]: v.verdict for k, v in result.final_verdicts.items()
+    }
+    assert (result.top_features["rank"] <= 5).all()
+
+    verdicts = result.verdicts()
+    assert [v.claim for v in verdicts] == list(CLAIMS) and {v.model for v in verdicts} == {lm.info.name}
+    assert all(v.rule.endswith("_verdict") for v in verdicts)
+    text = findings_markdown(
+        verdicts, CLAIMS, preset="quick", headings=tracing.findings_headings({"m": result})
+    )
+    assert "Preset `quick`" in text and CLAIMS["small_set"] in text
+    row = result.readme_row()
+    assert row["final phase"] == "L1-1" and row["k50 per emotion"].startswith("anger ")
+    assert set(CLAIMS.values()) <= set(row)
+
+    results = {lm.info.name: result}
+    assert tracing.phase_table(results).shape[0] == 2
+    assert tracing.facts_table(results).shape[1] == 1
+    counts = tracing.regularities(results)
+    assert counts["cells"] == 2 * len(TINY_LABELS) and counts["k_max"] == 16
+    for view in ("k50_summary", "k50_by_measure", "excess_table", "concentration_table", "verdicts_by_phase"):
+        assert len(tracing.by_model(results, view))
+    assert len(tracing.specificity_table(results)) == len(tracing.verification_table(results)) == 1
+    assert len(tracing.settings_table(config))
+
+    # a second run reads the cached result; other phases are another result
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached result was rebuilt")
+
+    monkeypatch.setattr(tracing, "cached_study", refuse)
+    assert_same_result(run_tracing(lm, config, flow), result)
+    with pytest.raises(AssertionError, match="rebuilt"):
+        run_tracing(lm, config, {"both": [0, 1]})

@@ -34,12 +34,6 @@ class BaselineConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 
-PRESETS: dict[str, BaselineConfig] = {
-    "quick": BaselineConfig(n_per_label=15, order_seeds=(1,), n_boot=1000),
-    "full": BaselineConfig(n_per_label=100, order_seeds=(1, 2, 3), n_boot=2000),
-}
-
-
 @dataclass
 class EvalItems:
     """The items of one dataset a run classifies, with the bookkeeping the chapter reports."""

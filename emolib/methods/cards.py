@@ -7,12 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerBase
 
-from emolib.methods.common import FeatureError, as_array
+from emolib.methods.common import FeatureColumn, FeatureError, as_array
 
 
 def top_activating(
-    activations, texts: Sequence[str], k: int = 10, labels: Sequence[str] | None = None
+    activations: FeatureColumn, texts: Sequence[str], k: int = 10, labels: Sequence[str] | None = None
 ) -> pd.DataFrame:
     """The `k` items on which one feature fires most: rank, item index, activation, text (and label).
 
@@ -42,7 +46,12 @@ def top_activating(
 
 
 def promoted_tokens(
-    decoder_row, model, tokenizer=None, k: int = 10, ln_scale: bool = True, suppressed: bool = False
+    decoder_row: Float[Tensor, " d_model"] | Float[np.ndarray, " d_model"],
+    model: HookedTransformer,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    k: int = 10,
+    ln_scale: bool = True,
+    suppressed: bool = False,
 ) -> pd.DataFrame:
     """The tokens a feature's decoder direction pushes up (or, with `suppressed`, down) in the logits.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from emolib.methods.common import EmotionSets, FeatureError, as_array, finite_interval
+from emolib.methods.common import Codes, EmotionSets, FeatureError, as_array, finite_interval
 from emolib.methods.selectivity import encode_labels
 from emolib.stats import Estimate
 
@@ -98,7 +98,7 @@ def _coactivation_matrix(means: np.ndarray, members: Sequence[np.ndarray]) -> np
 
 def heldout_coactivation(
     sets: EmotionSets,
-    codes,
+    codes: Codes,
     labels: Sequence[str],
     emotions: Sequence[str] | None = None,
     n_boot: int = 200,

@@ -7,6 +7,8 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
 
 from emolib.stats import Estimate, interval_from_draws
 
@@ -25,6 +27,17 @@ def as_matrix(X, what: str = "X") -> np.ndarray:
         raise FlowError(f"{what} contains NaN or infinite values")
     return X
 
+
+# Shapes of what the feature methods take (aliases, so that linters do not read jaxtyping's shape strings as forward
+# annotations). `items` are the analysed items, `features` an SAE's features (or several layers' pooled).
+#: SAE codes: each item's feature activations, numpy or torch.
+Codes = Float[np.ndarray, "items features"] | Float[Tensor, "items features"]
+#: The same as a float numpy array, after `as_array`.
+CodeArray = Float[np.ndarray, "items features"]
+#: One feature's activations over the items (a column of `Codes`).
+FeatureColumn = Float[np.ndarray, " items"] | Float[Tensor, " items"]
+#: Per feature: whether it passes a label-blind filter or a rule.
+FeatureMask = Bool[np.ndarray, " features"]
 
 #: A set of feature ids per emotion (what `Selectivity.sets` returns).
 EmotionSets = Mapping[str, Collection[int]]

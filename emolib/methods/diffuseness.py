@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from scipy.special import entr
+from torch import Tensor
 
 from emolib.methods.common import FeatureError, check_choice, finite_interval, with_intervals
 from emolib.methods.selectivity import Selectivity, SelectivityDraws, check_draws
@@ -61,7 +63,9 @@ def _concentration(mass: np.ndarray, n_reference: int) -> dict[str, np.ndarray]:
     return out
 
 
-def concentration(mass, n_reference: int | None = None) -> dict[str, float]:
+def concentration(
+    mass: Float[np.ndarray, " features"] | Float[Tensor, " features"], n_reference: int | None = None
+) -> dict[str, float]:
     """How concentrated a mass vector is (negative entries and NaN count as zero).
 
     `k50` / `k80`: the fewest features, largest first, holding 50% / 80% of the mass (0 when there is no mass);

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from emolib.methods.common import EmotionSets, FeatureError, check_choice, with_intervals
+from emolib.methods.common import Codes, EmotionSets, FeatureError, check_choice, with_intervals
 from emolib.methods.selectivity import (
     CRITERIA,
     Selectivity,
@@ -101,7 +101,7 @@ class NullSharedSpecific:
 
 
 def shuffled_shared_specific(
-    codes,
+    codes: Codes,
     labels: Sequence[str],
     emotions: Sequence[str],
     config: SelectivityConfig = SelectivityConfig(),

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from scipy.special import softmax
+from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from emolib.lm.batching import final_logprobs
@@ -19,7 +21,7 @@ class LensResult:
     """Logit-lens scores of label answers: `label_logprobs[i, j]` is log p(first token of label j) under the
     full vocabulary (summed over the label's tokens when it has several), not renormalised."""
 
-    label_logprobs: np.ndarray
+    label_logprobs: Float[np.ndarray, "items labels"]
 
     @property
     def label_probs(self) -> np.ndarray:
@@ -62,7 +64,7 @@ def _readout_interventions(model: HookedTransformer) -> list[str]:
 
 def logit_lens(
     model: HookedTransformer,
-    resid,
+    resid: Float[np.ndarray, "items d_model"] | Float[Tensor, "items d_model"],
     label_token_ids: Sequence[int | Sequence[int]],
     *,
     batch_size: int = 64,
@@ -116,7 +118,9 @@ def label_first_tokens(sequences: Sequence[tuple[int, Sequence[int]]], n_labels:
     return groups
 
 
-def at_gold(values, y, labels: Sequence[str]) -> np.ndarray:
+def at_gold(
+    values: Float[np.ndarray, "items labels"], y, labels: Sequence[str]
+) -> Float[np.ndarray, " items"]:
     """Each item's value in its gold label's column: `values` [n, n_labels], `y` [n] -> [n]."""
     values = np.asarray(values)
     position = {label: j for j, label in enumerate(labels)}
@@ -145,3 +149,17 @@ def permutation_chance(predicted, gold) -> float:
     share_pred = np.bincount(inverse[:n], minlength=len(labels)) / n
     share_gold = np.bincount(inverse[n:], minlength=len(labels)) / n
     return float(share_pred @ share_gold)
+
+
+def above_permutation_chance(accuracy, chance, n_items: int, n_se: float = 2.0):
+    """Whether a readout's accuracy exceeds its permutation chance by more than `n_se` binomial standard errors.
+
+    The standard error is that of an accuracy at chance over `n_items` items, sqrt(chance (1 - chance) / n), so
+    "above chance" means more than sampling noise around chance would give (about a 2.5% one-sided false alarm
+    per layer at two standard errors). `accuracy` and `chance` are aligned arrays or Series (one entry per layer);
+    the result has their type.
+    """
+    if n_items < 1:
+        raise FlowError(f"n_items must be at least 1, not {n_items}")
+    se = np.sqrt(chance * (1 - chance) / n_items)
+    return accuracy > chance + n_se * se

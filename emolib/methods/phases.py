@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import ruptures as rpt
+from jaxtyping import Float
 
 from emolib.methods.common import FlowError
 from emolib.stats import Estimate
@@ -281,7 +282,9 @@ def phase_count_test(
     )
 
 
-def item_metric_profile(values: Mapping[str, np.ndarray], indices=None, layers=None) -> pd.DataFrame:
+def item_metric_profile(
+    values: Mapping[str, Float[np.ndarray, "layers items"]], indices=None, layers=None
+) -> pd.DataFrame:
     """The layer profile of the items at `indices` (repeats allowed) from per-item values `[n_layers, n_items]`.
 
     Store per-item outcomes once (out-of-fold probe correctness, the gold label's lens probability), and a

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from jaxtyping import Float
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -92,7 +93,9 @@ def _oof_predictions(X: np.ndarray, y: np.ndarray, folds: int, config: ProbeConf
     return cross_val_predict(probe, X, y, cv=cv)
 
 
-def probe_accuracy(X, y, config: ProbeConfig | None = None) -> ProbeResult:
+def probe_accuracy(
+    X: Float[np.ndarray, "items features"], y, config: ProbeConfig | None = None
+) -> ProbeResult:
     """How well a linear probe reads the labels `y` [n] from features `X` [n, d], out of fold, beside its control.
 
     Each item is predicted by a probe that never saw it, so `correct` is a per-item outcome that later

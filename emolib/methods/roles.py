@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Bool, Float, Int
 
 from emolib.methods.common import FeatureError, FlowError, as_array, as_matrix
 from emolib.methods.selectivity import Selectivity
@@ -17,11 +18,11 @@ from emolib.methods.selectivity import Selectivity
 class TokenCodes:
     """SAE codes of every stored token of some prompts at one layer, with where each row comes from."""
 
-    codes: np.ndarray
-    is_template: np.ndarray
-    sequence: np.ndarray
-    position: np.ndarray
-    token_ids: np.ndarray
+    codes: Float[np.ndarray, "tokens features"]
+    is_template: Bool[np.ndarray, " tokens"]
+    sequence: Int[np.ndarray, " tokens"]
+    position: Int[np.ndarray, " tokens"]
+    token_ids: Int[np.ndarray, " tokens"]
 
 
 def token_codes(store, hook: str, encode: Callable, text_masks: Sequence[np.ndarray]) -> TokenCodes:
@@ -53,7 +54,7 @@ def token_codes(store, hook: str, encode: Callable, text_masks: Sequence[np.ndar
 
 
 def top_tokens(
-    values,
+    values: Float[np.ndarray, " tokens"],
     tokens: TokenCodes,
     prompts: Sequence[Sequence[int]],
     decode: Callable,
@@ -85,7 +86,9 @@ def top_tokens(
     return pd.DataFrame(rows, columns=["rank", "activation", "token", "context", "template"])
 
 
-def role_mass_shares(codes, roles: Sequence[str], categories: Sequence[str]) -> dict[str, float]:
+def role_mass_shares(
+    codes: Float[np.ndarray, "items features"], roles: Sequence[str], categories: Sequence[str]
+) -> dict[str, float]:
     """Share of the total activation of `codes` `[n_items, d_sae]` carried by the features of each role."""
     codes = as_matrix(codes, "codes")
     roles = np.asarray(roles).astype(str)
@@ -139,7 +142,10 @@ def _token_chunks(token_codes, is_template) -> Iterable[tuple[np.ndarray, np.nda
 
 
 def feature_roles(
-    token_codes, is_template, emotion_selective, config: RoleConfig = RoleConfig()
+    token_codes: Float[np.ndarray, "tokens features"] | Sequence[Float[np.ndarray, "tokens features"]],
+    is_template: Bool[np.ndarray, " tokens"] | Sequence[Bool[np.ndarray, " tokens"]],
+    emotion_selective,
+    config: RoleConfig = RoleConfig(),
 ) -> pd.DataFrame:
     """Classify every feature as "emotion", "template", "content" or "inactive" over all tokens of the prompts.
 

@@ -7,10 +7,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Int
 from scipy.special import ndtr
 from scipy.stats import false_discovery_control, rankdata
 
-from emolib.methods.common import FeatureError, FlowError, as_array, as_matrix, check_choice
+from emolib.methods.common import (
+    CodeArray,
+    Codes,
+    FeatureError,
+    FeatureMask,
+    FlowError,
+    as_array,
+    as_matrix,
+    check_choice,
+)
 
 
 @dataclass
@@ -57,7 +67,7 @@ def _mass_share(codes: np.ndarray, chosen: np.ndarray) -> float:
 
 
 def selective_with_null(
-    codes,
+    codes: Codes,
     labels: Sequence[str],
     emotions: Sequence[str],
     config: SelectivityConfig | None = None,
@@ -272,14 +282,14 @@ def encode_labels(labels: Sequence[str], emotions: Sequence[str], n_items: int, 
 
 
 def prepare_codes(
-    codes, labels, emotions, config: SelectivityConfig
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    codes: Codes, labels: Sequence[str], emotions: Sequence[str], config: SelectivityConfig
+) -> tuple[CodeArray, np.ndarray, tuple[str, ...]]:
     acts = as_array(codes, "codes", 2)
     y = encode_labels(labels, emotions, acts.shape[0], config.min_items)
     return acts, y, tuple(emotions)
 
 
-def testable_features(acts: np.ndarray, config: SelectivityConfig) -> np.ndarray:
+def testable_features(acts: CodeArray, config: SelectivityConfig) -> FeatureMask:
     """Label-blind filter: active on enough items and not constant."""
     n_active = (acts > config.active_threshold).sum(axis=0)
     return (n_active >= config.min_active_items) & (acts.max(axis=0) > acts.min(axis=0))
@@ -320,11 +330,11 @@ def _one_vs_rest_tests(
 
 
 def compute_selectivity(
-    acts: np.ndarray,
+    acts: CodeArray,
     y: np.ndarray,
     emotions: tuple[str, ...],
     config: SelectivityConfig,
-    allowed: np.ndarray | None,
+    allowed: FeatureMask | None,
 ) -> Selectivity:
     n, d = acts.shape
     n_emotions = len(emotions)
@@ -370,7 +380,10 @@ def compute_selectivity(
 
 
 def selectivity(
-    codes, labels: Sequence[str], emotions: Sequence[str], config: SelectivityConfig = SelectivityConfig()
+    codes: Codes,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    config: SelectivityConfig = SelectivityConfig(),
 ) -> Selectivity:
     """One-vs-rest selectivity of every feature for every emotion (see `SelectivityConfig` for the rule).
 
@@ -392,7 +405,10 @@ def contrast_labels(labels: Sequence[str], neutral: str = "neutral") -> tuple[li
 
 
 def emotional_vs_neutral(
-    codes, labels: Sequence[str], config: SelectivityConfig = SelectivityConfig(), neutral: str = "neutral"
+    codes: Codes,
+    labels: Sequence[str],
+    config: SelectivityConfig = SelectivityConfig(),
+    neutral: str = "neutral",
 ) -> Selectivity:
     """Selectivity of emotional items (any emotion) against neutral ones; `.sets()["emotional"]` are the features
     of general emotional content. With two classes the two columns are mirror tests (AUROCs add to 1, same
@@ -409,9 +425,9 @@ class PooledCodes:
     cheaper). `n_features` counts every feature of the pooled layers, kept or not.
     """
 
-    codes: np.ndarray
-    layer: np.ndarray
-    feature: np.ndarray
+    codes: CodeArray
+    layer: Int[np.ndarray, " features"]
+    feature: Int[np.ndarray, " features"]
     n_features: int
 
     def name(self, column: int) -> str:
@@ -419,7 +435,9 @@ class PooledCodes:
         return f"L{int(self.layer[column])}/{int(self.feature[column])}"
 
 
-def pool_layers(codes_by_layer: Mapping[int, np.ndarray], config: SelectivityConfig = SelectivityConfig()):
+def pool_layers(
+    codes_by_layer: Mapping[int, Codes], config: SelectivityConfig = SelectivityConfig()
+) -> PooledCodes:
     """Pool per-layer codes `[n_items, d_sae]` into one `PooledCodes` (features identified as (layer, feature))."""
     if not codes_by_layer:
         raise FeatureError("no layers to pool")
@@ -471,7 +489,7 @@ class NullCounts:
 
 
 def shuffled_control(
-    codes,
+    codes: Codes,
     labels: Sequence[str],
     emotions: Sequence[str],
     config: SelectivityConfig = SelectivityConfig(),
@@ -535,7 +553,7 @@ class SelectivityDraws:
 
 
 def bootstrap_selectivity(
-    codes,
+    codes: Codes,
     labels: Sequence[str],
     emotions: Sequence[str],
     config: SelectivityConfig = SelectivityConfig(),

@@ -6,11 +6,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 
 from emolib.methods.common import FlowError, as_matrix
 
 
-def linear_cka(X, Y) -> float:
+def linear_cka(X: Float[np.ndarray, "items d_x"], Y: Float[np.ndarray, "items d_y"]) -> float:
     """Linear CKA (Kornblith et al. 2019) between two representations of the same items, in [0, 1].
 
     Invariant to orthogonal transforms, isotropic scaling and translation (features are centred), so layers of
@@ -31,7 +32,9 @@ def linear_cka(X, Y) -> float:
     return float(cross / (norm_x * norm_y))
 
 
-def consecutive_cka(activations: Mapping[int, np.ndarray], seed: int = 0) -> pd.DataFrame:
+def consecutive_cka(
+    activations: Mapping[int, Float[np.ndarray, "items d_model"]], seed: int = 0
+) -> pd.DataFrame:
     """Linear CKA of each layer with the previous one (`cka`), beside a control with the previous layer's items
     permuted (`control`: the similarity two unrelated sets of the same representations reach by chance).
 

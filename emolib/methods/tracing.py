@@ -2,21 +2,15 @@
 
 Method
 ------
-*Splice.* Each traced layer `l` has an SAE on `blocks.{l}.hook_resid_post`. At the traced positions the residual
-`x` is replaced by `decode(a') + (x - decode(a))` with `a = encode(x)`: the SAE's reconstruction plus its error
-term, exactly what sae-lens' `add_sae(sae, use_error_term=True)` computes (tested). With `a' = a` this is `x` itself,
-so the spliced model's outputs equal the clean model's; setting chosen features in `a'` changes only those features'
-decoder contributions, `x + decode(a') - decode(a)`. Downstream SAEs encode the residual they receive, so their
-other features respond to an upstream edit (as in sae-lens) while the features edited there stay fixed.
-
-The splice is a TransformerLens forward hook rather than sae-lens' wrapper because of gradients: sae-lens computes
-the error term under `no_grad`, so the gradient of a spliced layer's output with respect to its input passes only
-through the SAE's reconstruction, not through the identity the spliced layer actually is. With several layers
-spliced at once that would distort every attribution upstream of the last SAE. Here the features are read as a
-detached leaf `a` and the layer's output is `x + (decode(a) - decode(a).detach())`: its value is `x`, its gradient
-with respect to `x` is the identity, and with respect to `a` it is the decoder's Jacobian. So all layers' feature
-gradients come from one forward and one backward pass and equal those of the clean model (tested against a
-single-layer splice and finite differences).
+*Splice.* Each traced layer `l` has an SAE on `blocks.{l}.hook_resid_post`, spliced in at the traced positions with
+its error term kept (`emolib.sae.interventions`): the residual becomes `x + decode(a') - decode(a)` with
+`a = encode(x)`, which is `x` itself for `a' = a` and equals sae-lens' `use_error_term=True` splice (tested), so
+setting chosen features in `a'` changes only their decoder contributions. Downstream SAEs encode the residual they
+receive, so their other features respond to an upstream edit while the features edited there stay fixed.
+Attribution uses the gradient-transparent leaf splice of that module (sae-lens' detached error term would route
+gradients through the reconstruction instead of the identity a spliced layer is), so all layers' feature gradients
+come from one forward and one backward pass and equal those of the clean model (tested against a single-layer splice
+and finite differences).
 
 *Traced positions.* `positions="last"` (default) traces the last prompt position only, where the answer is read;
 `positions="suffix"` traces every real (non-padding) token of the per-text suffix (the text and the answer cue),
@@ -86,6 +80,15 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from emolib.lm.batching import final_logits, final_logprobs, forward_residual
 from emolib.lm.classify import EmotionClassifier, Predictions
 from emolib.lm.prompts import encode_suffix
+from emolib.sae.interventions import (
+    SetFeatures,
+    block_input_recorders,
+    first_edited_block,
+    leaf_hook,
+    resid_post,
+    resume_at_block,
+    splice_hook,
+)
 from emolib.sae.loading import SAEError
 from emolib.sae.quality import resume_layer
 
@@ -114,7 +117,7 @@ class TracingError(ValueError):
 
 
 @dataclass(frozen=True)
-class TracingConfig:
+class TracerConfig:
     """How to trace. `ks` are the numbers of top features ablated; `random_seeds` the seeds of the random control.
 
     `positions` is "last" or "suffix" (module docstring). `reuse_cache` reuses the clean keys and values of
@@ -295,9 +298,13 @@ def _metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _start(edits: Mapping[int, object]) -> int:
-    """The first layer a set of edits changes (0 without edits: nothing to skip)."""
-    return min(edits) if edits else 0
+def _store(store: dict[int, Tensor], layer: int):
+    """A callback that keeps a tensor as `store[layer]`."""
+
+    def keep(tensor: Tensor) -> None:
+        store[layer] = tensor
+
+    return keep
 
 
 def _group(keys: np.ndarray) -> dict[int, list[int]]:
@@ -349,8 +356,8 @@ class _Layout:
         return self.where.nonzero(as_tuple=True)
 
 
-#: Per layer: feature indices to replace (None: all) and the replacement values `[d_sae]`.
-_Edits = dict[int, tuple[Tensor | None, Tensor]]
+#: Per layer: the features to set (None: all) and the values `[d_sae]` they are set to.
+_Edits = dict[int, SetFeatures]
 
 
 class FeatureTracer:
@@ -364,12 +371,12 @@ class FeatureTracer:
         self,
         classifier: EmotionClassifier,
         saes: Mapping[str | int, SAE],
-        config: TracingConfig | None = None,
+        config: TracerConfig | None = None,
     ) -> None:
         self.classifier = classifier
         self.model = classifier.model
         self.labels = classifier.parts.labels
-        self.config = config or TracingConfig()
+        self.config = config or TracerConfig()
         if classifier.scoring_mode != "first-token":
             raise TracingError(
                 "tracing needs first-token scoring, but the classifier scores whole sequences (labels share first "
@@ -489,11 +496,7 @@ class FeatureTracer:
     def _input_recorders(self, layout: _Layout) -> list:
         """Hooks that store the residual entering every block (at the traced token) in `layout.resid_in`."""
         layout.resid_in = {}
-
-        def keep(resid: Tensor, hook) -> None:
-            layout.resid_in[hook.layer()] = resid.detach()
-
-        return [(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(self.model.cfg.n_layers)]
+        return block_input_recorders(self.model.cfg.n_layers, layout.resid_in)
 
     def _hooks(
         self,
@@ -503,39 +506,22 @@ class FeatureTracer:
         record: dict[int, Tensor] | None = None,
         leaves: dict[int, Tensor] | None = None,
     ) -> list:
-        """Splice hooks (see the module docstring) for `layers` at the traced positions of `layout`."""
-        rows, cols = layout.index
+        """Splice hooks (`emolib.sae.interventions`) for `layers` at the traced positions of `layout`: gradient
+        leaves stored in `leaves`, or codes stored in `record` and `edits` applied."""
+        positions = layout.index
         edits = edits or {}
-
-        def make(layer: int):
+        hooks = []
+        for layer in layers:
             sae = self.saes[layer]
-
-            def hook(resid: Tensor, hook) -> Tensor | None:
-                picked = resid[rows, cols]
-                with torch.no_grad():
-                    acts = sae.encode(picked.to(sae.W_dec.dtype))
-                if record is not None:
-                    record[layer] = acts
-                if leaves is not None:
-                    leaf = acts.clone().requires_grad_(True)
-                    leaves[layer] = leaf
-                    recon = sae.decode(leaf)
-                    change = recon - recon.detach()  # zero, with the decoder's gradient
-                elif layer in edits:
-                    index, values = edits[layer]
-                    with torch.no_grad():
-                        edited = values.expand_as(acts).clone() if index is None else acts.clone()
-                        if index is not None:
-                            edited[:, index] = values[index]
-                        change = sae.decode(edited) - sae.decode(acts)
-                else:
-                    return None
-                return resid.index_put((rows, cols), picked + change.to(resid.dtype))
-
-            return hook
-
-        wanted = [layer for layer in layers if leaves is not None or record is not None or layer in edits]
-        return [(f"blocks.{layer}.hook_resid_post", make(layer)) for layer in wanted]
+            if leaves is not None:
+                hook = leaf_hook(sae, positions, _store(leaves, layer))
+            elif record is not None or layer in edits:
+                keep = _store(record, layer) if record is not None else None
+                hook = splice_hook(sae, positions, edits.get(layer), record=keep)
+            else:
+                continue
+            hooks.append((resid_post(layer), hook))
+        return hooks
 
     def _scores(self, layout: _Layout, hooks: list, start: int = 0, normalised: bool = True) -> Tensor:
         """Label log-probabilities `[batch, n_labels]` (first-token scoring) with `hooks` attached.
@@ -555,12 +541,12 @@ class FeatureTracer:
                     self._scores(layout, [], normalised=False)
         with self.model.hooks(fwd_hooks=hooks):
             if start > 0 and skippable:
-                resid = self.model(
-                    layout.resid_in[start],
-                    start_at_layer=start,
+                resid = resume_at_block(
+                    self.model,
+                    layout.resid_in,
+                    start,
                     attention_mask=layout.full_mask,
                     past_kv_cache=layout.context,
-                    stop_at_layer=self.model.cfg.n_layers,
                 )
             else:
                 resid = self.model(
@@ -596,7 +582,7 @@ class FeatureTracer:
                     raise TracingError(
                         f"feature indices {list(chosen)} out of range for layer {layer} (d_sae={d_sae})"
                     )
-            edits[layer] = (index, self._reference(layer, ablation, means))
+            edits[layer] = SetFeatures(self._reference(layer, ablation, means), index)
         return edits
 
     def _reference(self, layer: int, ablation: str, means: Mapping[int, Tensor] | None) -> Tensor:
@@ -667,7 +653,7 @@ class FeatureTracer:
         for batch in self._batches(suffixes, range(len(texts))):
             layout = self._layout(batch, suffixes, prefix)
             scores[batch] = (
-                self._scores(layout, self._hooks(layout, sorted(edits), edits), _start(edits))
+                self._scores(layout, self._hooks(layout, sorted(edits), edits), first_edited_block(edits))
                 .double()
                 .numpy()
             )
@@ -853,7 +839,10 @@ class FeatureTracer:
                 clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
                 for p, (_, edits) in enumerate(plans):
                     scores = self._scores(
-                        layout, self._hooks(layout, sorted(edits), edits), _start(edits), normalised=False
+                        layout,
+                        self._hooks(layout, sorted(edits), edits),
+                        first_edited_block(edits),
+                        normalised=False,
                     )
                     ablated[p][batch] = scores.double().numpy()
             before = _metrics(clean[items], gold_index[items])
@@ -918,7 +907,10 @@ class FeatureTracer:
             for p, (_, edits) in enumerate(plans):
                 ablated[p][batch] = (
                     self._scores(
-                        layout, self._hooks(layout, sorted(edits), edits), _start(edits), normalised=False
+                        layout,
+                        self._hooks(layout, sorted(edits), edits),
+                        first_edited_block(edits),
+                        normalised=False,
                     )
                     .double()
                     .numpy()

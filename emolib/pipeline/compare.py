@@ -81,7 +81,9 @@ def _leaf_name(path: str) -> str:
 def values_equal(a: Any, b: Any, rtol: float, atol: float) -> bool:
     """Numbers within `atol + rtol * |a|` (None, NaN and infinities equal only themselves); others exactly."""
     numbers = (int, float)
-    if isinstance(a, bool) or isinstance(b, bool) or not (isinstance(a, numbers) and isinstance(b, numbers)):
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if not (isinstance(a, numbers) and isinstance(b, numbers)):
         return a == b
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)

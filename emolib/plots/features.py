@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -11,9 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure, SubFigure
 
 from emolib.plots.style import annotated_heatmap, errors, model_panels
-
-if TYPE_CHECKING:
-    from emolib.studies.features import HeldOutCoactivation
 
 
 def upset_figure(
@@ -167,14 +163,21 @@ def diffuseness_figure(
     return fig
 
 
-def coactivation_figure(results: Mapping[str, HeldOutCoactivation]) -> Figure:
-    """`heldout_coactivation` matrices, one heatmap per model (rows: features of; columns: items of); rows
-    without features are blank."""
-    fig, axes = model_panels(len(results), 3.8, 3.5)
-    for ax, (name, result) in zip(axes, results.items(), strict=True):
-        values = result.matrix.to_numpy(dtype=float)
+def coactivation_figure(
+    matrices: Mapping[str, pd.DataFrame], missing: str = "no co-activation was measured"
+) -> Figure:
+    """Held-out co-activation matrices (`HeldOutCoactivation.matrix`: rows features of, columns items of), one
+    heatmap per model; rows without features are blank. Without any matrix, a figure that says `missing`."""
+    if not matrices:
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, missing, ha="center")
+        return fig
+    fig, axes = model_panels(len(matrices), 3.8, 3.5)
+    for ax, (name, matrix) in zip(axes, matrices.items(), strict=True):
+        values = matrix.to_numpy(dtype=float)
         top = np.nanmax(values) if np.isfinite(values).any() else 1.0
-        image = annotated_heatmap(ax, values, result.emotions, max(top, 1.0), ".2f", "Oranges")
+        image = annotated_heatmap(ax, values, list(matrix.index), max(top, 1.0), ".2f", "Oranges")
         ax.set_ylabel("features of")
         ax.set_xlabel("items of")
         ax.set_title(name, fontsize=9)

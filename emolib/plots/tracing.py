@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -13,54 +13,57 @@ from emolib.plots.style import GROUP_COLOURS
 
 
 def effect_curves(
-    effects: pd.DataFrame, metric: str = "prob", ablation: str = "zero", title: str = ""
+    effects: Mapping[str, pd.DataFrame], metric: str = "prob", ablation: str = "zero"
 ) -> Figure:
-    """Small multiples, emotions (rows) x phases (columns): the drop when the top-k attributed features are
-    ablated (solid, 95% band) against k random features (grey, dashed), and the whole phase (dotted line).
+    """One panel per model (side by side), each small multiples of emotions (rows) x phases (columns): the drop
+    when the top-k attributed features are ablated (solid, 95% band) against k random features (grey, dashed), and
+    the whole phase (dotted line).
 
-    `effects` is `emolib.studies.tracing.summarize_effects` output for one model.
+    `effects[model]` is `emolib.methods.ablation.summarize_effects` output for that model.
     """
-    rows = effects[effects["ablation"] == ablation]
-    emotions = list(dict.fromkeys(rows["emotion"]))
-    phases = list(dict.fromkeys(rows["phase"]))
+    tables = {model: table[table["ablation"] == ablation] for model, table in effects.items()}
+    shapes = {
+        model: (list(dict.fromkeys(rows["emotion"])), list(dict.fromkeys(rows["phase"])))
+        for model, rows in tables.items()
+    }
+    widths = [2.2 * len(phases) + 0.7 for _, phases in shapes.values()]
+    height = max(1.3 * len(emotions) + 1.0 for emotions, _ in shapes.values())
+    fig = plt.figure(figsize=(sum(widths), height))
+    panels = fig.subfigures(1, len(tables), squeeze=False, width_ratios=widths)[0]
     column = f"drop_{metric}"
-    fig, axes = plt.subplots(
-        len(emotions),
-        len(phases),
-        figsize=(2.6 * len(phases) + 1, 1.35 * len(emotions) + 0.8),
-        sharex=True,
-        sharey=True,
-        squeeze=False,
-    )
-    for r, emotion in enumerate(emotions):
-        for c, phase in enumerate(phases):
-            ax = axes[r, c]
-            cell = rows[(rows["emotion"] == emotion) & (rows["phase"] == phase)]
-            for condition, style_ in (
-                ("top", {"color": "#1f77b4"}),
-                ("random", {"color": "0.5", "ls": "--"}),
-            ):
-                line = cell[cell["condition"] == condition].sort_values("k")
-                ax.plot(line["k"], line[column], marker="o", ms=2.5, label=f"{condition} k", **style_)
-                ax.fill_between(
-                    line["k"], line[f"{column}_low"], line[f"{column}_high"], alpha=0.2, color=style_["color"]
+    for panel, (model, rows) in zip(panels, tables.items(), strict=True):
+        emotions, phases = shapes[model]
+        axes = panel.subplots(len(emotions), len(phases), sharex=True, sharey=True, squeeze=False)
+        for r, emotion in enumerate(emotions):
+            for c, phase in enumerate(phases):
+                _effect_cell(
+                    axes[r, c], rows[(rows["emotion"] == emotion) & (rows["phase"] == phase)], column
                 )
-            whole = cell[cell["condition"] == "whole"]
-            if not whole.empty:
-                ax.axhline(whole[column].iloc[0], color="#d62728", ls=":", lw=1.2, label="whole phase")
-            ax.axhline(0, color="black", lw=0.5)
-            ax.set_xscale("log", base=2)
-            if r == 0:
-                ax.set_title(phase)
-            if c == 0:
-                ax.set_ylabel(emotion)
-    for ax in axes[-1]:
-        ax.set_xlabel("k (features ablated)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+                if r == 0:
+                    axes[r, c].set_title(phase)
+                if c == 0:
+                    axes[r, c].set_ylabel(emotion)
+        for ax in axes[-1]:
+            ax.set_xlabel("k (features ablated)")
+        panel.suptitle(model)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
-    if title:
-        fig.suptitle(title)
     return fig
+
+
+def _effect_cell(ax, cell: pd.DataFrame, column: str) -> None:
+    """One emotion in one phase: top-k and random-k curves with their bands, the whole-phase drop."""
+    for condition, style_ in (("top", {"color": "#1f77b4"}), ("random", {"color": "0.5", "ls": "--"})):
+        line = cell[cell["condition"] == condition].sort_values("k")
+        ax.plot(line["k"], line[column], marker="o", ms=2.5, label=f"{condition} k", **style_)
+        ax.fill_between(
+            line["k"], line[f"{column}_low"], line[f"{column}_high"], alpha=0.2, color=style_["color"]
+        )
+    whole = cell[cell["condition"] == "whole"]
+    if not whole.empty:
+        ax.axhline(whole[column].iloc[0], color="#d62728", ls=":", lw=1.2, label="whole phase")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xscale("log", base=2)
 
 
 def k50_intervals(k50: dict[str, pd.DataFrame], ks: Sequence[int], small_k: int | None = None) -> Figure:

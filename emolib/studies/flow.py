@@ -1,19 +1,93 @@
-"""Chapter 1: information flow across layers, its phases, and where emotion features appear."""
+"""Chapter 1: how emotion information flows through the layers, whether it falls into phases, what each phase does.
+
+`run_flow(model, config)` measures, at every layer and at the answer position of the analysis items, linear probes
+(residual stream and SAE codes), emotion-selective SAE features, the logit lens and consecutive-layer CKA, each beside
+its control; cuts the layer profile into phases (phase-count test, item-bootstrap boundaries); gives every SAE
+feature a role (template, content, emotion, inactive) and measures each role's share per phase; picks a feature card
+per phase and role; and states the verdicts on the paper's three claims. Everything is done for all items and for
+the correctly classified items. The typed `FlowResult` holds it, writes the chapter's results entry, and gives the
+tables the chapter shows; later chapters read its phases through `phases`, `final_phase` and `chosen_phase_count`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import functools
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from emolib.lm.models import LoadedModel, load_model
+from emolib.methods.cards import promoted_tokens, top_activating
 from emolib.methods.common import FlowError
-from emolib.stats import Estimate
+from emolib.methods.lens import (
+    above_permutation_chance,
+    at_gold,
+    label_first_tokens,
+    logit_lens,
+    permutation_chance,
+)
+from emolib.methods.phases import (
+    BoundaryBootstrap,
+    PhaseCountTest,
+    bootstrap_boundaries,
+    item_metric_profile,
+    phase_count_test,
+)
+from emolib.methods.probes import ProbeConfig, probe_accuracy
+from emolib.methods.roles import (
+    ROLES,
+    RoleConfig,
+    TokenCodes,
+    feature_roles,
+    role_mass_shares,
+    token_codes,
+    top_tokens,
+)
+from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, selective_with_null
+from emolib.methods.similarity import consecutive_cka
+from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
+from emolib.sae.quality import goal_summary
+from emolib.sae.suite import SUITE_PRESETS, SAESuite, SuiteConfig, sae_suite
+from emolib.stats import Estimate, format_interval, mean_interval
+from emolib.studies.base import cached_result, records, table
+from emolib.studies.items import ANALYSIS_PRESETS, AnalysisConfig, AnalysisSet, analysis_set
+from emolib.verdicts import Verdict
+
+#: Bump when the study's computation changes, so cached results are rebuilt.
+STUDY_VERSION = "1"
+
+#: The paper's claims this chapter tests (key: wording in the findings and the README row).
+CLAIMS = {
+    "three_phases": "three phases",
+    "late_emotion": "emotion features only in the last phase",
+    "phase_roles": "syntax, then content, then emotion",
+}
+
+#: The item subsets every measurement is made on, and how the chapter names them.
+SUBSETS = {"all": "all items", "correct": "correctly classified items"}
+
+#: The per-item metrics a phase profile can read (each averaged over items per layer), and their names.
+PROFILE_METRICS = {
+    "probe_resid": "probe accuracy, residual stream",
+    "probe_sae": "probe accuracy, SAE codes",
+    "lens_gold": "logit lens p(gold | labels)",
+    "lens_log_mass": "logit lens log10 p(any label)",
+}
+
+#: The roles whose feature counts the per-phase role table shows, and the roles of the feature cards.
+CARD_ROLES = ("template", "content", "emotion")
 
 
-def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None) -> tuple[str, str]:
+# ------------------------------------------------------------------------------------------------ verdict rules
+
+
+def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None) -> Verdict:
     """Verdict on "three phases" from the phase-count test and its bootstrap.
 
     holds: the test chooses 3 and at least half of the item resamples do too; partly: it chooses 3 but fewer
@@ -22,22 +96,31 @@ def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None
     supported); does not hold: otherwise. `share_three` is the share of resamples choosing 3 (None: no bootstrap).
     """
     share = np.nan if share_three is None else float(share_three)
+    numbers = {
+        "chosen": int(chosen),
+        "at_largest": bool(at_largest),
+        "share_three": None if share_three is None else share,
+    }
+
+    def verdict(decision: str, reason: str) -> Verdict:
+        return Verdict(decision, reason, numbers, rule="three_phase_verdict")
+
     boot = "no bootstrap" if share_three is None else f"{share:.0%} of item resamples choose three"
     if at_largest:
-        return (
+        return verdict(
             "inconclusive",
             f"the largest candidate ({chosen} phases) wins: no small phase count fits ({boot})",
         )
     if chosen == 3:
         if share_three is None or share >= 0.5:
-            return "holds", f"the test chooses three phases ({boot})"
-        return "partly", f"the test chooses three phases, but only {boot}"
+            return verdict("holds", f"the test chooses three phases ({boot})")
+        return verdict("partly", f"the test chooses three phases, but only {boot}")
     if share_three is not None and share >= 0.25:
-        return "partly", f"the test chooses {chosen} phase(s); {boot}"
-    return "does not hold", f"the test chooses {chosen} phase(s), not three ({boot})"
+        return verdict("partly", f"the test chooses {chosen} phase(s); {boot}")
+    return verdict("does not hold", f"the test chooses {chosen} phase(s), not three ({boot})")
 
 
-def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Series) -> tuple[str, str]:
+def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Series) -> Verdict:
     """Verdict on "emotion features emerge only in the last phase" from per-layer results.
 
     `present[layer]`: the layer has more emotion-selective features than every label permutation; `excess`:
@@ -50,24 +133,40 @@ def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Seri
         raise FlowError("present, excess and phase must be indexed by the same layers")
     last = int(phase.max())
     layers = present.index[present.to_numpy()]
+    numbers: dict[str, Any] = {"layers_beyond_control": len(layers), "last_phase": last}
     if len(layers) == 0:
-        return "inconclusive", "no layer has more emotion-selective features than the shuffled-label control"
+        return Verdict(
+            "inconclusive",
+            "no layer has more emotion-selective features than the shuffled-label control",
+            numbers,
+            rule="late_emergence_verdict",
+        )
     in_last = phase[layers] == last
     total = float(excess[present].sum())
     share_last = float(excess[present & (phase == last)].sum()) / total if total > 0 else np.nan
     first = layers[0]
+    numbers |= {
+        "layers_in_last_phase": int(in_last.sum()),
+        "first_layer": int(first),
+        "first_phase": int(phase[first]),
+        "share_of_excess_in_last_phase": share_last,
+    }
     where = f"first at layer {first} (phase {phase[first]} of {last}); {share_last:.0%} of the excess in the last phase"
     if in_last.all():
-        return "holds", f"emotion-selective features beyond the control only in the last phase: {where}"
-    if in_last.any() and share_last >= 0.5:
-        return "partly", f"emotion-selective features beyond the control also before the last phase: {where}"
-    return (
-        "does not hold",
-        f"emotion-selective features beyond the control mostly before the last phase: {where}",
-    )
+        decision, reason = (
+            "holds",
+            f"emotion-selective features beyond the control only in the last phase: {where}",
+        )
+    elif in_last.any() and share_last >= 0.5:
+        decision = "partly"
+        reason = f"emotion-selective features beyond the control also before the last phase: {where}"
+    else:
+        decision = "does not hold"
+        reason = f"emotion-selective features beyond the control mostly before the last phase: {where}"
+    return Verdict(decision, reason, numbers, rule="late_emergence_verdict")
 
 
-def phase_roles_verdict(shares: pd.DataFrame) -> tuple[str, str]:
+def phase_roles_verdict(shares: pd.DataFrame) -> Verdict:
     """Verdict on "syntax, then content, then emotion": `shares` (index: phase 1..3, columns template, content,
     emotion) holds each role's mean share of last-token activation per phase.
 
@@ -75,24 +174,455 @@ def phase_roles_verdict(shares: pd.DataFrame) -> tuple[str, str]:
     2, emotion share highest in phase 3. holds: 3 of 3; partly: 2; does not hold: 0 or 1; inconclusive: no
     emotion-feature activation anywhere or not three phases.
     """
-    if len(shares) != 3 or not {"template", "content", "emotion"} <= set(shares.columns):
-        return "inconclusive", "needs three phases with template, content and emotion shares"
-    if not np.nansum(shares["emotion"].to_numpy()) > 0:
-        return "inconclusive", "no emotion-selective feature is active at the last token"
-    peaks = {role: int(shares[role].astype(float).idxmax()) for role in ("template", "content", "emotion")}
-    met = [
-        role
-        for role, want in zip(("template", "content", "emotion"), (1, 2, 3), strict=True)
-        if peaks[role] == want
-    ]
+    rule = "phase_roles_verdict"
+    if len(shares) != 3 or not set(CARD_ROLES) <= set(shares.columns):
+        return Verdict(
+            "inconclusive",
+            "needs three phases with template, content and emotion shares",
+            {"phases": len(shares)},
+            rule=rule,
+        )
+    emotion_total = float(np.nansum(shares["emotion"].to_numpy()))
+    if not emotion_total > 0:
+        return Verdict(
+            "inconclusive",
+            "no emotion-selective feature is active at the last token",
+            {"emotion_share_total": emotion_total},
+            rule=rule,
+        )
+    peaks = {role: int(shares[role].astype(float).idxmax()) for role in CARD_ROLES}
+    met = [role for role, want in zip(CARD_ROLES, (1, 2, 3), strict=True) if peaks[role] == want]
     reason = ", ".join(f"{role} peaks in phase {p}" for role, p in peaks.items())
     verdict = {3: "holds", 2: "partly"}.get(len(met), "does not hold")
-    return verdict, f"{reason} (expected 1, 2, 3: {len(met)} of 3 as expected)"
+    numbers = {**{f"{role}_peak_phase": p for role, p in peaks.items()}, "as_expected": len(met)}
+    return Verdict(verdict, f"{reason} (expected 1, 2, 3: {len(met)} of 3 as expected)", numbers, rule=rule)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Everything one model's flow study depends on (defaults: the full preset).
+
+    `preset` keys the items and SAEs the study reads (`items`, `saes`). Per layer: `probe` reads the gold emotion
+    from the residual stream and the SAE codes; `selectivity` decides which features are emotion-selective, beside
+    `n_shuffles` label permutations; the phase profile averages `profile_metrics` over items and is cut into
+    `candidates` phase counts, its boundaries resampled `n_boot` times. Feature roles come from every token of
+    `role_prompts` analysis prompts (`roles` thresholds). `subsets` names the item subsets ("all", "correct");
+    on correct items an emotion with fewer than `selectivity.min_items` items is left out.
+    """
+
+    preset: str = "full"
+    items: AnalysisConfig = field(default_factory=lambda: ANALYSIS_PRESETS["full"])
+    saes: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["full"])
+    n_shuffles: int = 10
+    n_boot: int = 200
+    role_prompts: int = 40
+    probe: ProbeConfig = field(
+        default_factory=lambda: ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=1000, seed=0)
+    )
+    selectivity: SelectivityConfig = field(default_factory=lambda: SelectivityConfig(min_items=10))
+    candidates: tuple[int, ...] = (1, 2, 3, 4)
+    roles: RoleConfig = field(default_factory=RoleConfig)
+    profile_metrics: tuple[tuple[str, str], ...] = tuple(PROFILE_METRICS.items())
+    subsets: tuple[tuple[str, str], ...] = tuple(SUBSETS.items())
+
+    def __post_init__(self) -> None:
+        unknown = [m for m, _ in self.profile_metrics if m not in PROFILE_METRICS]
+        if unknown or not self.profile_metrics:
+            raise FlowError(f"profile metrics must be among {list(PROFILE_METRICS)}, got {unknown or 'none'}")
+        if not self.subsets or any(s not in SUBSETS for s, _ in self.subsets):
+            raise FlowError(f"subsets must be among {list(SUBSETS)}, got {[s for s, _ in self.subsets]}")
+        if 3 not in self.candidates:
+            raise FlowError(
+                f"the candidates must include three phases (the claim tested), got {self.candidates}"
+            )
+        if min(self.n_shuffles, self.n_boot, self.role_prompts) < 1:
+            raise FlowError("n_shuffles, n_boot and role_prompts must be at least 1")
+
+    def with_overrides(self, **overrides: Any) -> FlowConfig:
+        """This config with the given fields replaced, ignoring those given as None (a chapter's optional
+        parameters)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def summary(self) -> dict[str, Any]:
+        """The settings as the chapter's results file records them (`config`)."""
+        return {
+            "preset": self.preset,
+            "n_shuffles": self.n_shuffles,
+            "n_boot": self.n_boot,
+            "role_prompts": self.role_prompts,
+            "probe": {"folds": self.probe.folds, "C": self.probe.C, "n_boot": self.probe.n_boot},
+            "selectivity": {
+                "auroc_threshold": self.selectivity.auroc_threshold,
+                "alpha": self.selectivity.alpha,
+                "min_items": self.selectivity.min_items,
+            },
+            "profile_metrics": dict(self.profile_metrics),
+            "candidates": list(self.candidates),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def item_subset(
+    aset: AnalysisSet, subset: str, min_items: int
+) -> tuple[np.ndarray, tuple[str, ...], dict[str, int]]:
+    """Item indices and labels of a subset ("all" or "correct"), and the labels left out with their item counts.
+
+    On correct items an emotion with fewer than `min_items` correct items is left out (with its items): the
+    selectivity test needs that many per emotion.
+    """
+    if subset == "all":
+        return np.arange(aset.n), tuple(aset.labels), {}
+    if subset != "correct":
+        raise FlowError(f"unknown item subset {subset!r}; choose one of {list(SUBSETS)}")
+    correct = aset.correct
+    counts = pd.Series(aset.gold[correct]).value_counts()
+    kept = tuple(label for label in aset.labels if counts.get(label, 0) >= min_items)
+    dropped = {label: int(counts.get(label, 0)) for label in aset.labels if label not in kept}
+    return np.flatnonzero(correct & np.isin(aset.gold, kept)), kept, dropped
+
+
+@dataclass
+class _Measured:
+    """One subset's per-layer measurements, with the in-memory pieces the roles and cards need."""
+
+    table: pd.DataFrame
+    values: dict[str, np.ndarray]
+    selective: dict[int, SelectiveCount]
+    per_emotion: pd.DataFrame
+    codes: dict[int, np.ndarray]
+    labels: tuple[str, ...]
+    idx: np.ndarray
+    final_agreement: float
+    chance: float
+
+
+def _hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def _measure(
+    lm: LoadedModel,
+    aset: AnalysisSet,
+    suite: SAESuite,
+    idx: np.ndarray,
+    labels: tuple[str, ...],
+    config: FlowConfig,
+) -> _Measured:
+    """Every per-layer measurement of one model on one subset of its items."""
+    gold = aset.gold[idx]
+    groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
+    rows, values, selective, codes_by_layer = [], {m: [] for m in PROFILE_METRICS}, {}, {}
+    resid_by_layer = {}
+    for layer in aset.layers:
+        h = aset.resid(layer)[idx]
+        z = aset.codes(layer, suite.saes[_hook(layer)])[idx]
+        resid_by_layer[layer], codes_by_layer[layer] = h, z
+        probe_h = probe_accuracy(h, gold, config.probe)
+        active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
+        probe_z = probe_accuracy(z[:, active], gold, config.probe)
+        sel = selective_with_null(
+            z, gold, labels, config.selectivity, n_shuffles=config.n_shuffles, seed=layer
+        )
+        selective[layer] = sel
+        lens = logit_lens(lm.model, h, groups)
+        lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
+        p_gold = at_gold(lens.renormalised, gold, aset.labels)
+        log_mass = np.logaddexp.reduce(lens.label_logprobs, axis=1) / np.log(10)  # log10 mass, no underflow
+        values["probe_resid"].append(probe_h.correct)
+        values["probe_sae"].append(probe_z.correct)
+        values["lens_gold"].append(p_gold)
+        values["lens_log_mass"].append(log_mass)
+        lens_gold = mean_interval(p_gold, n_boot=config.probe.n_boot, seed=layer)
+        rows.append(
+            {
+                "layer": layer,
+                "probe_resid": probe_h.accuracy.value,
+                "probe_resid_low": probe_h.accuracy.low,
+                "probe_resid_high": probe_h.accuracy.high,
+                "probe_resid_control": probe_h.control.value,
+                "probe_resid_control_high": probe_h.control.high,
+                "probe_sae": probe_z.accuracy.value,
+                "probe_sae_low": probe_z.accuracy.low,
+                "probe_sae_high": probe_z.accuracy.high,
+                "probe_sae_control": probe_z.control.value,
+                "probe_sae_control_high": probe_z.control.high,
+                "probe_folds": probe_h.folds,
+                **sel.row(),
+                "lens_gold": lens_gold.value,
+                "lens_gold_low": lens_gold.low,
+                "lens_gold_high": lens_gold.high,
+                "lens_accuracy": float((lens_pred == gold).mean()),
+                "lens_chance": permutation_chance(lens_pred, gold),
+                "lens_mass": float(lens.mass.mean()),
+                "lens_log_mass": float(log_mass.mean()),
+                "sae_misses": suite.flag(layer),
+            }
+        )
+    agreement = float((lens_pred == aset.predicted[idx]).mean())  # last layer: the lens is the classifier
+    frame = pd.DataFrame(rows).set_index("layer")
+    cka = consecutive_cka(resid_by_layer, seed=0)
+    frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
+    per_emotion = pd.DataFrame(
+        {layer: sel.selectivity.counts() for layer, sel in selective.items()}
+    ).T.rename_axis("layer")
+    return _Measured(
+        table=frame,
+        values={m: np.stack(values[m]) for m, _ in config.profile_metrics},
+        selective=selective,
+        per_emotion=per_emotion,
+        codes=codes_by_layer,
+        labels=labels,
+        idx=idx,
+        final_agreement=agreement,
+        chance=1 / len(labels),
+    )
+
+
+def _phases(measured: _Measured, config: FlowConfig) -> tuple[PhaseCountTest, dict[int, BoundaryBootstrap]]:
+    """Phase-count test, the three-phase cut and the chosen cut, with item-bootstrap intervals."""
+    layers = measured.table.index.tolist()
+    profile_fn = functools.partial(item_metric_profile, measured.values, layers=layers)
+    profile = profile_fn(np.arange(len(measured.idx)))
+    test = phase_count_test(profile, config.candidates, penalty="calibrated", seed=0)
+    n = len(measured.idx)
+    boots = {
+        3: bootstrap_boundaries(profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=config.candidates)
+    }
+    if test.chosen not in boots and test.chosen > 1:
+        boots[test.chosen] = bootstrap_boundaries(profile_fn, n, test.chosen, n_boot=config.n_boot, seed=0)
+    return test, boots
+
+
+@dataclass
+class _Roles:
+    """Feature roles per layer of one subset, their activation shares and counts."""
+
+    roles: dict[int, pd.DataFrame]
+    shares: pd.DataFrame
+    counts: pd.DataFrame
+
+
+def _role_tables(
+    lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, measured: Mapping[str, _Measured], config: FlowConfig
+) -> tuple[dict[str, _Roles], dict[int, TokenCodes], list[list[int]]]:
+    """Feature roles per layer from all-token codes of `config.role_prompts` prompts, for every measured subset;
+    also the token codes and prompts (for the feature cards)."""
+    chosen = np.sort(
+        np.random.default_rng(0).choice(aset.n, size=min(config.role_prompts, aset.n), replace=False)
+    )
+    prompts = [aset.prompts[i] for i in chosen]
+    store = extract_activations(
+        lm,
+        lm.info.name,
+        prompts,
+        ExtractionConfig(hooks=resid_hooks(lm.info.n_layers), mode="all", outlier_factor=5.0, progress=False),
+        description=f"flow chapter role prompts: analysis items {chosen.tolist()} of {aset.dataset}",
+        preset=config.preset,
+        starts=[0] + [aset.prefix_length] * (len(prompts) - 1),  # the shared instruction prefix once
+    )
+    masks = [aset.text_masks[i] for i in chosen]
+    roles: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in measured}
+    shares: dict[str, dict[int, dict[str, float]]] = {s: {} for s in measured}
+    tokens_by_layer = {}
+    for layer in aset.layers:
+        hook = _hook(layer)
+        tokens = token_codes(store, hook, suite.saes[hook].encode, masks)
+        tokens_by_layer[layer] = tokens
+        for s, m in measured.items():
+            layer_roles = feature_roles(
+                tokens.codes, tokens.is_template, m.selective[layer].selectivity, config.roles
+            )
+            roles[s][layer] = layer_roles
+            shares[s][layer] = role_mass_shares(m.codes[layer], layer_roles["role"].astype(str), ROLES)
+    out = {
+        s: _Roles(
+            roles=roles[s],
+            shares=pd.DataFrame(shares[s]).T.rename_axis("layer"),
+            counts=pd.DataFrame(
+                {layer: r["role"].value_counts() for layer, r in roles[s].items()}
+            ).T.rename_axis("layer")[list(ROLES)],
+        )
+        for s in measured
+    }
+    return out, tokens_by_layer, prompts
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _cards(
+    lm: LoadedModel,
+    aset: AnalysisSet,
+    suite: SAESuite,
+    measured: _Measured,
+    cut: BoundaryBootstrap,
+    roles: _Roles,
+    tokens_by_layer: Mapping[int, TokenCodes],
+    prompts: Sequence[Sequence[int]],
+) -> pd.DataFrame:
+    """Per phase of the three-phase cut, the layer with the most emotion-selective features (the phase's last layer
+    if none has any), and per role the feature of that role carrying the most answer-position activation."""
+    t = measured.table
+    rows = []
+    for p, (first, last) in enumerate(cut.point.phases, start=1):
+        counts = t.loc[first:last, "selective"]
+        layer = int(counts[::-1].idxmax()) if counts.max() > 0 else int(last)
+        codes = measured.codes[layer]
+        role = roles.roles[layer]["role"].astype(str).to_numpy()
+        mass = codes.sum(axis=0)
+        sel = measured.selective[layer].selectivity
+        tokens = tokens_by_layer[layer]
+        for wanted in CARD_ROLES:
+            members = np.flatnonzero(role == wanted)
+            if members.size == 0 or mass[members].max() <= 0:
+                rows.append({"phase": p, "layer": layer, "role": wanted, "feature": "none active"})
+                continue
+            f = int(members[np.argmax(mass[members])])
+            emotions = [
+                f"{e} ({sel.auroc[f, j]:.2f})" for j, e in enumerate(sel.emotions) if sel.selective[f, j]
+            ]
+            top = top_activating(
+                codes[:, f], [aset.texts[i] for i in measured.idx], k=3, labels=aset.gold[measured.idx]
+            )
+            tok = top_tokens(tokens.codes[:, f], tokens, prompts, lm.tokenizer.decode, k=3)
+            promoted = promoted_tokens(suite.saes[_hook(layer)].W_dec[f], lm.model, lm.tokenizer, k=6)
+            rows.append(
+                {
+                    "phase": p,
+                    "layer": layer,
+                    "role": wanted,
+                    "feature": f,
+                    "selective for (AUROC)": ", ".join(emotions),
+                    "share of answer-position mass": mass[f] / mass.sum(),
+                    "top items at the answer (gold: text)": " | ".join(
+                        f"{row.label}: {_short(row.text, 50)}" for row in top.itertuples()
+                    ),
+                    "top prompt tokens": " | ".join(_short(c, 45) for c in tok["context"]),
+                    "promotes": " ".join(repr(x) for x in promoted["token"]),
+                    "SAE misses": suite.flag(layer),
+                }
+            )
+    return pd.DataFrame(rows).set_index(["phase", "layer", "role"])
+
+
+def _verdicts(
+    measured: _Measured, test: PhaseCountTest, cut: BoundaryBootstrap, phase_shares: pd.DataFrame
+) -> dict[str, Verdict]:
+    t = measured.table
+    phase = cut.point.phase_of(t.index.tolist())
+    present = t["selective_exceeds_null"].astype(bool)
+    excess = t["selective"] - t["selective_null_mean"]
+    return {
+        "three_phases": three_phase_verdict(test.chosen, test.at_largest, cut.counts.get(3, 0.0)),
+        "late_emotion": late_emergence_verdict(present, excess, phase),
+        "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
+    }
+
+
+def _phase_cut(boot: BoundaryBootstrap) -> PhaseCut:
+    return PhaseCut(phases=tuple(tuple(p) for p in boot.point.phases), intervals=tuple(boot.intervals))
+
+
+def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConfig) -> FlowResult:
+    """The whole study of one model (uncached): measurements, phases, roles, cards and verdicts per subset."""
+    names = dict(config.subsets)
+    parts = {s: item_subset(aset, s, config.selectivity.min_items) for s in names}
+    measured: dict[str, _Measured] = {}
+    phases: dict[str, tuple[PhaseCountTest, dict[int, BoundaryBootstrap]]] = {}
+    skipped: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="probe folds reduced")  # the fold count is in the tables
+        for s, (idx, labels, _) in parts.items():
+            if len(labels) < 2:
+                skipped[s] = f"fewer than two emotions have {config.selectivity.min_items} or more {names[s]}"
+                continue
+            began = time.time()
+            measured[s] = _measure(lm, aset, suite, idx, labels, config)
+            phases[s] = _phases(measured[s], config)
+            timings[s] = time.time() - began
+    began = time.time()
+    roles, tokens_by_layer, prompts = _role_tables(lm, aset, suite, measured, config)
+    timings["roles"] = time.time() - began
+    subsets: dict[str, SubsetFlow | SkippedSubset] = {}
+    for s, (idx, labels, dropped) in parts.items():
+        if s in skipped:
+            subsets[s] = SkippedSubset(
+                items=names[s], reason=skipped[s], n_items=len(idx), labels=labels, left_out=dropped
+            )
+            continue
+        m, (test, boots), r = measured[s], phases[s], roles[s]
+        phase = boots[3].point.phase_of(r.shares.index.tolist())
+        shares_per_phase = r.shares.groupby(phase).mean()
+        counts_per_phase = r.counts.groupby(boots[3].point.phase_of(r.counts.index.tolist())).mean()
+        subsets[s] = SubsetFlow(
+            items=names[s],
+            n_items=len(m.idx),
+            labels=m.labels,
+            left_out=dropped,
+            per_layer=m.table,
+            per_emotion=m.per_emotion,
+            test=test.table,
+            chosen=test.chosen,
+            penalty=test.penalty,
+            choice_shares=boots[3].counts,
+            cuts={k: _phase_cut(boot) for k, boot in boots.items()},
+            boundary_frequency=boots[3].boundary_frequency(),
+            role_shares=r.shares,
+            role_shares_per_phase=shares_per_phase,
+            role_counts=r.counts,
+            role_counts_per_phase=counts_per_phase,
+            final_agreement=m.final_agreement,
+            chance=m.chance,
+            verdicts=_verdicts(m, test, boots[3], shares_per_phase),
+        )
+    cards = pd.DataFrame()
+    if "all" in measured:
+        cards = _cards(
+            lm, aset, suite, measured["all"], phases["all"][1][3], roles["all"], tokens_by_layer, prompts
+        )
+    first_hook = suite.hooks[0]
+    return FlowResult(
+        model=lm.info.name,
+        dataset=aset.dataset,
+        labels=tuple(aset.labels),
+        subsets=subsets,
+        feature_cards=cards,
+        facts={
+            "dataset": aset.dataset,
+            "labels": ", ".join(aset.labels),
+            "items": aset.n,
+            "model accuracy": float(aset.correct.mean()),
+            "layers": len(aset.layers),
+            "SAE width": int(suite.saes[first_hook].cfg.d_sae),
+            "scoring": aset.classifier.scoring_mode,
+        },
+        sae_summary=goal_summary(suite.quality, suite.training.k),
+        role_prompts=len(prompts),
+        timings=timings,
+    )
+
+
+def run_flow(model: str | LoadedModel, config: FlowConfig | None = None) -> FlowResult:
+    """The flow study of one model (a name, loaded with `load_model`, or a `LoadedModel`), cached under the
+    config and the keys of the items and SAEs it reads."""
+    config = config or FlowConfig()
+    lm = load_model(model) if isinstance(model, str) else model
+    aset = analysis_set(lm, config.preset, config.items)
+    suite = sae_suite(lm, config.preset, config.saes)
+    key_parts = (STUDY_VERSION, config, aset.store.key, suite.folder.name)
+    return cached_result(FlowResult, lm.info.name, key_parts, lambda: _build(lm, aset, suite, config))
 
 
 # ------------------------------------------------------------------------------------------------ result
-# The interface later chapters use (phases of a cut, the final phase, the chosen phase count) is fixed here; the
-# rest of the result is filled in by the flow study (`run_flow`).
+# Later chapters read a flow result only through `FlowResult.cut`, `phases`, `final_phase` and `chosen_phase_count`.
 
 
 @dataclass(frozen=True)
@@ -103,6 +633,11 @@ class PhaseCut:
     phases: tuple[tuple[int, int], ...]
     intervals: tuple[Estimate, ...]
 
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """The first layer of every phase but the first."""
+        return tuple(first for first, _ in self.phases[1:])
+
     def layers(self) -> dict[str, tuple[int, ...]]:
         """`{"phase 1": (0, 1, ...), ...}`: every layer of each phase, contiguous and in order."""
         out = {f"phase {i}": tuple(range(first, last + 1)) for i, (first, last) in enumerate(self.phases, 1)}
@@ -110,6 +645,16 @@ class PhaseCut:
         if not flat or flat != list(range(flat[0], flat[0] + len(flat))):
             raise FlowError(f"the cut {self.phases} is not a contiguous range of layers")
         return out
+
+    def phase_of(self, layers: Sequence[int]) -> pd.Series:
+        """Phase number (1-based) of every layer in `layers` (index "layer", name "phase")."""
+        starts = [first for first, _ in self.phases]
+        numbers = np.searchsorted(starts, list(layers), side="right")
+        return pd.Series(numbers, index=pd.Index(list(layers), name="layer"), name="phase")
+
+    def boundaries_text(self) -> str:
+        """`4 [3, 6], 9 [8, 10]`: each boundary with its 95% bootstrap interval ("none" for one phase)."""
+        return ", ".join(format_interval(e.value, e.low, e.high, digits=0) for e in self.intervals) or "none"
 
     def to_json(self) -> dict[str, Any]:
         return {"phases": [list(p) for p in self.phases], "intervals": [e.as_dict() for e in self.intervals]}
@@ -134,21 +679,236 @@ def phase_cuts(result: Mapping[str, Any], model: str, subset: str) -> dict[int, 
     return {int(k): PhaseCut.from_json(v) for k, v in subsets[subset]["boundaries"].items()}
 
 
+def _series(rows: Sequence[Mapping[str, Any]] | None, index: str, column: str) -> pd.Series | None:
+    if rows is None:
+        return None
+    frame = pd.DataFrame.from_records(list(rows), columns=[index, column])
+    return frame.set_index(index)[column]
+
+
+def _optional_table(rows: Sequence[Mapping[str, Any]] | None, index: str) -> pd.DataFrame | None:
+    return None if rows is None else table(rows, index)
+
+
+@dataclass
+class SkippedSubset:
+    """An item subset with too few items to analyse: why, and (when recorded) its size and left-out labels."""
+
+    items: str
+    reason: str
+    n_items: int | None = None
+    labels: tuple[str, ...] | None = None
+    left_out: dict[str, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"not_analysed": self.reason, "items": self.items}
+        if self.n_items is not None:
+            out |= {
+                "n_items": self.n_items,
+                "labels": list(self.labels or ()),
+                "left_out": dict(self.left_out or {}),
+            }
+        return out
+
+    @classmethod
+    def from_json(cls, subset: str, payload: Mapping[str, Any]) -> SkippedSubset:
+        return cls(
+            items=payload.get("items", SUBSETS.get(subset, subset)),
+            reason=payload["not_analysed"],
+            n_items=payload.get("n_items"),
+            labels=None if "labels" not in payload else tuple(payload["labels"]),
+            left_out=payload.get("left_out"),
+        )
+
+
+@dataclass
+class SubsetFlow:
+    """One item subset's flow analysis.
+
+    `per_layer` (index layer) holds every per-layer measurement with its interval and control (columns as in the
+    chapter's figures); `per_emotion` the selective-feature counts per emotion; `test` the phase-count test's table
+    (index n_phases: cost, r2, reduction, paid, criterion, boundaries), `chosen` its choice, `penalty` its price
+    per boundary, `choice_shares` the share of item resamples choosing each count; `cuts[n]` the best n-phase
+    cut with bootstrap intervals (n = 3 and the chosen count); `boundary_frequency` the share of resamples that
+    start a phase at each layer (three-phase cut); role shares and counts per layer and their means per phase;
+    `final_agreement` how often the last layer's lens answers as the classifier; `chance` one over the labels.
+    Fields a results file of the earlier layout lacks are None.
+    """
+
+    items: str
+    n_items: int
+    labels: tuple[str, ...]
+    per_layer: pd.DataFrame
+    per_emotion: pd.DataFrame
+    test: pd.DataFrame
+    chosen: int
+    penalty: float
+    choice_shares: pd.Series
+    cuts: dict[int, PhaseCut]
+    role_shares: pd.DataFrame
+    role_shares_per_phase: pd.DataFrame
+    verdicts: dict[str, Verdict]
+    chance: float
+    left_out: dict[str, int] | None = None
+    boundary_frequency: pd.Series | None = None
+    role_counts: pd.DataFrame | None = None
+    role_counts_per_phase: pd.DataFrame | None = None
+    final_agreement: float | None = None
+
+    @property
+    def at_largest(self) -> bool:
+        """The largest candidate phase count won (no count is supported)."""
+        return self.chosen == self.test.index.max() and len(self.test) > 1
+
+    def cut(self, n_phases: int = 3) -> PhaseCut:
+        if n_phases not in self.cuts:
+            raise FlowError(f"no {n_phases}-phase cut of {self.items} (have {sorted(self.cuts)})")
+        return self.cuts[n_phases]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "items": self.items,
+            "n_items": self.n_items,
+            "labels": list(self.labels),
+            "per_layer": records(self.per_layer),
+            "selective_per_emotion": records(self.per_emotion),
+            "phase_count_test": {
+                "table": records(self.test),
+                "chosen": self.chosen,
+                "penalty": self.penalty,
+                "bootstrap_choice_shares": {str(k): float(v) for k, v in self.choice_shares.items()},
+            },
+            "boundaries": {str(k): cut.to_json() for k, cut in self.cuts.items()},
+            "role_shares_per_layer": records(self.role_shares),
+            "role_shares_per_phase": records(self.role_shares_per_phase),
+            "verdicts": {k: v.as_dict() for k, v in self.verdicts.items()},
+            "chance": self.chance,
+        }
+        optional = {
+            "left_out": self.left_out,
+            "boundary_frequency": None
+            if self.boundary_frequency is None
+            else records(self.boundary_frequency.rename_axis("layer").rename("share").to_frame()),
+            "role_counts_per_layer": None if self.role_counts is None else records(self.role_counts),
+            "role_counts_per_phase": None
+            if self.role_counts_per_phase is None
+            else records(self.role_counts_per_phase),
+            "final_agreement": self.final_agreement,
+        }
+        return out | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, subset: str, payload: Mapping[str, Any]) -> SubsetFlow:
+        test = payload["phase_count_test"]
+        test_table = table(test["table"], "n_phases")
+        if "boundaries" in test_table:
+            test_table["boundaries"] = [tuple(b) for b in test_table["boundaries"]]
+        shares = test["bootstrap_choice_shares"]
+        labels = tuple(payload["labels"])
+        return cls(
+            items=payload.get("items", SUBSETS.get(subset, subset)),
+            n_items=int(payload["n_items"]),
+            labels=labels,
+            per_layer=table(payload["per_layer"], "layer"),
+            per_emotion=table(payload["selective_per_emotion"], "layer"),
+            test=test_table,
+            chosen=int(test["chosen"]),
+            penalty=float(test["penalty"]),
+            choice_shares=pd.Series(
+                {int(k): float(v) for k, v in shares.items()}, dtype=float, name="proportion"
+            ).rename_axis("n_phases"),
+            cuts={int(k): PhaseCut.from_json(v) for k, v in payload["boundaries"].items()},
+            role_shares=table(payload["role_shares_per_layer"], "layer"),
+            role_shares_per_phase=table(payload["role_shares_per_phase"], "phase"),
+            verdicts={k: Verdict.from_dict(v) for k, v in payload["verdicts"].items()},
+            chance=float(payload.get("chance", 1 / len(labels))),
+            left_out=payload.get("left_out"),
+            boundary_frequency=_series(payload.get("boundary_frequency"), "layer", "share"),
+            role_counts=_optional_table(payload.get("role_counts_per_layer"), "layer"),
+            role_counts_per_phase=_optional_table(payload.get("role_counts_per_phase"), "phase"),
+            final_agreement=payload.get("final_agreement"),
+        )
+
+
+def first_layer(mask: pd.Series) -> int | None:
+    """The first layer where `mask` (indexed by layer) is True, or None."""
+    hits = mask[mask.astype(bool)].index
+    return int(hits[0]) if len(hits) else None
+
+
+def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[str, Any]:
+    """Where emotion information first appears in one subset's per-layer table, and in which phase of `cut`.
+
+    Selective features: the first layer whose count exceeds every label permutation's. A probe is above its
+    control where the lower end of its accuracy interval lies above the upper end of the shuffled-label control's;
+    the lens is above chance where its accuracy exceeds the permutation chance by more than two binomial standard
+    errors (`emolib.methods.lens.above_permutation_chance`).
+    """
+    t = per_layer
+    phase = cut.phase_of(t.index.tolist())
+    first_sel = first_layer(t["selective_exceeds_null"].astype(bool))
+    first_probe = first_layer(t["probe_resid_low"] > t["probe_resid_control_high"])
+    first_probe_sae = first_layer(t["probe_sae_low"] > t["probe_sae_control_high"])
+    first_lens = first_layer(above_permutation_chance(t["lens_accuracy"], t["lens_chance"], n_items))
+
+    def where(layer: int | None) -> str:
+        return "none" if layer is None else f"{layer} ({phase[layer]})"
+
+    return {
+        "layers with features beyond control": int(t["selective_exceeds_null"].astype(bool).sum()),
+        "first such layer (phase)": where(first_sel),
+        "SAE misses there": "" if first_sel is None else t.loc[first_sel, "sae_misses"],
+        "peak count (layer)": f"{t['selective'].max()} ({t['selective'].idxmax()})",
+        "first layer, residual probe above control (phase)": where(first_probe),
+        "first layer, SAE probe above control (phase)": where(first_probe_sae),
+        "first layer, lens above chance (phase)": where(first_lens),
+    }
+
+
 @dataclass
 class FlowResult:
-    """One model's flow study. Later chapters read it only through `phases`, `final_phase` and
-    `chosen_phase_count` (from `read_study_results("flow", FlowResult)`).
-
-    `cuts[subset][n]` is the best n-phase cut of the subset's profile; `chosen[subset]` the phase count its test
-    prefers. The other fields hold what chapter 1 shows.
+    """One model's flow study: per item subset (`subsets`, in order "all", "correct") a `SubsetFlow` or, when the
+    subset has too few items, a `SkippedSubset`; the feature cards of the three-phase cut on all items; facts
+    about the items and SAEs. Later chapters read only `cut`, `phases`, `final_phase` and `chosen_phase_count`.
     """
 
     study: ClassVar[str] = "flow"
 
     model: str
-    cuts: dict[str, dict[int, PhaseCut]]
-    chosen: dict[str, int]
-    payload: dict[str, Any] = field(default_factory=dict)
+    dataset: str
+    labels: tuple[str, ...]
+    subsets: dict[str, SubsetFlow | SkippedSubset]
+    feature_cards: pd.DataFrame = field(default_factory=pd.DataFrame)
+    facts: dict[str, Any] = field(default_factory=dict)
+    sae_summary: str = ""
+    role_prompts: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- accessors (used by later chapters)
+
+    @property
+    def analysed(self) -> dict[str, SubsetFlow]:
+        """The subsets with enough items to analyse."""
+        return {s: part for s, part in self.subsets.items() if isinstance(part, SubsetFlow)}
+
+    @property
+    def cuts(self) -> dict[str, dict[int, PhaseCut]]:
+        """`cuts[subset][n]`: the best n-phase cut of each analysed subset."""
+        return {s: part.cuts for s, part in self.analysed.items()}
+
+    @property
+    def chosen(self) -> dict[str, int]:
+        """`chosen[subset]`: the phase count the test prefers on each analysed subset."""
+        return {s: part.chosen for s, part in self.analysed.items()}
+
+    def subset(self, subset: str = "all") -> SubsetFlow:
+        """One analysed subset, with an error naming the analysed ones."""
+        if subset not in self.analysed:
+            why = f": {self.subsets[subset].reason}" if subset in self.subsets else ""
+            raise FlowError(
+                f"the flow results for {self.model!r} have no analysed subset {subset!r} ({sorted(self.analysed)}){why}"
+            )
+        return self.analysed[subset]
 
     def cut(self, n_phases: int = 3, subset: str = "all") -> PhaseCut:
         if subset not in self.cuts:
@@ -176,17 +936,227 @@ class FlowResult:
             raise FlowError(f"the flow results for {self.model!r} have no phase-count test for {subset!r}")
         return self.chosen[subset]
 
+    # ---------------------------------------------------------------- verdicts
+
+    def verdicts(self) -> list[Verdict]:
+        """Every claim's verdict per subset (scope: the subset), claim by claim; a skipped subset is inconclusive."""
+        out = []
+        for claim in CLAIMS:
+            for s, part in self.subsets.items():
+                if isinstance(part, SubsetFlow):
+                    verdict = part.verdicts[claim]
+                else:
+                    verdict = Verdict("inconclusive", part.reason, rule="not analysed")
+                out.append(verdict.about(claim, self.model, s))
+        return out
+
+    def boundary_note(self) -> str:
+        """The sentence under the verdicts: where the three-phase cut on all items puts its boundaries."""
+        part = self.subset("all")
+        return (
+            f"The best three-phase cut on all items starts phases 2 and 3 at layers {part.cut(3).boundaries_text()} "
+            f"(95% bootstrap intervals); the test itself chooses {part.chosen} phase(s)."
+        )
+
+    def readme_row(self) -> dict[str, Any]:
+        part = self.subset("all")
+        return {
+            "Flow (ch. 1)": self.model,
+            "items": part.items,
+            "phases chosen": part.chosen,
+            "3-phase boundaries [95% CI]": part.cut(3).boundaries_text(),
+            **{claim: part.verdicts[key].verdict for key, claim in CLAIMS.items()},
+        }
+
+    # ---------------------------------------------------------------- table views
+
+    def items_table(self) -> pd.DataFrame:
+        """Per subset: items, labels, and the labels left out with their correct-item counts."""
+        rows = [
+            {
+                "model": self.model,
+                "items": part.items,
+                "n": part.n_items,
+                "labels": None if part.labels is None else len(part.labels),
+                "left out (label: correct items)": "; ".join(
+                    f"{k}: {v}" for k, v in (part.left_out or {}).items()
+                )
+                or "none",
+            }
+            for part in self.subsets.values()
+        ]
+        return pd.DataFrame(rows).set_index(["model", "items"])
+
+    def layer_table(self, subset: str = "all") -> pd.DataFrame:
+        """The numbers behind the layer-profile figure, formatted: intervals, controls, SAE quality misses."""
+        t = self.subset(subset).per_layer
+
+        def interval(value: float, low: float, high: float) -> str:
+            return format_interval(value, low, high, digits=2)
+
+        return pd.DataFrame(
+            {
+                "probe, residual [95% CI]": [
+                    interval(r.probe_resid, r.probe_resid_low, r.probe_resid_high) for r in t.itertuples()
+                ],
+                "control": t["probe_resid_control"],
+                "probe, SAE [95% CI]": [
+                    interval(r.probe_sae, r.probe_sae_low, r.probe_sae_high) for r in t.itertuples()
+                ],
+                "control ": t["probe_sae_control"],
+                "selective (null max)": [
+                    f"{r.selective} ({r.selective_null_max:.0f})" for r in t.itertuples()
+                ],
+                "mass share (null max)": [
+                    f"{r.mass_share:.3f} ({r.mass_share_null_max:.3f})" for r in t.itertuples()
+                ],
+                "lens p(gold)": t["lens_gold"],
+                "lens acc. (chance)": [
+                    f"{r.lens_accuracy:.2f} ({r.lens_chance:.2f})" for r in t.itertuples()
+                ],
+                "label mass": t["lens_mass"].map("{:.2e}".format),
+                "CKA (control)": [
+                    f"{r.cka:.3f} ({r.cka_control:.3f})" if r.Index > t.index[0] else ""
+                    for r in t.itertuples()
+                ],
+                "SAE misses": t["sae_misses"],
+            },
+            index=t.index,
+        )
+
+    def phase_table(self) -> pd.DataFrame:
+        """Per analysed subset: the chosen phase count, its price, how often resamples choose each count, and the
+        boundaries of the three-phase and chosen cuts."""
+        rows = []
+        for part in self.analysed.values():
+            candidates = part.test.index.tolist()
+            rows.append(
+                {
+                    "model": self.model,
+                    "items": part.items,
+                    "phases chosen": part.chosen,
+                    "penalty per boundary": part.penalty,
+                    "resamples choosing " + "/".join(map(str, candidates)): " / ".join(
+                        f"{part.choice_shares.get(k, 0.0):.0%}" for k in candidates
+                    ),
+                    "3-phase boundaries [95% CI]": part.cut(3).boundaries_text(),
+                    "chosen-count boundaries [95% CI]": part.cuts[part.chosen].boundaries_text()
+                    if part.chosen in part.cuts
+                    else "none (one phase)",
+                    "variance explained by 3 phases": part.test.loc[3, "r2"],
+                }
+            )
+        return pd.DataFrame(rows).set_index(["model", "items"])
+
+    def test_table(self) -> pd.DataFrame:
+        """The phase-count test in full, per analysed subset (index model, items, n_phases)."""
+        tests = []
+        for part in self.analysed.values():
+            t = part.test.copy()
+            t.insert(0, "items", part.items)
+            t.insert(0, "model", self.model)
+            tests.append(t.reset_index().set_index(["model", "items", "n_phases"]))
+        return pd.concat(tests)
+
+    def emergence_table(self) -> pd.DataFrame:
+        """Per analysed subset, where emotion information first appears (`emergence_row`)."""
+        rows = [
+            {
+                "model": self.model,
+                "items": part.items,
+                **emergence_row(part.per_layer, part.cut(3), part.n_items),
+            }
+            for part in self.analysed.values()
+        ]
+        return pd.DataFrame(rows).set_index(["model", "items"])
+
+    def role_table(self) -> pd.DataFrame:
+        """Per analysed subset and phase of the three-phase cut: each role's mean share of the answer position's
+        activation and (when recorded) the mean number of features per role."""
+        rows = []
+        for part in self.analysed.values():
+            for p, row in part.role_shares_per_phase.iterrows():
+                first, last = part.cut(3).phases[p - 1]
+                counts = {}
+                if part.role_counts_per_phase is not None:
+                    counts = {
+                        f"{role} features": part.role_counts_per_phase.loc[p, role]
+                        for role in ("emotion", "template", "content")
+                    }
+                rows.append(
+                    {
+                        "model": self.model,
+                        "items": part.items,
+                        "phase": f"{p} (layers {first}-{last})",
+                        **{f"{role} share": row[role] for role in ROLES},
+                        **counts,
+                    }
+                )
+        return pd.DataFrame(rows).set_index(["model", "items", "phase"])
+
+    # ---------------------------------------------------------------- JSON
+
     def to_json(self) -> dict[str, Any]:
-        return self.payload
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "labels": list(self.labels),
+            "subsets": {s: part.to_json() for s, part in self.subsets.items()},
+            "feature_cards": records(self.feature_cards) if len(self.feature_cards) else [],
+            "facts": dict(self.facts),
+            "sae_summary": self.sae_summary,
+            "role_prompts": self.role_prompts,
+            "timings_seconds": dict(self.timings),
+        }
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any]) -> FlowResult:
-        subsets = payload.get("subsets", {})
-        model = str(payload.get("model", ""))
-        analysed = [s for s, v in subsets.items() if "boundaries" in v]
+        """A result from its JSON: this layout, or the per-model entry of an earlier chapter's results file."""
+        subsets: dict[str, SubsetFlow | SkippedSubset] = {
+            s: SkippedSubset.from_json(s, v) if "not_analysed" in v else SubsetFlow.from_json(s, v)
+            for s, v in payload.get("subsets", {}).items()
+        }
+        cards = payload.get("feature_cards") or []
         return cls(
-            model=model,
-            cuts={s: phase_cuts(payload, model, s) for s in analysed},
-            chosen={s: int(subsets[s]["phase_count_test"]["chosen"]) for s in analysed},
-            payload=dict(payload),
+            model=str(payload.get("model", "")),
+            dataset=str(payload.get("dataset", "")),
+            labels=tuple(payload.get("labels", ())),
+            subsets=subsets,
+            feature_cards=table(cards, ["phase", "layer", "role"]) if cards else pd.DataFrame(),
+            facts=dict(payload.get("facts") or {}),
+            sae_summary=str(payload.get("sae_summary", "")),
+            role_prompts=payload.get("role_prompts"),
+            timings={k: float(v) for k, v in (payload.get("timings_seconds") or {}).items()},
         )
+
+
+def combined(results: Mapping[str, FlowResult], view: Callable[[FlowResult], pd.DataFrame]) -> pd.DataFrame:
+    """One table view of every model's result, stacked in the models' order (e.g. `FlowResult.phase_table`)."""
+    return pd.concat([view(result) for result in results.values()])
+
+
+# ------------------------------------------------------------------------------------------------ presets
+# quick: a smoke run of the whole pipeline (tiny samples; not evidence either way).
+
+PRESETS: dict[str, FlowConfig] = {
+    "quick": FlowConfig(
+        preset="quick",
+        items=ANALYSIS_PRESETS["quick"],
+        saes=SUITE_PRESETS["quick"],
+        n_shuffles=3,
+        n_boot=40,
+        role_prompts=8,
+        probe=ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=200, seed=0),
+        selectivity=SelectivityConfig(min_items=4),
+    ),
+    "full": FlowConfig(
+        preset="full",
+        items=ANALYSIS_PRESETS["full"],
+        saes=SUITE_PRESETS["full"],
+        n_shuffles=10,
+        n_boot=200,
+        role_prompts=40,
+        probe=ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=1000, seed=0),
+        selectivity=SelectivityConfig(min_items=10),
+    ),
+}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from sae_lens import SAE
 
 from emolib import data
@@ -84,12 +85,12 @@ class AnalysisSet:
     def layers(self) -> list[int]:
         return list(range(len(self.store.hooks)))
 
-    def resid(self, layer: int) -> np.ndarray:
+    def resid(self, layer: int) -> Float[np.ndarray, "items d_model"]:
         """Last-token residual stream after block `layer`, `[n, d_model]` float32."""
         return self.store.load(f"blocks.{layer}.hook_resid_post").numpy().astype(np.float32, copy=False)
 
     @torch.no_grad()
-    def codes(self, layer: int, sae: SAE) -> np.ndarray:
+    def codes(self, layer: int, sae: SAE) -> Float[np.ndarray, "items d_sae"]:
         """The SAE's feature activations for the last-token residual after block `layer`, `[n, d_sae]`."""
         return sae.encode(torch.from_numpy(self.resid(layer))).numpy()
 

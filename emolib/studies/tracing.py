@@ -1,33 +1,63 @@
-"""Chapter 3: phase-stratified causal tracing of the features that drive each emotion's prediction."""
+"""Chapter 3: phase-stratified causal tracing of the features that drive each emotion's prediction.
+
+`run_tracing(model, config, phases)` ranks every SAE feature of each phase by attribution on training items, ablates
+the top k on held-out items beside random features and the whole phase (`emolib.methods.tracing`), summarises the
+effects (`emolib.methods.ablation`) and judges the paper's three claims in every phase. The per-item curves stay in
+their own cache (`cached_study`); the `TracingResult` holds the small tables the chapter shows and its verdicts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-from scipy.stats import kruskal, mannwhitneyu
+from scipy.stats import kruskal, mannwhitneyu, spearmanr
 
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
 from emolib.lm.classify import prompt_fingerprint
-from emolib.methods.ablation import k50_table, per_label_sample, summarize_effects
+from emolib.lm.models import LoadedModel, load_model
+from emolib.methods.ablation import (
+    confusion_shift,
+    gold_drop_matrix,
+    k50_table,
+    per_label_sample,
+    summarize_effects,
+    top_vs_random,
+)
 from emolib.methods.tracing import (
     ABLATIONS,
     METRICS,
     FeatureTracer,
-    TracingConfig,
+    TracerConfig,
     TracingError,
     check_phases,
 )
+from emolib.sae.suite import SUITE_PRESETS, SuiteConfig, sae_suite
+from emolib.stats import format_interval
+from emolib.studies.base import cached_result, read_study_results, records, result_for, table
+from emolib.studies.flow import FlowResult
+from emolib.studies.items import ANALYSIS_PRESETS, AnalysisConfig, analysis_set
 from emolib.verdicts import Verdict
 
-#: Bump when the study's computation changes, so cached studies are rebuilt.
+#: Bump when the per-item study's computation changes, so cached studies are rebuilt.
 STUDY_VERSION = "1"
 
+#: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt.
+TRACING_VERSION = "1"
+
+#: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
+CLAIMS = {
+    "small_set": "A small set drives predictions",
+    "varies_by_emotion": "Number and impact vary by emotion",
+    "disgust_weaker_diffuse": "Disgust weaker and more diffuse",
+}
 
 _STUDY_TABLES = (
     "curves",
@@ -42,41 +72,60 @@ _STUDY_TABLES = (
 
 
 @dataclass(frozen=True)
-class StudyConfig:
-    """One model's tracing study (see `trace_study`).
+class TracingRule:
+    """How the chapter's verdicts read the study: effects in `metric` units under `ablation`; a set of features is
+    "small" when its k50 is at most `small_k`; tests at level `alpha`."""
 
-    `rank_per_label` TRAIN items per label rank the features and give the mean-ablation reference; a seeded sample
-    of `held_out_per_label` held-out items per label (None: all) is ablated. Single-token ablations cost about the
-    same per item from batch 32 up, so batches are large. `cross_k` top features of each source emotion are ablated in the cross-emotion run. `min_effect`
-    is the whole-phase drop (per metric) below which k50 is undefined: half of a negligible effect is reached by
-    chance. `top` features per emotion and phase are kept in the ranking table. Intervals use `n_boot` item
-    resamples at `level`.
+    metric: str = "prob"
+    ablation: str = "zero"
+    small_k: int = 16
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS or self.ablation not in ABLATIONS:
+            raise TracingError(f"metric must be in {list(METRICS)} and ablation in {ABLATIONS}")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Everything one model's tracing study depends on. Defaults are the full preset.
+
+    `preset` keys the items and SAEs read: the held-out `items` (chapter 1's analysis set) and the SAE suite
+    `saes`. Phases are the best `n_phases`-phase cut of chapter 1's profile. `rank_per_label` TRAIN items per label
+    (the held-out items' settings otherwise) rank the features and give the mean-ablation reference; a seeded
+    sample of `held_out_per_label` held-out items per label (None: all) is ablated. Single-token ablations cost
+    about the same per item from batch 32 up, so batches are large. `cross_k` top features of each source emotion
+    are ablated in the cross-emotion run. `min_effect` is the whole-phase drop (per metric) below which k50 is
+    undefined: half of a negligible effect is reached by chance. `top` features per emotion and phase are ranked
+    in the study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
+    names the emotion of the "weaker and more diffuse" claim.
     """
 
+    preset: str = "full"
+    items: AnalysisConfig = field(default_factory=lambda: ANALYSIS_PRESETS["full"])
+    saes: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["full"])
+    n_phases: int = 3
     rank_per_label: int = 40
     held_out_per_label: int | None = 40
-    tracing: TracingConfig = field(default_factory=lambda: TracingConfig(batch_size=40))
+    tracing: TracerConfig = field(
+        default_factory=lambda: TracerConfig(random_seeds=(0, 1), n_verify=8, batch_size=40, progress=True)
+    )
     cross_k: int = 16
     n_boot: int = 1000
     level: float = 0.95
     min_effect: tuple[tuple[str, float], ...] = (("prob", 0.01), ("margin", 0.05), ("accuracy", 0.0))
     top: int = 20
     seed: int = 0
+    rule: TracingRule = field(default_factory=TracingRule)
+    disgust: str = "disgust"
 
 
-STUDY_PRESETS: dict[str, StudyConfig] = {
-    # quick: a smoke run of the whole pipeline (few items, one random seed; not evidence)
-    "quick": StudyConfig(
-        rank_per_label=6,
-        held_out_per_label=None,
-        tracing=TracingConfig(ks=(1, 2, 4, 8, 16), random_seeds=(0,), n_verify=4, batch_size=32),
-        cross_k=4,
-        n_boot=200,
-    ),
-    "full": StudyConfig(
-        tracing=TracingConfig(random_seeds=(0, 1), n_verify=8, batch_size=40),
-    ),
-}
+def ranking_items(config: TracingConfig) -> AnalysisConfig:
+    """The ranking items: `rank_per_label` per label of the TRAIN split, otherwise as the held-out items."""
+    return dataclasses.replace(config.items, splits=("train",), n_per_label=config.rank_per_label)
+
+
+# ------------------------------------------------------------------------------------------ per-item study
 
 
 @dataclass
@@ -105,7 +154,7 @@ def run_study(
     ranking: tuple[Sequence[str], Sequence[str]],
     held_out: tuple[Sequence[str], Sequence[str]],
     phases: Mapping[str, Iterable[int]],
-    config: StudyConfig,
+    config: TracingConfig,
 ) -> Study:
     """Attribute on the ranking items (texts, gold), ablate on the held-out items, summarise, verify.
 
@@ -161,7 +210,7 @@ def cached_study(
     ranking: tuple[Sequence[str], Sequence[str]],
     held_out: tuple[Sequence[str], Sequence[str]],
     phases: Mapping[str, Iterable[int]],
-    config: StudyConfig,
+    config: TracingConfig,
 ) -> Study:
     """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
     prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases and the config."""
@@ -189,19 +238,7 @@ def cached_study(
     return Study(**tables, meta=json.loads((entry / "meta.json").read_text()))
 
 
-@dataclass(frozen=True)
-class TracingRule:
-    """How the chapter's verdicts read the study: effects in `metric` units under `ablation`; a set of features is
-    "small" when its k50 is at most `small_k`; tests at level `alpha`."""
-
-    metric: str = "prob"
-    ablation: str = "zero"
-    small_k: int = 16
-    alpha: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS or self.ablation not in ABLATIONS:
-            raise TracingError(f"metric must be in {list(METRICS)} and ablation in {ABLATIONS}")
+# ------------------------------------------------------------------------------------------------ verdicts
 
 
 def _rows(frame: pd.DataFrame, phase: str, rule: TracingRule, **extra) -> pd.DataFrame:
@@ -219,10 +256,16 @@ def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule:
     whole-phase ablation has an effect (k50 defined), partly for at least one, does not hold for none;
     inconclusive when no emotion's whole-phase ablation has an effect.
     """
+    name = "small_set_verdict"
     table = _rows(k50, phase, rule, metric=rule.metric)
     defined = table[table["k50"].notna()]
     if defined.empty:
-        return Verdict("inconclusive", f"no emotion's whole-{phase} ablation has an effect to explain")
+        return Verdict(
+            "inconclusive",
+            f"no emotion's whole-{phase} ablation has an effect to explain",
+            {"n_defined": 0, "small_k": rule.small_k},
+            name,
+        )
     small = []
     for row in defined.itertuples():
         if not np.isfinite(row.k50) or row.k50 > rule.small_k:
@@ -236,7 +279,7 @@ def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule:
         f"{rule.small_k} features that beat random ones" + (f": {', '.join(small)}" if small else "")
     )
     verdict = "holds" if n >= math.ceil(m / 2) else "partly" if n else "does not hold"
-    return Verdict(verdict, reason)
+    return Verdict(verdict, reason, {"n_small": n, "n_defined": m, "small_k": rule.small_k}, name)
 
 
 def _final_drops(curves: pd.DataFrame, phase: str, rule: TracingRule) -> dict[str, np.ndarray]:
@@ -266,10 +309,13 @@ def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: Tr
     p < alpha; number varies when some pair of emotions has non-overlapping k50 intervals. Holds when both,
     partly when one, does not hold when neither; inconclusive with fewer than two emotions.
     """
+    name = "varies_verdict"
     drops = _final_drops(curves, phase, rule)
     drops = {e: d for e, d in drops.items() if len(d) > 0}
     if len(drops) < 2:
-        return Verdict("inconclusive", f"fewer than two emotions with items in {phase}")
+        return Verdict(
+            "inconclusive", f"fewer than two emotions with items in {phase}", {"n_emotions": len(drops)}, name
+        )
     values = list(drops.values())
     p_value = float(kruskal(*values).pvalue) if len({v for d in values for v in d}) > 1 else 1.0
     table = _rows(k50, phase, rule, metric=rule.metric).dropna(subset=["k50"])
@@ -280,7 +326,8 @@ def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: Tr
         f"{len(pairs)} ordered pairs of emotions have non-overlapping k50 intervals"
     )
     verdict = "holds" if impact and number else "partly" if impact or number else "does not hold"
-    return Verdict(verdict, reason)
+    numbers = {"kruskal_p": p_value, "alpha": rule.alpha, "n_separated_pairs": len(pairs)}
+    return Verdict(verdict, reason, numbers, name)
 
 
 def weaker_diffuse_verdict(
@@ -291,15 +338,28 @@ def weaker_diffuse_verdict(
 
     Holds when both, partly when one, does not hold when neither; inconclusive without items of `emotion`.
     """
+    name = "weaker_diffuse_verdict"
     drops = _final_drops(curves, phase, rule)
     if emotion not in drops or len(drops) < 2:
-        return Verdict("inconclusive", f"no {emotion} items, or no other emotion, in {phase}")
+        return Verdict(
+            "inconclusive",
+            f"no {emotion} items, or no other emotion, in {phase}",
+            {"n_emotions": len(drops)},
+            name,
+        )
     others = np.concatenate([d for e, d in drops.items() if e != emotion])
     p_value = float(mannwhitneyu(drops[emotion], others, alternative="less").pvalue)
     weaker = p_value < rule.alpha
     table = _rows(k50, phase, rule, metric=rule.metric).set_index("emotion")
     own = table["k50_low"].get(emotion, float("nan"))
     rest = table.drop(index=emotion, errors="ignore")["k50"].dropna()
+    numbers: dict[str, Any] = {
+        "drop": float(drops[emotion].mean()),
+        "others_drop": float(others.mean()),
+        "mannwhitney_p": p_value,
+        "alpha": rule.alpha,
+        "k50_low": float(own),
+    }
     if np.isnan(own) or rest.empty:
         diffuse, diffuse_text = (
             False,
@@ -307,6 +367,7 @@ def weaker_diffuse_verdict(
         )
     else:
         median = float(np.median(rest))
+        numbers["others_median_k50"] = median
         diffuse = own > median
         diffuse_text = f"{emotion}'s k50 lower bound {own:g} vs the others' median k50 {median:g}"
     reason = (
@@ -314,4 +375,521 @@ def weaker_diffuse_verdict(
         f"({others.mean():.3f}), one-sided p = {p_value:.3g}; {diffuse_text}"
     )
     verdict = "holds" if weaker and diffuse else "partly" if weaker or diffuse else "does not hold"
-    return Verdict(verdict, reason)
+    return Verdict(verdict, reason, numbers, name)
+
+
+def phase_verdicts(
+    study: Study, versus: pd.DataFrame, phase: str, rule: TracingRule, disgust: str
+) -> dict[str, Verdict]:
+    """The three claims' verdicts in one phase, by claim key (`CLAIMS`)."""
+    return {
+        "small_set": small_set_verdict(study.k50, versus, phase, rule),
+        "varies_by_emotion": varies_verdict(study.curves, study.k50, phase, rule),
+        "disgust_weaker_diffuse": weaker_diffuse_verdict(study.curves, study.k50, phase, rule, disgust),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ result
+
+
+def format_k(value: float) -> str:
+    """A k50 in words: "not reached" (inf), "undefined" (NaN) or the whole number."""
+    return "not reached" if value == np.inf else "undefined" if np.isnan(value) else f"{int(value)}"
+
+
+def _matrix_json(matrix: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """`{column: {row: value}}` (pandas' `to_dict()`, how the results file has always stored the matrices)."""
+    return matrix.to_dict()
+
+
+def _matrix(payload: Mapping[str, Mapping[str, float]], index: str, columns: str) -> pd.DataFrame:
+    """The inverse of `_matrix_json`, rows and columns in their stored order and named."""
+    rows = list(dict.fromkeys(row for column in payload.values() for row in column))
+    frame = pd.DataFrame({c: [payload[c].get(r, np.nan) for r in rows] for c in payload}, index=rows)
+    frame.index.name, frame.columns.name = index, columns
+    return frame.astype(float)
+
+
+@dataclass
+class TracingResult:
+    """One model's tracing study: the small tables the chapter shows and the verdicts in every phase.
+
+    `phases` are the traced phases (`{name: layers}`, the last is the final phase) and `chosen_phase_count` the
+    count chapter 1's test preferred (None: phases set by hand). `effects`, `k50`, `top_vs_random`, `verification`,
+    `verification_summary`, `concentration` and `top_features` (the top five per emotion and phase) are the study's
+    tables (`emolib.methods.ablation`, `emolib.methods.tracing`); `gold_drop` (source x target) and `confusion`
+    (target x label, `confusion_source` ablated) are the final phase's cross-emotion matrices; `clean_prob` the
+    clean gold probability per emotion; `facts` what the chapter prints about the items, SAEs and phases;
+    `phase_verdicts[phase][claim]` the verdicts. `meta` is the study's (counts, stage timings).
+    """
+
+    study: ClassVar[str] = "tracing"
+
+    model: str
+    phases: dict[str, tuple[int, ...]]
+    chosen_phase_count: int | None
+    rule: TracingRule
+    ks: tuple[int, ...]
+    disgust: str
+    meta: dict[str, Any]
+    facts: dict[str, Any]
+    effects: pd.DataFrame
+    k50: pd.DataFrame
+    top_vs_random: pd.DataFrame
+    verification: pd.DataFrame
+    verification_summary: pd.DataFrame
+    concentration: pd.DataFrame
+    top_features: pd.DataFrame
+    clean_prob: dict[str, float]
+    gold_drop: pd.DataFrame
+    confusion: pd.DataFrame
+    confusion_source: str
+    phase_verdicts: dict[str, dict[str, Verdict]]
+
+    # ---------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_study(
+        cls,
+        model: str,
+        study: Study,
+        config: TracingConfig,
+        chosen_phase_count: int | None,
+        facts: Mapping[str, Any],
+    ) -> TracingResult:
+        """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase."""
+        rule = config.rule
+        phases = {name: tuple(layers) for name, layers in study.meta["phases"].items()}
+        final = list(phases)[-1]
+        versus = top_vs_random(study.curves, metric=rule.metric, n_boot=config.n_boot, seed=config.seed)
+        sources = set(study.cross["source"])
+        source = config.disgust if config.disgust in sources else study.cross["source"].iloc[0]
+        verdicts = {
+            phase: {
+                key: verdict.about(key, model, phase)
+                for key, verdict in phase_verdicts(study, versus, phase, rule, config.disgust).items()
+            }
+            for phase in phases
+        }
+        return cls(
+            model=model,
+            phases=phases,
+            chosen_phase_count=chosen_phase_count,
+            rule=rule,
+            ks=tuple(config.tracing.ks),
+            disgust=config.disgust,
+            meta=study.meta,
+            facts=dict(facts),
+            effects=study.effects,
+            k50=study.k50,
+            top_vs_random=versus,
+            verification=study.verification,
+            verification_summary=study.verification_summary,
+            concentration=study.concentration,
+            top_features=study.top_features[study.top_features["rank"] <= 5].reset_index(drop=True),
+            clean_prob={
+                str(k): float(v) for k, v in study.curves.groupby("emotion")["clean_prob"].mean().items()
+            },
+            gold_drop=gold_drop_matrix(study.cross, phase=final, ablation=rule.ablation),
+            confusion=confusion_shift(study.cross, phase=final, source=source, ablation=rule.ablation),
+            confusion_source=str(source),
+            phase_verdicts=verdicts,
+        )
+
+    # ---------------------------------------------------------------------------------------- JSON
+
+    def to_json(self) -> dict[str, Any]:
+        """The results file's entry for this model (the chapter's keys since the first build, plus what the
+        tables and figures need)."""
+        return {
+            "meta": self.meta,
+            "final_phase": self.final_phase,
+            "effects": records(self.effects, index=False),
+            "top_vs_random": records(self.top_vs_random, index=False),
+            "k50": records(self.k50, index=False),
+            "gold_drop_matrix": _matrix_json(self.gold_drop),
+            "verification_summary": records(self.verification_summary, index=False),
+            "top_features": records(self.top_features, index=False),
+            "verdicts": {key: v.as_dict() for key, v in self.final_verdicts.items()},
+            "verdicts_by_phase": self.verdicts_by_phase().to_dict(orient="index"),
+            "model": self.model,
+            "phases": {name: list(layers) for name, layers in self.phases.items()},
+            "chosen_phase_count": self.chosen_phase_count,
+            "rule": dataclasses.asdict(self.rule),
+            "ks": list(self.ks),
+            "disgust": self.disgust,
+            "facts": self.facts,
+            "verification": records(self.verification, index=False),
+            "concentration": records(self.concentration, index=False),
+            "clean_prob": self.clean_prob,
+            "confusion_shift": {"source": self.confusion_source, "matrix": _matrix_json(self.confusion)},
+            "phase_verdicts": {
+                phase: {key: v.as_dict() for key, v in verdicts.items()}
+                for phase, verdicts in self.phase_verdicts.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> TracingResult:
+        chosen = payload["chosen_phase_count"]
+        return cls(
+            model=payload["model"],
+            phases={name: tuple(int(x) for x in layers) for name, layers in payload["phases"].items()},
+            chosen_phase_count=None if chosen is None else int(chosen),
+            rule=TracingRule(**payload["rule"]),
+            ks=tuple(int(k) for k in payload["ks"]),
+            disgust=payload["disgust"],
+            meta=dict(payload["meta"]),
+            facts=dict(payload["facts"]),
+            effects=table(payload["effects"]),
+            k50=table(payload["k50"]),
+            top_vs_random=table(payload["top_vs_random"]),
+            verification=table(payload["verification"]),
+            verification_summary=table(payload["verification_summary"]),
+            concentration=table(payload["concentration"]),
+            top_features=table(payload["top_features"]),
+            clean_prob={k: float(v) for k, v in payload["clean_prob"].items()},
+            gold_drop=_matrix(payload["gold_drop_matrix"], "source", "target"),
+            confusion=_matrix(payload["confusion_shift"]["matrix"], "target", "label"),
+            confusion_source=payload["confusion_shift"]["source"],
+            phase_verdicts={
+                phase: {key: Verdict.from_dict(v) for key, v in verdicts.items()}
+                for phase, verdicts in payload["phase_verdicts"].items()
+            },
+        )
+
+    # ---------------------------------------------------------------------------------------- verdicts
+
+    @property
+    def final_phase(self) -> str:
+        return list(self.phases)[-1]
+
+    @property
+    def final_verdicts(self) -> dict[str, Verdict]:
+        """The verdicts in the final phase, where the paper places the driving features, by claim key."""
+        return self.phase_verdicts[self.final_phase]
+
+    def verdicts(self) -> list[Verdict]:
+        """The final phase's verdicts, the chapter's findings (claim and model set, scope left out), in `CLAIMS`
+        order."""
+        return [self.final_verdicts[key].about(key, self.model) for key in CLAIMS]
+
+    def verdicts_by_phase(self) -> pd.DataFrame:
+        """The verdict of every claim (columns, in words) in every phase (rows)."""
+        return pd.DataFrame(
+            {
+                phase: {CLAIMS[key]: verdicts[key].verdict for key in CLAIMS}
+                for phase, verdicts in self.phase_verdicts.items()
+            }
+        ).T.rename_axis("phase")
+
+    def span(self, phase: str | None = None) -> str:
+        """`first-last` layers of a phase (default the final one)."""
+        layers = self.phases[phase or self.final_phase]
+        return f"{layers[0]}-{layers[-1]}"
+
+    def readme_row(self) -> dict[str, str]:
+        final = self.k50_view()
+        final = final[final["phase"] == self.final_phase]
+
+        def cell(emotion: str) -> str:
+            row = final[final["emotion"] == emotion]
+            return format_k(row["k50"].iloc[0]) if len(row) else "-"
+
+        return {
+            "Tracing (ch. 3)": self.model,
+            "final phase": f"L{self.span()}",
+            "k50 per emotion": ", ".join(f"{e} {cell(e)}" for e in final["emotion"]),
+            **{claim: self.final_verdicts[key].verdict for key, claim in CLAIMS.items()},
+        }
+
+    # ---------------------------------------------------------------------------------------- views
+
+    @property
+    def k_max(self) -> int:
+        return max(self.ks)
+
+    def k50_view(self) -> pd.DataFrame:
+        """k50 rows of the rule's metric and ablation."""
+        rows = self.k50[
+            (self.k50["metric"] == self.rule.metric) & (self.k50["ablation"] == self.rule.ablation)
+        ]
+        return rows.reset_index(drop=True)
+
+    def k50_summary(self) -> pd.DataFrame:
+        """Per phase and emotion: clean p(gold), k50, the whole-phase drop and the drop at the largest k, with
+        intervals (the rule's ablation)."""
+        view = self.k50_view()
+        effects = self.effects
+        largest = effects[
+            (effects["condition"] == "top")
+            & (effects["k"] == self.k_max)
+            & (effects["ablation"] == self.rule.ablation)
+        ].set_index(["emotion", "phase"])
+        return pd.DataFrame(
+            {
+                "emotion": view["emotion"],
+                "phase": view["phase"],
+                "clean p(gold)": view["emotion"].map(self.clean_prob),
+                "k50 [95% CI]": [
+                    f"{format_k(r.k50)} [{format_k(r.k50_low)}, {format_k(r.k50_high)}]"
+                    for r in view.itertuples()
+                ],
+                "whole-phase drop [95% CI]": [
+                    format_interval(r.whole_effect, r.whole_effect_low, r.whole_effect_high)
+                    for r in view.itertuples()
+                ],
+                f"drop at k={self.k_max} [95% CI]": [
+                    format_interval(
+                        *largest.loc[(r.emotion, r.phase), ["drop_prob", "drop_prob_low", "drop_prob_high"]]
+                    )
+                    for r in view.itertuples()
+                ],
+            }
+        ).set_index(["phase", "emotion"])
+
+    def k50_by_measure(self) -> pd.DataFrame:
+        """The final phase's k50 per emotion under every ablation and metric (in words)."""
+        rows = self.k50[self.k50["phase"] == self.final_phase]
+        return rows.assign(cell=[format_k(v) for v in rows["k50"]]).pivot_table(
+            index="emotion", columns=["ablation", "metric"], values="cell", aggfunc="first"
+        )
+
+    def excess_table(self) -> pd.DataFrame:
+        """The final phase's paired excess drop, top k minus random k, per emotion (rows) and k (columns)."""
+        table_ = self.top_vs_random
+        final = table_[(table_["phase"] == self.final_phase) & (table_["ablation"] == self.rule.ablation)]
+        cells = [
+            format_interval(v, lo, hi, signed=True)
+            for v, lo, hi in final[["excess", "excess_low", "excess_high"]].itertuples(index=False)
+        ]
+        return final.assign(cell=cells).pivot(index="emotion", columns="k", values="cell")
+
+    def phase_rows(self) -> list[dict[str, Any]]:
+        """Per phase, averaged over emotions: whole-phase, top-k and random-k drops at the largest k, and k50s."""
+        e = self.effects[self.effects["ablation"] == self.rule.ablation]
+        k = self.k50_view()
+        rows = []
+        for phase in self.phases:
+            top = e[(e["phase"] == phase) & (e["condition"] == "top") & (e["k"] == self.k_max)]
+            rnd = e[(e["phase"] == phase) & (e["condition"] == "random") & (e["k"] == self.k_max)]
+            whole = e[(e["phase"] == phase) & (e["condition"] == "whole")]
+            kk = k[k["phase"] == phase]["k50"]
+            rows.append(
+                {
+                    "model": self.model,
+                    "phase": phase,
+                    "whole-phase drop": whole["drop_prob"].mean(),
+                    f"top-{self.k_max} drop": top["drop_prob"].mean(),
+                    f"random-{self.k_max} drop": rnd["drop_prob"].mean(),
+                    "emotions with k50 <= small": int((kk <= self.rule.small_k).sum()),
+                    "emotions with k50 defined": int(kk.notna().sum()),
+                    "median k50": float(np.median(kk.dropna())) if kk.notna().any() else np.nan,
+                }
+            )
+        return rows
+
+    def regularities(self) -> dict[str, int]:
+        """Over (emotion, phase) cells: how often the top-k drop exceeds the whole-phase drop (`above`), and how
+        often k random features raise p(gold) when ablated (`lowered`), at the largest k."""
+        e = self.effects[self.effects["ablation"] == self.rule.ablation].set_index(
+            ["emotion", "phase", "condition", "k"]
+        )
+        cells = above = lowered = 0
+        for emotion, phase in e.index.droplevel([2, 3]).unique():
+            top = e.loc[(emotion, phase, "top", self.k_max), "drop_prob"]
+            rnd = e.loc[(emotion, phase, "random", self.k_max), "drop_prob"]
+            whole = e.xs((emotion, phase, "whole"), level=[0, 1, 2])["drop_prob"].iloc[0]
+            cells += 1
+            above += bool(top > whole)
+            lowered += bool(rnd < 0)
+        return {"cells": cells, "above": above, "lowered": lowered}
+
+    def specificity(self) -> dict[str, Any]:
+        """How specific the final phase's features are: mean own and collateral gold-probability drops."""
+        values = self.gold_drop.to_numpy()
+        own, other = np.diag(values), values[~np.eye(len(values), dtype=bool)]
+        exceeds = sum(values[i, i] > np.delete(values[:, i], i).max() for i in range(len(values)))
+        return {
+            "model": self.model,
+            "mean own drop": own.mean(),
+            "mean collateral drop": other.mean(),
+            "emotions whose own drop exceeds every collateral one": int(exceeds),
+        }
+
+    def verification_row(self) -> dict[str, Any]:
+        """How well attributions predict single-feature ablations: pooled and per emotion x phase."""
+        v = self.verification
+        pooled = spearmanr(v["predicted"], v["measured"]) if len(v) > 2 else None
+        return {
+            "model": self.model,
+            "features ablated": len(v),
+            "pooled Spearman": float(pooled.statistic) if pooled else np.nan,
+            "pooled p": float(pooled.pvalue) if pooled else np.nan,
+            "median per emotion x phase": self.verification_summary["spearman"].median(),
+            "sign agreement": float((np.sign(v["predicted"]) == np.sign(v["measured"])).mean()),
+        }
+
+    def concentration_table(self) -> pd.DataFrame:
+        """Share of each emotion's positive attribution in the final phase carried by its top k features."""
+        c = self.concentration[self.concentration["phase"] == self.final_phase]
+        return c.pivot(index="emotion", columns="k", values="share")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def study_phases(
+    phases: FlowResult | Mapping[str, Iterable[int]], n_phases: int
+) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """The phases to trace and the phase count chapter 1's test chose: the best `n_phases`-phase cut of a flow
+    result, or phases given by hand (`{name: layers}`, count None)."""
+    if isinstance(phases, FlowResult):
+        return phases.phases(n_phases), phases.chosen_phase_count()
+    return {str(name): tuple(int(layer) for layer in layers) for name, layers in phases.items()}, None
+
+
+def run_tracing(
+    model: str | LoadedModel,
+    config: TracingConfig | None = None,
+    phases: FlowResult | Mapping[str, Iterable[int]] | None = None,
+) -> TracingResult:
+    """One model's tracing study (cached): `phases` from chapter 1's result for the model (None: read from the
+    flow chapter's results of `config.preset`) or given by hand."""
+    config = config or TracingConfig()
+    lm = load_model(model) if isinstance(model, str) else model
+    name = lm.info.name
+    if phases is None:
+        flow = read_study_results("flow", FlowResult, preset=config.preset)
+        phases = result_for(flow, name, "01_flow")
+    layers, chosen = study_phases(phases, config.n_phases)
+    held = analysis_set(lm, config.preset, config.items)
+    ranking = analysis_set(lm, config.preset, ranking_items(config))
+    suite = sae_suite(lm, config.preset, config.saes)
+    key_parts = (
+        TRACING_VERSION,
+        config,
+        held.store.key,
+        ranking.store.key,
+        suite.folder.name,
+        {phase: list(members) for phase, members in layers.items()},
+        chosen,
+    )
+
+    def build() -> TracingResult:
+        tracer = FeatureTracer(held.classifier, suite.saes, config.tracing)
+        study = cached_study(
+            tracer,
+            name,
+            suite.folder.name,
+            (ranking.texts, list(ranking.gold)),
+            (held.texts, list(held.gold)),
+            layers,
+            config,
+        )
+        flagged = {p: [layer for layer in members if suite.flag(layer)] for p, members in layers.items()}
+        facts = {
+            "model": name,
+            "ranking items (train)": ranking.n,
+            "held-out items ablated (dev+test)": study.meta["n_held_out"],
+            "accuracy on chapter 1's items": float(held.correct.mean()),
+            "phases chosen by ch. 1's test": "(phases set by parameter)" if chosen is None else chosen,
+            **{
+                f"{p} layers": f"{members[0]}-{members[-1]} ({len(flagged[p])} SAEs miss a goal)"
+                for p, members in layers.items()
+            },
+            "features per phase": ", ".join(str(tracer.n_features(members)) for members in layers.values()),
+        }
+        return TracingResult.from_study(name, study, config, chosen, facts)
+
+    return cached_result(TracingResult, name, key_parts, build)
+
+
+# ------------------------------------------------------------------------------------------------ the chapter
+
+
+def settings_table(config: TracingConfig) -> pd.DataFrame:
+    """The study's settings in words."""
+    return pd.Series(
+        {
+            "k values": ", ".join(map(str, config.tracing.ks)),
+            "random seeds per k": len(config.tracing.random_seeds),
+            "ablations": ", ".join(config.tracing.ablations),
+            "ranking items per label": config.rank_per_label,
+            "held-out items per label": config.held_out_per_label or "all of chapter 1's",
+            "k50 floor on the whole-phase drop": ", ".join(f"{m} {v:g}" for m, v in config.min_effect),
+            "features ablated in the cross-emotion run": config.cross_k,
+            "single features verified per emotion and phase": config.tracing.n_verify,
+            "bootstrap resamples": config.n_boot,
+        },
+        name="setting",
+    ).to_frame()
+
+
+def facts_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Items, accuracy, phases and features per model (columns)."""
+    return pd.DataFrame([r.facts for r in results.values()]).set_index("model").T
+
+
+def by_model(results: Mapping[str, TracingResult], view: str) -> pd.DataFrame:
+    """One table of every model's `view` (a table method of `TracingResult`), the model as the outer index."""
+    return pd.concat({name: getattr(r, view)() for name, r in results.items()}, names=["model"])
+
+
+def phase_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Per model and phase, averaged over emotions: whole-phase, top-k and random-k drops and k50 counts."""
+    return pd.DataFrame([row for r in results.values() for row in r.phase_rows()]).set_index(
+        ["model", "phase"]
+    )
+
+
+def regularities(results: Mapping[str, TracingResult]) -> dict[str, int]:
+    """`TracingResult.regularities` summed over models, with the largest k."""
+    total = {"cells": 0, "above": 0, "lowered": 0}
+    for r in results.values():
+        for key, value in r.regularities().items():
+            total[key] += value
+    return {**total, "k_max": max(r.k_max for r in results.values())}
+
+
+def specificity_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    return pd.DataFrame([r.specificity() for r in results.values()]).set_index("model")
+
+
+def verification_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    return pd.DataFrame([r.verification_row() for r in results.values()]).set_index("model")
+
+
+def verdicts_by_phase(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Every model's verdicts in every phase (rows: model, phase; columns: claims in words)."""
+    return by_model(results, "verdicts_by_phase")
+
+
+def findings_headings(results: Mapping[str, TracingResult]) -> dict[str, str]:
+    """Each model's heading in "What we found": its name and the final phase's layers."""
+    return {name: f"**{name}** (final phase: layers {r.span()}):" for name, r in results.items()}
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+PRESETS: dict[str, TracingConfig] = {
+    # quick: a smoke run of the whole pipeline (few items, one random seed; not evidence)
+    "quick": TracingConfig(
+        preset="quick",
+        items=ANALYSIS_PRESETS["quick"],
+        saes=SUITE_PRESETS["quick"],
+        rank_per_label=6,
+        held_out_per_label=None,
+        tracing=TracerConfig(
+            ks=(1, 2, 4, 8, 16), random_seeds=(0,), n_verify=4, batch_size=32, progress=True
+        ),
+        cross_k=4,
+        n_boot=200,
+    ),
+    "full": TracingConfig(
+        preset="full",
+        items=ANALYSIS_PRESETS["full"],
+        saes=SUITE_PRESETS["full"],
+        tracing=TracerConfig(random_seeds=(0, 1), n_verify=8, batch_size=40, progress=True),
+    ),
+}

@@ -1,0 +1,291 @@
+"""Chapter 0: each model's zero-shot emotion recognition on every dataset, how it reads the answer, and whether the
+order of the label list moves it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pandas as pd
+
+from emolib import data
+from emolib.cache import pairs_digest
+from emolib.lm.baselines import (
+    BaselineConfig,
+    EvalItems,
+    evaluation_items,
+    label_order_check,
+    make_classifier,
+    run_baseline,
+    scoring_check,
+)
+from emolib.lm.models import LoadedModel, load_model
+from emolib.stats import Estimate, confusion, format_interval
+from emolib.studies.base import cached_result, records, table
+from emolib.verdicts import preset_note
+
+#: Bump when the setup study's numbers change meaning, so cached results are recomputed.
+SETUP_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class SetupConfig:
+    """Which datasets each model is evaluated on and how. `datasets=None`: every available emotion dataset;
+    `order_dataset=None`: ISEAR when available, else the first dataset (the label-order and scoring checks run on
+    it). `preset` names the run (it keys nothing here: predictions are cached by their own keys)."""
+
+    preset: str = "full"
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    datasets: tuple[str, ...] | None = None
+
+    def dataset_names(self) -> list[str]:
+        if self.datasets is not None:
+            return list(self.datasets)
+        return [d for d in data.available_datasets() if data.get_spec(d).kind == "emotion"]
+
+    def order_dataset(self) -> str:
+        names = self.dataset_names()
+        return "isear" if "isear" in names else names[0]
+
+
+def model_facts(lm: LoadedModel) -> dict[str, Any]:
+    """The row of the models table: kind, family, size, where the weights come from."""
+    info = lm.info
+    return {
+        "model": info.name,
+        "kind": "chat" if info.chat else "base",
+        "family": info.family,
+        "layers": info.n_layers,
+        "width (d_model)": info.d_model,
+        "vocabulary": info.d_vocab,
+        "parameters (M)": round(info.n_params / 1e6, 1),
+        "weights": info.source,
+    }
+
+
+def dataset_items(config: SetupConfig) -> dict[str, EvalItems]:
+    """The evaluated items of every dataset of the run (the same for every model)."""
+    return {d: evaluation_items(d, config.baseline) for d in config.dataset_names()}
+
+
+def dataset_overview(items: Mapping[str, EvalItems], config: SetupConfig) -> pd.DataFrame:
+    """Per dataset: labels scored, rows kept per split, rows skipped and excluded (with reasons), items evaluated."""
+    rows = []
+    for name, it in items.items():
+        counts = it.report.label_counts
+        rows.append(
+            {
+                "dataset": name,
+                "labels scored": ", ".join(it.labels),
+                "rows kept": it.report.rows_kept,
+                **{s: sum(counts.get(s, {}).values()) for s in data.SPLITS},
+                "skipped (reason: rows)": "; ".join(f"{k}: {v}" for k, v in it.report.skips.items())
+                or "none",
+                "excluded (label: rows)": "; ".join(
+                    f"{label}: {int(n)}" for label, n in it.excluded.sum(axis=1).items()
+                )
+                or "none",
+                f"evaluated ({config.baseline.split} sample)": len(it.ids),
+            }
+        )
+    return pd.DataFrame(rows).set_index("dataset")
+
+
+@dataclass
+class SetupResult:
+    """One model's baselines: a row per dataset (`BaselineResult.row`), each dataset's summary (per-class F1 with
+    intervals, prediction shares), its row-normalised confusion matrix and the generation agreement interval; the
+    label-order check (a row per order) and the scoring check on the order dataset; the model's facts and the
+    rendered prompt of the order dataset's first item."""
+
+    study: ClassVar[str] = "setup"
+
+    model: str
+    facts: dict[str, Any]
+    baselines: pd.DataFrame
+    summaries: dict[str, dict[str, Any]]
+    confusions: dict[str, pd.DataFrame]
+    agreements: dict[str, Estimate | None]
+    label_order: pd.DataFrame
+    scoring: dict[str, Any]
+    example_prompt: str
+
+    def to_json(self) -> dict[str, Any]:
+        rows = records(self.baselines, index=False)
+        return {
+            "facts": self.facts,
+            "baselines": [{**row, **self.summaries[row["dataset"]]} for row in rows],
+            "confusion": {d: records(m) for d, m in self.confusions.items()},
+            "agreement": {d: None if e is None else e.as_dict() for d, e in self.agreements.items()},
+            "label_order": records(self.label_order, index=False),
+            "scoring_check": self.scoring,
+            "example_prompt": self.example_prompt,
+        }
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> SetupResult:
+        extra = ("summary", "scoring_mode", "truncated")
+        rows = [{k: v for k, v in row.items() if k not in extra} for row in payload["baselines"]]
+        return cls(
+            model=payload["facts"]["model"],
+            facts=dict(payload["facts"]),
+            baselines=table(rows),
+            summaries={row["dataset"]: {k: row[k] for k in extra} for row in payload["baselines"]},
+            confusions={
+                d: table(rows, "gold").rename_axis(columns="predicted")
+                for d, rows in payload["confusion"].items()
+            },
+            agreements={
+                d: None if e is None else Estimate(e["value"], e["low"], e["high"], e["level"])
+                for d, e in payload["agreement"].items()
+            },
+            label_order=table(payload["label_order"]),
+            scoring=dict(payload["scoring_check"]),
+            example_prompt=payload["example_prompt"],
+        )
+
+    # ------------------------------------------------------------------------------------------- views
+
+    def per_class_f1(self) -> pd.DataFrame:
+        """F1 per emotion and dataset with its interval (columns model, dataset, label, f1, low, high)."""
+        return pd.DataFrame(
+            [
+                {
+                    "model": self.model,
+                    "dataset": d,
+                    "label": label,
+                    "f1": e["value"],
+                    "low": e["low"],
+                    "high": e["high"],
+                }
+                for d, s in self.summaries.items()
+                for label, e in s["summary"]["per_class_f1"].items()
+            ]
+        )
+
+    def agreement_rows(self) -> pd.DataFrame:
+        """Restricted scoring against generation per dataset: parse rate, agreement interval, both accuracies."""
+        b = self.baselines.set_index("dataset")
+        return pd.DataFrame(
+            [
+                {
+                    "model": self.model,
+                    "dataset": d,
+                    "generation names a label": b.loc[d, "parsed"],
+                    "agreement [95% CI]": str(e),
+                    "accuracy, restricted": b.loc[d, "accuracy"],
+                    "accuracy, generated": b.loc[d, "generated_accuracy"],
+                }
+                for d, e in self.agreements.items()
+                if e is not None
+            ]
+        )
+
+    def readme_rows(self) -> list[dict[str, Any]]:
+        """The README rows: accuracy and macro-F1 with intervals per dataset."""
+        return [
+            {
+                "chapter": "00 baselines",
+                "model": self.model,
+                "dataset": d,
+                "n": s["summary"]["n"],
+                "accuracy [95% CI]": _estimate_text(s["summary"]["accuracy"]),
+                "macro-F1 [95% CI]": _estimate_text(s["summary"]["macro_f1"]),
+                "chance": f"{s['summary']['chance_uniform']:.3f}",
+            }
+            for d, s in self.summaries.items()
+        ]
+
+    def findings(self, order_dataset: str) -> list[str]:
+        """The chapter's summary lines for this model: above chance where, its best dataset, how concentrated its
+        answers are, how generation agrees, and what shuffling the label list does."""
+        sub = self.baselines
+        above = sub[sub["accuracy_low"] > sub["chance"]]
+        best = sub.loc[sub["accuracy"].idxmax()]
+        agreed = sum(
+            e.value * self.summaries[d]["summary"]["n"] for d, e in self.agreements.items() if e is not None
+        )
+        shuffled = self.label_order[self.label_order["order_seed"] != "listed order"]
+        moved = shuffled[(shuffled["delta_low"] > 0) | (shuffled["delta_high"] < 0)]
+        return [
+            f"- **{self.model}** is above chance (lower 95% bound above 1/L) on {len(above)} of {len(sub)} datasets; "
+            f"its best is {best['dataset']} with accuracy "
+            f"{format_interval(best['accuracy'], best['accuracy_low'], best['accuracy_high'])} "
+            f"(chance {best['chance']:.3f}). On average {sub['top_prediction_share'].mean():.0%} of its predictions "
+            f"go to its most frequent answer.",
+            f"  Generation names a label in {sub['parsed'].mean():.0%} of items and agrees with restricted scoring "
+            f"on {agreed / sub['n'].sum():.0%}.",
+            f"  Shuffling the label list flips {shuffled['flipped'].mean():.0%} of predictions on {order_dataset}; "
+            f"the accuracy change is distinguishable from zero in {len(moved)} of {len(shuffled)} orders.",
+        ]
+
+
+def _estimate_text(estimate: Mapping[str, float]) -> str:
+    return format_interval(estimate["value"], estimate["low"], estimate["high"])
+
+
+def setup_findings(results: Mapping[str, SetupResult], config: SetupConfig) -> str:
+    """The "What we found" block of the baselines chapter (with the quick preset's note)."""
+    lines = [line for result in results.values() for line in result.findings(config.order_dataset())]
+    if note := preset_note(config.preset):
+        lines.append("\n" + note)
+    return "\n".join(lines)
+
+
+def _run(lm: LoadedModel, config: SetupConfig, items: Mapping[str, EvalItems]) -> SetupResult:
+    baseline = config.baseline
+    order_dataset = config.order_dataset()
+    results = {d: run_baseline(lm, it, baseline) for d, it in items.items()}
+    order = label_order_check(lm, items[order_dataset], baseline, results[order_dataset])
+    scoring = scoring_check(lm, items[order_dataset], baseline, results[order_dataset])
+    example = items[order_dataset]
+    parts = make_classifier(lm, example.labels, order_dataset, baseline.classifier).parts
+    return SetupResult(
+        model=lm.info.name,
+        facts=model_facts(lm),
+        baselines=pd.DataFrame([r.row() for r in results.values()]),
+        summaries={
+            d: {
+                "summary": r.summary.as_dict(),
+                "scoring_mode": r.predictions.scoring_mode,
+                "truncated": r.predictions.n_truncated,
+            }
+            for d, r in results.items()
+        },
+        confusions={
+            d: confusion(items[d].gold, r.predictions.predicted, items[d].labels, normalize="true")
+            for d, r in results.items()
+        },
+        agreements={d: r.agreement for d, r in results.items()},
+        label_order=order,
+        scoring=scoring,
+        example_prompt=parts.render(example.texts[0]),
+    )
+
+
+def run_setup(
+    model: str | LoadedModel, config: SetupConfig, items: Mapping[str, EvalItems] | None = None
+) -> SetupResult:
+    """Zero-shot baselines of one model on every dataset of `config` (`items`: the datasets' items, when the
+    caller has them already), cached under the config and the exact items evaluated."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    items = dict(items) if items is not None else dataset_items(config)
+    digests = {d: pairs_digest(it.ids, it.texts) for d, it in items.items()}
+    return cached_result(
+        SetupResult,
+        lm.info.name,
+        (SETUP_VERSION, config, digests),
+        lambda: _run(lm, config, items),
+        meta={"datasets": list(items)},
+    )
+
+
+def combined(results: Mapping[str, SetupResult], attribute: str) -> pd.DataFrame:
+    """One table of every model's `attribute` table (e.g. "baselines", "label_order"), models in order."""
+    return pd.concat([getattr(r, attribute) for r in results.values()], ignore_index=True)
+
+
+def confusion_matrices(results: Mapping[str, SetupResult]) -> dict[tuple[str, str], pd.DataFrame]:
+    """`{(model, dataset): confusion matrix}` for the confusion grid."""
+    return {(m, d): matrix for m, r in results.items() for d, matrix in r.confusions.items()}

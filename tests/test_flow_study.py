@@ -1,0 +1,436 @@
+"""The flow study (emolib.studies.flow) end to end on a tiny model in its quick preset: its result's tables, views,
+verdicts and README row, a JSON round trip (also through the public results file and the earlier layout), cache
+reuse; and known values of the rules moved out of the chapter (item subsets, the lens emergence rule, phase cuts,
+the verdict rules with their failing cases)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import (
+    CHAT_TEMPLATE,
+    CORPUS,
+    EMOTIONS,
+    SPECIALS,
+    llama_like_config,
+    make_tiny_model,
+    tiny_loaded,
+)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from emolib.methods.common import FlowError
+from emolib.methods.lens import above_permutation_chance
+from emolib.sae.activations import ExtractionConfig
+from emolib.sae.corpus import CorpusConfig
+from emolib.sae.suite import SuiteConfig
+from emolib.sae.training import QUICK
+from emolib.stats import Estimate
+from emolib.studies import flow
+from emolib.studies.base import read_study_results, write_study_results
+from emolib.studies.flow import (
+    CLAIMS,
+    FlowResult,
+    PhaseCut,
+    SkippedSubset,
+    emergence_row,
+    item_subset,
+    late_emergence_verdict,
+    phase_roles_verdict,
+    run_flow,
+    three_phase_verdict,
+)
+from emolib.studies.items import ANALYSIS_PRESETS
+from emolib.verdicts import VERDICTS, Verdict
+
+N_LAYERS = 8  # four phases of at least two layers must fit
+
+#: SAEs small enough to train in seconds on the tiny model (the built-in dataset has no general text).
+TINY_SAES = SuiteConfig(
+    corpus=CorpusConfig(emotion_per_label=1, general_tokens=0, max_length=48),
+    eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=0, max_length=48),
+    extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
+    training=dataclasses.replace(QUICK, expansion_factor=2, k=4, train_batch_size=64),
+    epochs=1,
+    loss_sequences=1,
+    eval_batch_size=2,
+)
+
+#: The quick preset, on the built-in dataset and with the tiny SAEs.
+CONFIG = dataclasses.replace(
+    flow.PRESETS["quick"],
+    preset="test",
+    items=dataclasses.replace(ANALYSIS_PRESETS["quick"], dataset="builtin"),
+    saes=TINY_SAES,
+)
+
+
+@pytest.fixture(scope="module")
+def environment(tmp_path_factory):
+    """A fresh cache and build folder for the module, and only the built-in dataset."""
+    root = tmp_path_factory.mktemp("flow-study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMOLIB_CACHE_DIR", str(root / "cache"))
+        patch.setenv("EMOLIB_BUILD_DIR", str(root / "build"))
+        patch.delenv("EMOLIB_DATA_DIR", raising=False)
+        yield root
+
+
+def label_tokenizer(folder):
+    """The tests' tiny tokenizer, trained with every emotion word (" joy", " Joy", ...) frequent enough to be one
+    token: the logit lens reads labels by their first token, which must not be shared (a leading space) by two."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        min_frequency=1,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    words = " ".join(f"{e} {e.capitalize()}" for e in EMOTIONS)
+    tokenizer.train_from_iterator((CORPUS + [words] * 4) * 3, trainer=trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        add_bos_token=True,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    tokenizer = label_tokenizer(tmp_path_factory.mktemp("flow-tokenizer"))
+    cfg = dataclasses.replace(llama_like_config(len(tokenizer)), n_layers=N_LAYERS)
+    return tiny_loaded(make_tiny_model(cfg, tokenizer), tokenizer, name="tiny-flow", chat=True)
+
+
+@pytest.fixture(scope="module")
+def result(lm, environment) -> FlowResult:
+    return run_flow(lm, CONFIG)
+
+
+def assert_same(a: FlowResult, b: FlowResult) -> None:
+    """Every table, cut, verdict and fact of two results agree."""
+    assert (a.model, a.dataset, a.labels, a.facts, a.sae_summary) == (
+        b.model,
+        b.dataset,
+        b.labels,
+        b.facts,
+        b.sae_summary,
+    )
+    assert list(a.subsets) == list(b.subsets)
+    for s, part in a.subsets.items():
+        other = b.subsets[s]
+        assert type(part) is type(other)
+        if isinstance(part, SkippedSubset):
+            assert part == other
+            continue
+        for name in (
+            "per_layer",
+            "per_emotion",
+            "test",
+            "role_shares",
+            "role_shares_per_phase",
+            "role_counts",
+        ):
+            pd.testing.assert_frame_equal(getattr(part, name), getattr(other, name), check_dtype=False)
+        pd.testing.assert_frame_equal(
+            part.role_counts_per_phase, other.role_counts_per_phase, check_dtype=False
+        )
+        pd.testing.assert_series_equal(part.choice_shares, other.choice_shares, check_dtype=False)
+        pd.testing.assert_series_equal(part.boundary_frequency, other.boundary_frequency, check_dtype=False)
+        assert part.cuts == other.cuts and part.verdicts == other.verdicts
+        assert (part.chosen, part.penalty, part.chance, part.final_agreement) == (
+            other.chosen,
+            other.penalty,
+            other.chance,
+            other.final_agreement,
+        )
+    pd.testing.assert_frame_equal(a.feature_cards, b.feature_cards, check_dtype=False)
+    assert a.verdicts() == b.verdicts() and a.readme_row() == b.readme_row()
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+
+def test_quick_study_on_a_tiny_model(result, lm):
+    assert result.model == "tiny-flow" and result.dataset == "builtin"
+    assert list(result.subsets) == ["all", "correct"]
+    part = result.subset("all")
+    assert part.per_layer.index.tolist() == list(range(N_LAYERS))
+    assert {"probe_resid", "probe_sae_control_high", "selective", "lens_chance", "cka", "sae_misses"} <= set(
+        part.per_layer.columns
+    )
+    assert np.isnan(part.per_layer.loc[0, "cka"]) and part.per_layer["cka"].iloc[1:].between(0, 1).all()
+    assert part.n_items == result.facts["items"] and part.chance == pytest.approx(1 / len(result.labels))
+    assert set(part.per_emotion.columns) == {*result.labels, "any", "specific", "shared"}
+    assert part.test.index.tolist() == list(CONFIG.candidates) and part.chosen in CONFIG.candidates
+    assert part.choice_shares.sum() == pytest.approx(1.0)
+    three = result.cut(3)
+    assert len(three.phases) == 3 and len(three.intervals) == 2
+    assert [layer for layers in result.phases().values() for layer in layers] == list(range(N_LAYERS))
+    assert result.final_phase() == result.phases()["phase 3"]
+    assert result.chosen_phase_count() == part.chosen
+    assert set(part.role_shares.columns) == set(flow.ROLES)
+    assert part.role_shares.sum(axis=1).to_numpy() == pytest.approx(1.0)
+    assert part.role_counts.sum(axis=1).eq(lm.model.cfg.d_model * 2).all(), "every feature gets one role"
+    assert part.role_shares_per_phase.index.tolist() == [1, 2, 3]
+    assert part.boundary_frequency.sum() == pytest.approx(2.0), "two boundaries per resample"
+    assert 0 <= part.final_agreement <= 1
+    assert result.feature_cards.index.names == ["phase", "layer", "role"]
+    assert result.feature_cards.index.get_level_values("phase").unique().tolist() == [1, 2, 3]
+    assert set(result.timings) >= {"all", "roles"}
+    verdicts = result.verdicts()
+    assert len(verdicts) == len(CLAIMS) * len(result.subsets)
+    assert all(v.verdict in VERDICTS and v.model == "tiny-flow" and v.claim in CLAIMS for v in verdicts)
+    assert [v.scope for v in verdicts[:2]] == ["all", "correct"]
+    row = result.readme_row()
+    assert row["Flow (ch. 1)"] == "tiny-flow" and row["items"] == "all items"
+    assert row["3-phase boundaries [95% CI]"] == three.boundaries_text()
+    assert set(row) >= set(CLAIMS.values())
+
+
+def test_the_views_cover_every_subset(result):
+    analysed = list(result.analysed)
+    assert result.items_table().index.get_level_values("items").tolist() == [
+        flow.SUBSETS[s] for s in result.subsets
+    ]
+    assert len(result.phase_table()) == len(analysed)
+    assert len(result.test_table()) == len(analysed) * len(CONFIG.candidates)
+    assert len(result.emergence_table()) == len(analysed)
+    assert len(result.role_table()) == 3 * len(analysed)
+    layers = result.layer_table("all")
+    assert layers.index.tolist() == list(range(N_LAYERS)) and layers["CKA (control)"].iloc[0] == ""
+    assert "[" in layers["probe, residual [95% CI]"].iloc[0]
+    assert "The best three-phase cut on all items" in result.boundary_note()
+
+
+def test_a_subset_with_too_few_items_is_skipped_with_its_reason(result):
+    # the random tiny model answers almost everything alike, so its correct items cover fewer than two emotions
+    part = result.subsets["correct"]
+    assert isinstance(part, SkippedSubset) and "fewer than two emotions" in part.reason
+    assert part.left_out and part.n_items is not None
+    assert all(v.verdict == "inconclusive" for v in result.verdicts() if v.scope == "correct")
+    with pytest.raises(FlowError, match="no analysed subset 'correct'.*fewer than two"):
+        result.subset("correct")
+    with pytest.raises(FlowError, match="no subset 'correct'"):
+        result.phases(subset="correct")
+
+
+def test_json_round_trip(result):
+    again = FlowResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert_same(result, again)
+
+
+def test_the_public_results_file_round_trips(result, environment):
+    path = write_study_results(
+        "flow",
+        {result.model: result},
+        preset="test",
+        config=CONFIG.summary(),
+        readme_rows=[result.readme_row()],
+    )
+    record = json.loads(path.read_text())
+    assert record["config"]["n_shuffles"] == 3 and record["readme_rows"] == [result.readme_row()]
+    assert (
+        record["models"]["tiny-flow"]["subsets"]["all"]["per_layer"][0]["cka"] is None
+    )  # NaN written as null
+    assert_same(result, read_study_results("flow", FlowResult, preset="test")["tiny-flow"])
+
+
+def test_the_earlier_results_layout_is_read(result):
+    entry = json.loads(json.dumps(result.to_json()))
+    for key in ("model", "facts", "sae_summary", "role_prompts", "timings_seconds"):
+        del entry[key]
+    for part in entry["subsets"].values():
+        for key in (
+            "items",
+            "left_out",
+            "boundary_frequency",
+            "role_counts_per_layer",
+            "role_counts_per_phase",
+        ):
+            part.pop(key, None)
+        for key in ("final_agreement", "chance", "n_items", "labels"):
+            if "not_analysed" in part or key in ("final_agreement", "chance"):
+                part.pop(key, None)
+        for verdict in part.get("verdicts", {}).values():
+            for key in ("numbers", "rule", "claim", "model", "scope"):
+                del verdict[key]
+    old = FlowResult.from_json(entry)
+    assert old.phases() == result.phases() and old.final_phase() == result.final_phase()
+    assert old.chosen_phase_count() == result.chosen_phase_count()
+    assert old.subset("all").chance == result.subset("all").chance
+    assert [v.verdict for v in old.verdicts()] == [v.verdict for v in result.verdicts()]
+    assert old.readme_row() == {**result.readme_row(), "Flow (ch. 1)": ""}
+    assert len(old.role_table()) == 3  # without the role counts, which the earlier layout lacks
+
+
+def test_a_second_run_reuses_the_cache(result, lm, environment, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached study should be reused")
+
+    monkeypatch.setattr(flow, "_build", refuse)
+    assert_same(result, run_flow(lm, CONFIG))
+    with pytest.raises(AssertionError, match="should be reused"):
+        run_flow(lm, dataclasses.replace(CONFIG, n_boot=CONFIG.n_boot + 1))  # another config: another entry
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_presets_and_config_checks():
+    quick, full = flow.PRESETS["quick"], flow.PRESETS["full"]
+    assert (
+        quick.n_shuffles,
+        quick.n_boot,
+        quick.probe.n_boot,
+        quick.role_prompts,
+        quick.selectivity.min_items,
+    ) == (
+        3,
+        40,
+        200,
+        8,
+        4,
+    )
+    assert (
+        full.n_shuffles,
+        full.n_boot,
+        full.probe.n_boot,
+        full.role_prompts,
+        full.selectivity.min_items,
+    ) == (
+        10,
+        200,
+        1000,
+        40,
+        10,
+    )
+    assert full == flow.FlowConfig() and (quick.probe.C, quick.probe.max_iter) == (0.1, 3000)
+    assert quick.with_overrides(n_boot=None, n_shuffles=7).n_shuffles == 7
+    assert quick.summary()["candidates"] == [1, 2, 3, 4]
+    with pytest.raises(FlowError, match="profile metrics"):
+        flow.FlowConfig(profile_metrics=(("cka", "CKA"),))
+    with pytest.raises(FlowError, match="subsets"):
+        flow.FlowConfig(subsets=(("wrong", "wrong items"),))
+    with pytest.raises(FlowError, match="three phases"):
+        flow.FlowConfig(candidates=(1, 2))
+
+
+# ------------------------------------------------------------------------------------------------ moved rules
+
+
+def test_item_subsets_leave_out_emotions_with_too_few_correct_items():
+    gold = np.array(["joy"] * 5 + ["fear"] * 5 + ["anger"] * 5)
+    predicted = np.array(["joy"] * 5 + ["fear"] * 3 + ["joy"] * 2 + ["anger"] * 1 + ["joy"] * 4)
+    aset = SimpleNamespace(
+        n=15, labels=("joy", "fear", "anger"), gold=gold, correct=predicted == gold, predicted=predicted
+    )
+    idx, labels, dropped = item_subset(aset, "all", 3)
+    assert idx.tolist() == list(range(15)) and labels == aset.labels and dropped == {}
+    idx, labels, dropped = item_subset(aset, "correct", 3)
+    assert labels == ("joy", "fear") and dropped == {"anger": 1}
+    assert idx.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(FlowError, match="unknown item subset"):
+        item_subset(aset, "wrong", 3)
+
+
+def test_the_lens_is_above_chance_beyond_two_standard_errors():
+    # n = 100 at chance 0.2: se = 0.04, so the bar is 0.28 (strictly above)
+    chance = pd.Series([0.2, 0.2, 0.2, 0.5])
+    accuracy = pd.Series([0.28, 0.2801, 0.9, 0.59])
+    above = above_permutation_chance(accuracy, chance, 100)
+    assert above.tolist() == [False, True, True, False]  # at 0.5: se 0.05, bar 0.6
+    assert above_permutation_chance(np.array([0.25]), np.array([0.2]), 100, n_se=1.0).tolist() == [True]
+    with pytest.raises(FlowError, match="n_items"):
+        above_permutation_chance(accuracy, chance, 0)
+
+
+def per_layer_table(**columns) -> pd.DataFrame:
+    base = {
+        "selective": [0, 0, 1, 4, 9, 12],
+        "selective_exceeds_null": [False, False, False, True, True, True],
+        "probe_resid_low": [0.1, 0.3, 0.5, 0.6, 0.7, 0.8],
+        "probe_resid_control_high": [0.3] * 6,
+        "probe_sae_low": [0.1, 0.1, 0.1, 0.2, 0.5, 0.7],
+        "probe_sae_control_high": [0.3] * 6,
+        "lens_accuracy": [0.2, 0.2, 0.25, 0.29, 0.5, 0.9],
+        "lens_chance": [0.2] * 6,
+        "sae_misses": ["", "", "", "dead", "", ""],
+    }
+    return pd.DataFrame(base | columns, index=pd.Index(range(6), name="layer"))
+
+
+def test_emergence_row_on_a_hand_made_profile():
+    cut = PhaseCut(phases=((0, 1), (2, 3), (4, 5)), intervals=())
+    row = emergence_row(per_layer_table(), cut, n_items=100)
+    assert row == {
+        "layers with features beyond control": 3,
+        "first such layer (phase)": "3 (2)",
+        "SAE misses there": "dead",
+        "peak count (layer)": "12 (5)",
+        "first layer, residual probe above control (phase)": "2 (2)",
+        "first layer, SAE probe above control (phase)": "4 (3)",
+        "first layer, lens above chance (phase)": "3 (2)",  # 0.29 > 0.2 + 2 x 0.04; 0.25 is not
+    }
+    never = emergence_row(
+        per_layer_table(selective_exceeds_null=[False] * 6, lens_chance=[0.9] * 6), cut, 100
+    )
+    assert never["first such layer (phase)"] == "none" and never["SAE misses there"] == ""
+    assert never["first layer, lens above chance (phase)"] == "none"
+
+
+def test_phase_cut_numbers_layers_and_formats_boundaries():
+    cut = PhaseCut(
+        phases=((0, 3), (4, 8), (9, 11)),
+        intervals=(Estimate(4.0, 3.0, 6.0), Estimate(9.0, 8.0, 10.0)),
+    )
+    assert cut.boundaries == (4, 9)
+    assert cut.phase_of(range(12)).tolist() == [1] * 4 + [2] * 5 + [3] * 3
+    assert cut.boundaries_text() == "4 [3, 6], 9 [8, 10]"
+    assert PhaseCut(phases=((0, 11),), intervals=()).boundaries_text() == "none"
+    assert PhaseCut.from_json(cut.to_json()) == cut
+    with pytest.raises(FlowError, match="contiguous"):
+        PhaseCut(phases=((0, 3), (5, 8)), intervals=()).layers()
+
+
+def test_verdicts_carry_their_rule_and_numbers():
+    verdict = three_phase_verdict(2, False, 0.1)
+    assert isinstance(verdict, Verdict) and verdict.verdict == "does not hold"
+    assert verdict.rule == "three_phase_verdict" and verdict.numbers == {
+        "chosen": 2,
+        "at_largest": False,
+        "share_three": 0.1,
+    }
+    assert verdict.reason == "the test chooses 2 phase(s), not three (10% of item resamples choose three)"
+    layers = pd.Index(range(6), name="layer")
+    late = late_emergence_verdict(
+        pd.Series([True, False, False, False, True, True], index=layers),
+        pd.Series([6.0, 0, 0, 0, 2, 2], index=layers),
+        pd.Series([1, 1, 2, 2, 3, 3], index=layers),
+    )
+    assert late.verdict == "does not hold" and late.rule == "late_emergence_verdict"
+    assert late.numbers["first_layer"] == 0 and late.numbers[
+        "share_of_excess_in_last_phase"
+    ] == pytest.approx(0.4)
+    assert late.reason == (
+        "emotion-selective features beyond the control mostly before the last phase: first at layer 0 "
+        "(phase 1 of 3); 40% of the excess in the last phase"
+    )
+    shares = pd.DataFrame(
+        {"template": [0.1, 0.3, 0.6], "content": [0.6, 0.5, 0.3], "emotion": [0.4, 0.1, 0.0]}, index=[1, 2, 3]
+    )
+    roles = phase_roles_verdict(shares)
+    assert roles.verdict == "does not hold" and roles.numbers["as_expected"] == 0
+    assert roles.numbers["template_peak_phase"] == 3 and roles.rule == "phase_roles_verdict"

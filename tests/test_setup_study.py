@@ -1,0 +1,120 @@
+"""The baselines study (chapter 0) and the SAE appendix's report on a tiny model: quick runs, JSON round trips,
+cache reuse, and the chapter's summary lines computed from the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+from conftest import tiny_loaded
+
+from emolib.lm.baselines import BaselineConfig
+from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.studies import setup as setup_study
+from emolib.studies.base import plain
+from emolib.studies.presets import PRESETS, get_preset
+from emolib.studies.saes import SAEReport, cost_table, run_saes
+from emolib.studies.setup import SetupConfig, dataset_items, dataset_overview, run_setup
+
+#: The quick preset's setup study, on the built-in dataset.
+QUICK_SETUP = dataclasses.replace(get_preset("quick").setup, datasets=("builtin",))
+#: A smaller run for the tests that only need some result.
+TINY_SETUP = SetupConfig(
+    preset="test",
+    baseline=BaselineConfig(
+        n_per_label=2,
+        order_seeds=(1,),
+        n_boot=50,
+        classifier=ClassifierConfig(max_new_tokens=2, progress=False),
+    ),
+    datasets=("builtin",),
+)
+
+
+@pytest.fixture
+def builtin_only(monkeypatch):
+    monkeypatch.delenv("EMOLIB_DATA_DIR", raising=False)
+
+
+@pytest.fixture
+def tiny_lm(tiny_model, tiny_tokenizer):
+    return tiny_loaded(tiny_model, tiny_tokenizer, name="tiny-setup", chat=True)
+
+
+def round_trip(result):
+    return type(result).from_json(json.loads(json.dumps(plain(result.to_json()))))
+
+
+def test_setup_study_in_its_quick_preset_round_trips_through_json(tiny_lm, tmp_cache, builtin_only):
+    result = run_setup(tiny_lm, QUICK_SETUP)
+    again = round_trip(result)
+    assert plain(again.to_json()) == plain(result.to_json())
+    pd.testing.assert_frame_equal(again.baselines, result.baselines)
+    pd.testing.assert_frame_equal(again.label_order, result.label_order)
+    pd.testing.assert_frame_equal(again.confusions["builtin"], result.confusions["builtin"])
+    assert list(result.baselines["dataset"]) == ["builtin"] and result.baselines["n"].iloc[0] == 10 * 7  # 15 asked, 10 per label in its test split
+    assert list(result.label_order["order_seed"]) == ["listed order", 1]
+    assert result.facts["model"] == "tiny-setup" and result.facts["kind"] == "chat"
+    assert result.example_prompt.startswith("<|bos|>")
+    rows = result.readme_rows()
+    assert rows[0]["model"] == "tiny-setup" and rows[0]["accuracy [95% CI]"].count("[") == 1
+
+
+def test_setup_study_is_cached_and_its_summary_reads_the_result(
+    tiny_lm, tmp_cache, builtin_only, monkeypatch
+):
+    first = run_setup(tiny_lm, TINY_SETUP)
+    monkeypatch.setattr(EmotionClassifier, "predict", lambda self, texts: pytest.fail("predicted again"))
+    monkeypatch.setattr(setup_study, "_run", lambda *args: pytest.fail("the study ran again"))
+    again = run_setup(tiny_lm, TINY_SETUP)
+    assert again.to_json() == first.to_json()
+    lines = first.findings("builtin")
+    accuracy = first.baselines["accuracy"].iloc[0]
+    assert f"with accuracy {accuracy:.3f} [" in lines[0]
+    assert "on builtin" in lines[2]
+    text = setup_study.setup_findings({"tiny-setup": first}, TINY_SETUP)
+    assert "Preset `test`" in text, "a run that is not the full preset says it is not evidence"
+
+
+def test_another_item_sample_is_another_result(tiny_lm, tmp_cache, builtin_only):
+    first = run_setup(tiny_lm, TINY_SETUP)
+    more = dataclasses.replace(TINY_SETUP, baseline=dataclasses.replace(TINY_SETUP.baseline, n_per_label=3))
+    assert run_setup(tiny_lm, more).baselines["n"].iloc[0] == 21 != first.baselines["n"].iloc[0]
+
+
+def test_dataset_overview_counts_every_split(builtin_only):
+    overview = dataset_overview(dataset_items(TINY_SETUP), TINY_SETUP)
+    assert (
+        overview.loc["builtin", "rows kept"] == overview.loc["builtin", ["train", "dev", "test"]].sum() == 350
+    )
+    assert overview.loc["builtin", "evaluated (test sample)"] == 14
+
+
+def test_sae_report_in_its_quick_preset_round_trips_and_reads_the_suite(tiny_lm, tmp_cache, builtin_only):
+    report = run_saes(tiny_lm, get_preset("quick").saes)
+    again = round_trip(report)
+    assert plain(again.to_json()) == plain(report.to_json())
+    pd.testing.assert_frame_equal(again.quality, report.quality)
+    assert again.quality.attrs == report.quality.attrs
+    quick = get_preset("quick").suite
+    assert (
+        report.k == quick.training.k
+        and report.d_sae == quick.training.expansion_factor * tiny_lm.info.d_model
+    )
+    assert report.range_row()["layers"] == tiny_lm.info.n_layers
+    assert list(report.layer_table().index.get_level_values("layer")) == list(range(tiny_lm.info.n_layers))
+    cost = cost_table({"tiny": report})
+    assert cost.loc["tiny", "total"] == pytest.approx(sum(report.timings.values()) / 60)
+    assert isinstance(SAEReport.from_json(report.to_json()), SAEReport)
+
+
+def test_the_presets_registry_holds_every_study():
+    for name, preset in PRESETS.items():
+        assert get_preset(name) is preset and preset.name == name
+        assert preset.setup.preset == preset.saes.preset == name
+    assert (
+        get_preset("quick").suite.training.total_training_samples
+        < get_preset("full").suite.training.total_training_samples
+    )
