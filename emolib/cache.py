@@ -11,13 +11,17 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +52,42 @@ def build_dir(*parts: str) -> Path:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
+def plain(obj: Any, *, finite: bool = False, unknown: Callable[[Any], Any] | None = None) -> Any:
+    """JSON data from dataclasses, mappings, tuples, paths and numpy/pandas/torch values (the one converter of the
+    project: cache keys, cached results, results files).
+
+    `finite=True` writes non-finite floats as None (public results files; the caches keep inf and NaN, which
+    Python's json reads back). An object of no JSON type goes to `unknown` (cache keys use `repr`), else raises.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+        return {
+            f.name: plain(getattr(obj, f.name), finite=finite, unknown=unknown)
+            for f in dataclasses.fields(obj)
+        }
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v, finite=finite, unknown=unknown) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [plain(v, finite=finite, unknown=unknown) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, str | int | float | bool) or obj is None:
+    if isinstance(obj, float):
+        return None if finite and not math.isfinite(obj) else float(obj)
+    if isinstance(obj, bool | int | str) or obj is None:
         return obj
-    return repr(obj)
+    if isinstance(obj, np.generic | np.ndarray) or hasattr(obj, "tolist"):
+        return plain(obj.tolist(), finite=finite, unknown=unknown)
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    if unknown is not None:
+        return unknown(obj)
+    raise TypeError(
+        f"results must be JSON data (dicts, lists, numbers, strings); got {type(obj).__name__}: {obj!r}"
+    )
 
 
 def config_key(*configs: Any, length: int = 16) -> str:
     """A stable hex digest of configs (dataclasses, dicts, scalars): equal configs give equal keys."""
-    payload = json.dumps([_jsonable(c) for c in configs], sort_keys=True, separators=(",", ":"))
+    payload = json.dumps([plain(c, unknown=repr) for c in configs], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 

@@ -82,3 +82,5 @@ def test_folders_and_the_command_line(tmp_path, capsys):
     assert "the same results" in capsys.readouterr().out
     assert main(["compare", str(old), str(new)]) == 1
     assert "RESULTS DIFFER" in capsys.readouterr().out
+    assert main(["compare", str(old / "flow.json"), str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json does not exist" in capsys.readouterr().err

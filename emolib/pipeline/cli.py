@@ -112,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compare":
         from emolib.pipeline.compare import compare_results
 
-        comparison = compare_results(args.old, args.new, rtol=args.rtol, atol=args.atol)
+        try:
+            comparison = compare_results(args.old, args.new, rtol=args.rtol, atol=args.atol)
+        except FileNotFoundError as err:
+            print(f"emolib compare: error: {err}", file=sys.stderr)
+            return 2
         print(comparison.report(limit=args.limit))
         return 0 if comparison.same else 1
     return 2

@@ -136,6 +136,9 @@ def compare_results(
     """Compare two results files, or every `<chapter>.json` of two results folders (a chapter missing from the
     new folder counts all its leaves as missing)."""
     old, new = Path(old), Path(new)
+    for path in (old, new):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (run the chapters that write it first)")
     if old.is_file() and new.is_file():
         return compare_records(json.loads(old.read_text()), json.loads(new.read_text()), rtol=rtol, atol=atol)
     if not old.is_dir() or not new.is_dir():

@@ -7,13 +7,12 @@ chapter, with the preset, commit and library versions that produced it.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emolib.cache import build_dir, project_root, write_json
+from emolib.cache import build_dir, plain, project_root, write_json
 from emolib.pipeline.provenance import provenance
 from emolib.pipeline.toc import toc_docnames
 
@@ -29,25 +28,6 @@ class ResultsMissingError(FileNotFoundError):
 
 class ResultsPresetError(ValueError):
     """A chapter's results were computed with another preset than the one asked for."""
-
-
-def _plain(obj: Any) -> Any:
-    """JSON types from numpy/torch scalars and arrays, tuples and paths; anything else is a TypeError."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return _plain(obj.tolist())
-    raise TypeError(
-        f"results must be JSON data (dicts, lists, numbers, strings); got {type(obj).__name__}: {obj!r}"
-    )
 
 
 def results_path(chapter: str, results_dir: Path | None = None) -> Path:
@@ -69,7 +49,7 @@ def write_results(
     rows = payload.get(README_ROWS)
     if rows is not None and not (isinstance(rows, list) and all(isinstance(r, Mapping) for r in rows)):
         raise TypeError(f"'{README_ROWS}' must be a list of dicts (chapter {chapter})")
-    record = {**_plain(payload), PROVENANCE: provenance(chapter, preset)}
+    record = {**plain(payload, finite=True), PROVENANCE: provenance(chapter, preset)}
     path = results_path(chapter, results_dir)
     write_json(path, record)
     return path

@@ -10,7 +10,6 @@ through the result type's own accessors, never by dictionary paths.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar
 import numpy as np
 import pandas as pd
 
-from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.cache import cache_dir, cached_entry, config_key, plain
 from emolib.pipeline.results import read_results, write_results
 
 #: Bump when the layout of cached study results changes, so every cached result is recomputed.
@@ -47,32 +46,6 @@ R = TypeVar("R", bound=StudyResult)
 
 
 # ------------------------------------------------------------------------------------------------ JSON helpers
-
-
-def plain(obj: Any) -> Any:
-    """JSON data from numpy and pandas scalars and arrays, tuples, paths and dataclasses; floats keep inf and NaN
-    (the cache is read back by Python; the public results files turn them into null)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, bool | int | str | float) or obj is None:
-        return obj
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if hasattr(obj, "tolist"):
-        return plain(obj.tolist())
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
 
 
 def records(frame: pd.DataFrame, *, index: bool = True) -> list[dict[str, Any]]:
@@ -131,7 +104,7 @@ def write_study_results(
     payload = {
         "config": plain(config),
         "models": {model: plain(result.to_json()) for model, result in results.items()},
-        **dict(extra or {}),
+        **plain(dict(extra or {})),
         "readme_rows": [dict(row) for row in readme_rows],
     }
     return write_results(chapter, payload, preset=preset)
