@@ -63,11 +63,10 @@ def sequences(tokenizer, split: str, n_tokens: int, context: int) -> list[list[i
 def sae_config(args, n_rows: int):
     """The full preset's SAE, with `--architecture` (TopK by default: BatchTopK's inference threshold is a moving
     average that a run of a few dozen steps leaves far from converged, so its L0 would not be comparable)."""
-    import dataclasses
 
-    from emolib.sae.training import FULL
+    from emolib.sae.training import SAETrainingConfig
 
-    return dataclasses.replace(FULL, architecture=args.architecture).for_rows(n_rows, args.epochs)
+    return SAETrainingConfig(architecture=args.architecture).for_rows(n_rows, args.epochs)
 
 
 # --------------------------------------------------------------------------------------------------- sides

@@ -11,9 +11,10 @@ import torch
 from conftest import tiny_loaded
 
 from emolib.data import get_spec
-from emolib.studies.items import ANALYSIS_PRESETS, analysis_set
+from emolib.studies.items import analysis_set
+from emolib.studies.presets import PRESETS
 
-CONFIG = dataclasses.replace(ANALYSIS_PRESETS["quick"], n_per_label=2, dataset="builtin")
+CONFIG = dataclasses.replace(PRESETS["quick"].items, n_per_label=2, dataset="builtin")
 
 
 @pytest.fixture

@@ -17,16 +17,16 @@ from emolib.methods import selectivity
 from emolib.studies import features
 from emolib.studies.features import (
     CLAIMS,
-    PRESETS,
     Coactivation,
     FeaturesResult,
     diffuse_verdict,
     mix_verdict,
     run_features,
 )
+from emolib.studies.presets import PRESETS
 from emolib.verdicts import Verdict, findings_markdown
 
-CONFIG = PRESETS["quick"]
+CONFIG = PRESETS["quick"].features
 PHASE = (1, 1)  # the tiny model's last layer (it has two)
 
 

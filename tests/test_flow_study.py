@@ -21,6 +21,7 @@ from conftest import (
     make_tiny_model,
     tiny_loaded,
 )
+from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -29,7 +30,6 @@ from emolib.methods.lens import above_permutation_chance
 from emolib.sae.activations import ExtractionConfig
 from emolib.sae.corpus import CorpusConfig
 from emolib.sae.suite import SuiteConfig
-from emolib.sae.training import QUICK
 from emolib.stats import Estimate
 from emolib.studies import flow
 from emolib.studies.base import read_study_results, write_study_results
@@ -45,7 +45,8 @@ from emolib.studies.flow import (
     run_flow,
     three_phase_verdict,
 )
-from emolib.studies.items import ANALYSIS_PRESETS
+from emolib.studies.items import analysis_set
+from emolib.studies.presets import PRESETS
 from emolib.verdicts import VERDICTS, Verdict
 
 N_LAYERS = 8  # four phases of at least two layers must fit
@@ -55,7 +56,9 @@ TINY_SAES = SuiteConfig(
     corpus=CorpusConfig(emotion_per_label=1, general_tokens=0, max_length=48),
     eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=0, max_length=48),
     extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
-    training=dataclasses.replace(QUICK, expansion_factor=2, k=4, train_batch_size=64),
+    training=dataclasses.replace(
+        PRESETS["quick"].suite.training, expansion_factor=2, k=4, train_batch_size=64
+    ),
     epochs=1,
     loss_sequences=1,
     eval_batch_size=2,
@@ -63,21 +66,31 @@ TINY_SAES = SuiteConfig(
 
 #: The quick preset, on the built-in dataset and with the tiny SAEs.
 CONFIG = dataclasses.replace(
-    flow.PRESETS["quick"],
+    PRESETS["quick"].flow,
     preset="test",
-    items=dataclasses.replace(ANALYSIS_PRESETS["quick"], dataset="builtin"),
+    items=dataclasses.replace(PRESETS["quick"].items, dataset="builtin"),
     saes=TINY_SAES,
 )
 
 
+def planted_answers(lm, preset, config):
+    """The analysis set with the tiny model's answers replaced: the gold label on two items of three, the first
+    label on the others, so the correctly classified items cover every emotion (a random model answers all alike)."""
+    aset = analysis_set(lm, preset, config)
+    predicted = aset.gold.copy()
+    predicted[::3] = aset.labels[0]
+    return dataclasses.replace(aset, predicted=predicted)
+
+
 @pytest.fixture(scope="module")
 def environment(tmp_path_factory):
-    """A fresh cache and build folder for the module, and only the built-in dataset."""
+    """A fresh cache and build folder for the module, only the built-in dataset, and planted answers."""
     root = tmp_path_factory.mktemp("flow-study")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMOLIB_CACHE_DIR", str(root / "cache"))
         patch.setenv("EMOLIB_BUILD_DIR", str(root / "build"))
         patch.delenv("EMOLIB_DATA_DIR", raising=False)
+        patch.setattr(flow, "analysis_set", planted_answers)
         yield root
 
 
@@ -116,7 +129,8 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(lm, environment) -> FlowResult:
-    return run_flow(lm, CONFIG)
+    with threadpool_limits(1):  # tiny matrices: one BLAS thread is fastest, above all on a busy machine
+        return run_flow(lm, CONFIG)
 
 
 def assert_same(a: FlowResult, b: FlowResult) -> None:
@@ -213,18 +227,36 @@ def test_the_views_cover_every_subset(result):
     assert layers.index.tolist() == list(range(N_LAYERS)) and layers["CKA (control)"].iloc[0] == ""
     assert "[" in layers["probe, residual [95% CI]"].iloc[0]
     assert "The best three-phase cut on all items" in result.boundary_note()
+    cards = result.cards_table()
+    assert cards.index.equals(result.feature_cards.index) and not cards.isna().any().any()
+
+
+def test_both_subsets_are_analysed(result):
+    correct = result.subset("correct")
+    n = result.facts["items"]
+    assert n * 2 / 3 <= correct.n_items < n and correct.n_items == round(result.facts["model accuracy"] * n)
+    assert correct.labels == result.labels and correct.left_out == {}
+    assert result.items_table()["left out (label: correct items)"].tolist() == ["none", "none"]
+    assert result.subset("correct").final_agreement < 1  # the planted answers are not the lens's
+    assert [v.scope for v in result.verdicts()[:2]] == ["all", "correct"]
 
 
 def test_a_subset_with_too_few_items_is_skipped_with_its_reason(result):
-    # the random tiny model answers almost everything alike, so its correct items cover fewer than two emotions
-    part = result.subsets["correct"]
-    assert isinstance(part, SkippedSubset) and "fewer than two emotions" in part.reason
-    assert part.left_out and part.n_items is not None
-    assert all(v.verdict == "inconclusive" for v in result.verdicts() if v.scope == "correct")
+    reason = "fewer than two emotions have 4 or more correctly classified items"
+    skipped = SkippedSubset(
+        items="correctly classified items", reason=reason, n_items=5, labels=("joy",), left_out={"fear": 1}
+    )
+    partial = dataclasses.replace(result, subsets={"all": result.subsets["all"], "correct": skipped})
+    assert [v.verdict for v in partial.verdicts() if v.scope == "correct"] == ["inconclusive"] * len(CLAIMS)
+    assert all(v.reason == reason for v in partial.verdicts() if v.scope == "correct")
+    assert partial.items_table()["left out (label: correct items)"].tolist() == ["none", "fear: 1"]
+    assert len(partial.phase_table()) == 1 and len(partial.emergence_table()) == 1
     with pytest.raises(FlowError, match="no analysed subset 'correct'.*fewer than two"):
-        result.subset("correct")
+        partial.subset("correct")
     with pytest.raises(FlowError, match="no subset 'correct'"):
-        result.phases(subset="correct")
+        partial.phases(subset="correct")
+    assert_same(partial, FlowResult.from_json(json.loads(json.dumps(partial.to_json()))))
+    assert partial.to_json()["subsets"]["correct"]["not_analysed"] == reason
 
 
 def test_json_round_trip(result):
@@ -264,16 +296,18 @@ def test_the_earlier_results_layout_is_read(result):
         for key in ("final_agreement", "chance", "n_items", "labels"):
             if "not_analysed" in part or key in ("final_agreement", "chance"):
                 part.pop(key, None)
-        for verdict in part.get("verdicts", {}).values():
-            for key in ("numbers", "rule", "claim", "model", "scope"):
-                del verdict[key]
+        if "verdicts" in part:  # the earlier layout: verdict and reason only
+            part["verdicts"] = {
+                k: {"verdict": v["verdict"], "reason": v["reason"]} for k, v in part["verdicts"].items()
+            }
     old = FlowResult.from_json(entry)
     assert old.phases() == result.phases() and old.final_phase() == result.final_phase()
     assert old.chosen_phase_count() == result.chosen_phase_count()
     assert old.subset("all").chance == result.subset("all").chance
     assert [v.verdict for v in old.verdicts()] == [v.verdict for v in result.verdicts()]
     assert old.readme_row() == {**result.readme_row(), "Flow (ch. 1)": ""}
-    assert len(old.role_table()) == 3  # without the role counts, which the earlier layout lacks
+    roles = old.role_table()  # without the role counts, which the earlier layout lacks
+    assert len(roles) == 6 and not any(c.endswith(" features") for c in roles.columns)
 
 
 def test_a_second_run_reuses_the_cache(result, lm, environment, monkeypatch):
@@ -290,7 +324,7 @@ def test_a_second_run_reuses_the_cache(result, lm, environment, monkeypatch):
 
 
 def test_presets_and_config_checks():
-    quick, full = flow.PRESETS["quick"], flow.PRESETS["full"]
+    quick, full = PRESETS["quick"].flow, PRESETS["full"].flow
     assert (
         quick.n_shuffles,
         quick.n_boot,

@@ -15,13 +15,13 @@ from emolib.sae import training as saes_module  # noqa: F401
 from emolib.sae.activations import ExtractionConfig
 from emolib.sae.corpus import CorpusConfig, build_corpus
 from emolib.sae.suite import SuiteConfig, evaluation_batch, sae_suite
-from emolib.sae.training import QUICK
+from emolib.studies.presets import QUICK_TRAINING
 
 TINY_SUITE = SuiteConfig(
     corpus=CorpusConfig(emotion_per_label=2, general_tokens=500, max_length=64),
     eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=200, max_length=64),
     extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
-    training=dataclasses.replace(QUICK, expansion_factor=2, k=4, train_batch_size=32),
+    training=dataclasses.replace(QUICK_TRAINING, expansion_factor=2, k=4, train_batch_size=32),
     epochs=2,
     loss_sequences=3,
     eval_batch_size=2,
@@ -110,8 +110,3 @@ def test_padded_right_pads():
     tokens, mask = right_padded([[5, 6, 7], [8]], pad=0)
     assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def test_unknown_preset_is_an_error(tiny_lm):
-    with pytest.raises(ValueError, match="unknown SAE preset 'medium'"):
-        sae_suite(tiny_lm, "medium")

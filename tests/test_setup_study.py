@@ -12,11 +12,17 @@ from conftest import tiny_loaded
 
 from emolib.lm.baselines import BaselineConfig
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.pipeline.book import PRESETS as BOOK_PRESETS
+from emolib.sae.suite import SuiteConfig
 from emolib.studies import setup as setup_study
-from emolib.studies.base import plain
+from emolib.studies.base import combined, plain
+from emolib.studies.features import FeaturesConfig
+from emolib.studies.flow import FlowConfig
+from emolib.studies.items import AnalysisConfig
 from emolib.studies.presets import PRESETS, get_preset
 from emolib.studies.saes import SAEReport, cost_table, run_saes
 from emolib.studies.setup import SetupConfig, dataset_items, dataset_overview, run_setup
+from emolib.studies.tracing import TracingConfig
 
 #: The quick preset's setup study, on the built-in dataset.
 QUICK_SETUP = dataclasses.replace(get_preset("quick").setup, datasets=("builtin",))
@@ -54,7 +60,9 @@ def test_setup_study_in_its_quick_preset_round_trips_through_json(tiny_lm, tmp_c
     pd.testing.assert_frame_equal(again.baselines, result.baselines)
     pd.testing.assert_frame_equal(again.label_order, result.label_order)
     pd.testing.assert_frame_equal(again.confusions["builtin"], result.confusions["builtin"])
-    assert list(result.baselines["dataset"]) == ["builtin"] and result.baselines["n"].iloc[0] == 10 * 7  # 15 asked, 10 per label in its test split
+    assert (
+        list(result.baselines["dataset"]) == ["builtin"] and result.baselines["n"].iloc[0] == 10 * 7
+    )  # 15 asked, 10 per label in its test split
     assert list(result.label_order["order_seed"]) == ["listed order", 1]
     assert result.facts["model"] == "tiny-setup" and result.facts["kind"] == "chat"
     assert result.example_prompt.startswith("<|bos|>")
@@ -114,7 +122,43 @@ def test_the_presets_registry_holds_every_study():
     for name, preset in PRESETS.items():
         assert get_preset(name) is preset and preset.name == name
         assert preset.setup.preset == preset.saes.preset == name
+        for study in (preset.flow, preset.features, preset.tracing):
+            # every analysis study of a preset reads the same items and SAEs, cached under the preset's name
+            assert study.preset == name and study.items == preset.items and study.saes == preset.suite
+    # the study configs' defaults are the full preset, so a config built by hand is the book's
+    full = get_preset("full")
+    assert (full.flow, full.features, full.tracing) == (FlowConfig(), FeaturesConfig(), TracingConfig())
+    assert full.suite == SuiteConfig() and full.items == AnalysisConfig()
+    assert set(PRESETS) == set(BOOK_PRESETS)
     assert (
         get_preset("quick").suite.training.total_training_samples
         < get_preset("full").suite.training.total_training_samples
     )
+
+
+def test_every_public_name_resolves():
+    import emolib
+
+    for name in emolib.__all__:
+        assert getattr(emolib, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'run_everything'"):
+        emolib.run_everything  # noqa: B018
+
+
+class _Tables:
+    """A result with one table attribute and one table method, as the studies' results have."""
+
+    def __init__(self, rows: int) -> None:
+        self.table = pd.DataFrame({"x": range(rows)})
+
+    def doubled(self) -> pd.DataFrame:
+        return self.table * 2
+
+
+def test_combined_stacks_every_models_view_in_order():
+    results = {"b": _Tables(2), "a": _Tables(1)}
+    stacked = combined(results, "table", ignore_index=True)
+    assert stacked["x"].tolist() == [0, 1, 0] and list(stacked.index) == [0, 1, 2]
+    by_model = combined(results, "doubled", by_model=True)
+    assert by_model.index.names == ["model", None] and by_model.loc["b", "x"].tolist() == [0, 2]
+    assert combined(results, lambda r: r.table.head(1))["x"].tolist() == [0, 0]

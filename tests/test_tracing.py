@@ -1,4 +1,4 @@
-"""Tests for emolib.studies.tracing on tiny random-weight models.
+"""Tests for the feature tracer (emolib.methods.tracing) and its summaries (emolib.methods.ablation) on tiny models.
 
 A "planted" model has one SAE feature that provably drives its predictions: a constant direction u is added to the
 residual stream after the last block (a bias), feature F of that layer's SAE reads and writes exactly u, and the

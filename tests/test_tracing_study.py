@@ -7,23 +7,26 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import tiny_loaded
+from matplotlib import pyplot as plt
 from test_sae_suite import TINY_SUITE
 from test_tracing import FAST, GOLD, PHASES, TEXTS, curve_row, planted  # noqa: F401 (the fixture `study` uses)
 
+from emolib import plots
 from emolib.lm import baselines
 from emolib.methods import ablation
 from emolib.methods.ablation import top_vs_random
 from emolib.methods.common import FlowError
 from emolib.methods.tracing import FeatureTracer
 from emolib.studies import tracing
-from emolib.studies.flow import FlowResult
+from emolib.studies.base import combined
+from emolib.studies.presets import PRESETS
 from emolib.studies.tracing import (
     CLAIMS,
-    PRESETS,
     TracingConfig,
     TracingResult,
     TracingRule,
@@ -36,6 +39,8 @@ from emolib.studies.tracing import (
     weaker_diffuse_verdict,
 )
 from emolib.verdicts import findings_markdown
+
+matplotlib.use("Agg")
 
 STUDY = TracingConfig(tracing=FAST, cross_k=1, n_boot=50)
 RULE = TracingRule(small_k=2)
@@ -156,19 +161,23 @@ def test_verdicts_on_known_curves():
     assert small_set_verdict(none_k50, top_vs_random(nothing), "p", RULE).verdict == "inconclusive"
 
 
-def flow_result(model: str = "m") -> FlowResult:
-    """A flow result as chapter 1 writes it, with a 2- and a 3-phase cut and the test choosing 2."""
-    cuts = {"2": [[0, 8], [9, 11]], "3": [[0, 3], [4, 8], [9, 11]]}
-    payload = {
-        "model": model,
-        "subsets": {
-            "all": {
-                "boundaries": {n: {"phases": p, "intervals": []} for n, p in cuts.items()},
-                "phase_count_test": {"chosen": 2},
-            }
-        },
-    }
-    return FlowResult.from_json(payload)
+class Cuts:
+    """Stands for chapter 1's `FlowResult` (its two accessors tracing reads): cuts by phase count, the test's choice."""
+
+    def __init__(self, cuts: dict[int, list[tuple[int, int]]], chosen: int) -> None:
+        self.cuts, self.chosen = cuts, chosen
+
+    def phases(self, n_phases: int = 3, subset: str = "all") -> dict[str, tuple[int, ...]]:
+        if n_phases not in self.cuts:
+            raise FlowError(f"no {n_phases}-phase cut")
+        return {f"phase {i}": tuple(range(a, b + 1)) for i, (a, b) in enumerate(self.cuts[n_phases], 1)}
+
+    def chosen_phase_count(self, subset: str = "all") -> int:
+        return self.chosen
+
+
+def flow_result() -> Cuts:
+    return Cuts({2: [(0, 8), (9, 11)], 3: [(0, 3), (4, 8), (9, 11)]}, chosen=2)
 
 
 def test_phases_come_from_the_flow_result_or_by_hand():
@@ -202,11 +211,11 @@ TINY_LABELS = ("anger", "fear", "joy")
 @pytest.fixture
 def tiny_study(tiny_model, tiny_tokenizer, tmp_cache, monkeypatch):
     """(model, config, phases) of the quick preset on the tiny model: the built-in items restricted to three
-    labels, a tiny SAE suite, and a two-phase cut from a flow result."""
+    labels, a tiny SAE suite, and a two-phase cut standing for chapter 1's result."""
     monkeypatch.delenv("EMOLIB_DATA_DIR", raising=False)
     monkeypatch.setattr(baselines, "run_labels", lambda dataset, label_set: TINY_LABELS)
     lm = tiny_loaded(tiny_model, tiny_tokenizer, name="tiny-tracing", chat=True)
-    quick = PRESETS["quick"]
+    quick = PRESETS["quick"].tracing
     config = dataclasses.replace(
         quick,
         preset="test",
@@ -215,10 +224,7 @@ def tiny_study(tiny_model, tiny_tokenizer, tmp_cache, monkeypatch):
         n_phases=2,
         tracing=dataclasses.replace(quick.tracing, progress=False),
     )
-    cuts = {"2": {"phases": [[0, 0], [1, 1]], "intervals": []}}
-    flow = FlowResult.from_json(
-        {"model": lm.info.name, "subsets": {"all": {"boundaries": cuts, "phase_count_test": {"chosen": 2}}}}
-    )
+    flow = Cuts({2: [(0, 0), (1, 1)]}, chosen=2)
     return lm, config, flow
 
 
@@ -274,9 +280,22 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
     counts = tracing.regularities(results)
     assert counts["cells"] == 2 * len(TINY_LABELS) and counts["k_max"] == 16
     for view in ("k50_summary", "k50_by_measure", "excess_table", "concentration_table", "verdicts_by_phase"):
-        assert len(tracing.by_model(results, view))
+        assert len(combined(results, view, by_model=True))
     assert len(tracing.specificity_table(results)) == len(tracing.verification_table(results)) == 1
     assert len(tracing.settings_table(config))
+
+    # the chapter's figures draw, one panel per model
+    two = {"a": result, "b": result}
+    figures = [
+        plots.effect_curves({m: r.effects for m, r in two.items()}),
+        plots.k50_intervals({m: r.k50_view() for m, r in two.items()}, result.ks, small_k=2),
+        plots.matrix_heatmap({m: r.gold_drop for m, r in two.items()}, "target", "source", "drop"),
+        plots.matrix_heatmap({m: r.confusion for m, r in two.items()}, "label", "target", "shift"),
+        plots.predicted_vs_measured({m: r.verification for m, r in two.items()}),
+    ]
+    for figure in figures:
+        figure.canvas.draw()
+        plt.close(figure)
 
     # a second run reads the cached result; other phases are another result
     def refuse(*args, **kwargs):

@@ -15,9 +15,7 @@ from emolib.methods.selectivity import (
     SelectivityConfig,
     SelectivityDraws,
     check_draws,
-    compute_selectivity,
-    prepare_codes,
-    testable_features,
+    permuted_selectivities,
 )
 
 
@@ -115,19 +113,14 @@ def shuffled_shared_specific(
     The permutations are those of `shuffled_control` with the same seed (its `any` counts are this null's
     `n_selective` / `any` under the full rule). `among` restricts the emotions counted, as in `shared_specific`.
     """
-    if n_shuffles < 1:
-        raise FeatureError(f"n_shuffles must be at least 1, not {n_shuffles}")
-    acts, y, emotions = prepare_codes(codes, labels, emotions, config)
+    emotions, results = permuted_selectivities(codes, labels, emotions, config, n_shuffles, seed)
     names = list(among) if among is not None else list(emotions)
     unknown = [e for e in names if e not in emotions]
     if unknown:
         raise FeatureError(f"emotions {unknown} are not among {list(emotions)}")
     columns = [emotions.index(e) for e in names]
-    allowed = testable_features(acts, config)
-    rng = np.random.default_rng(seed)
     rows, index = [], []
-    for shuffle in range(n_shuffles):
-        result = compute_selectivity(acts, rng.permutation(y), emotions, config, allowed)
+    for shuffle, result in enumerate(results):
         for criterion in CRITERIA:
             counts = _shared_specific_counts(result.matrix(criterion)[:, columns])
             rows.append(

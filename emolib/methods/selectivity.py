@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -502,18 +502,30 @@ def shuffled_control(
     the counts are what the procedure finds by chance on this very data (a check of the FDR control, and the
     yardstick for every observed count). Costs `n_shuffles` calls of `selectivity`.
     """
+    emotions, results = permuted_selectivities(codes, labels, emotions, config, n_shuffles, seed)
+    rows = [_count_row(result.selective, emotions) for result in results]
+    return NullCounts(emotions=emotions, counts=pd.DataFrame(rows), seed=seed)
+
+
+def permuted_selectivities(
+    codes: Codes,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    config: SelectivityConfig,
+    n_shuffles: int,
+    seed: int,
+) -> tuple[tuple[str, ...], Iterator[Selectivity]]:
+    """The emotions tested and the selectivity of each of `n_shuffles` seeded label permutations, lazily: every
+    null of a selectivity count draws the same permutations for the same seed."""
     if n_shuffles < 1:
         raise FeatureError(f"n_shuffles must be at least 1, not {n_shuffles}")
     acts, y, emotions = prepare_codes(codes, labels, emotions, config)
     allowed = testable_features(acts, config)
     rng = np.random.default_rng(seed)
-    rows = [
-        _count_row(
-            compute_selectivity(acts, rng.permutation(y), emotions, config, allowed).selective, emotions
-        )
-        for _ in range(n_shuffles)
-    ]
-    return NullCounts(emotions=emotions, counts=pd.DataFrame(rows), seed=seed)
+    results = (
+        compute_selectivity(acts, rng.permutation(y), emotions, config, allowed) for _ in range(n_shuffles)
+    )
+    return emotions, results
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from sae_lens import SAE
 from scipy.special import softmax
 from scipy.stats import spearmanr
@@ -103,6 +104,12 @@ RANDOM_POOLS = ("active", "all")
 
 CONDITIONS = ("top", "random", "whole")
 
+
+# Shapes (aliases, so that linters do not read jaxtyping's shape strings as forward references).
+#: One layer's per-item values (attributions or activations), items x that layer's SAE features.
+PerItem = Float[np.ndarray, "items d_sae"]
+#: Per layer, every feature's mean activation at the traced positions (the mean-ablation reference).
+FeatureMeans = Mapping[int, Float[Tensor, " d_sae"]]
 
 #: Effect metrics: name -> column of the per-item table (drops, clean minus ablated).
 METRICS = {"prob": "drop_prob", "margin": "drop_margin", "accuracy": "drop_correct"}
@@ -165,9 +172,9 @@ class Attributions:
     positions: str
     texts: list[str]
     gold: list[str]
-    values: dict[int, np.ndarray]
-    activations: dict[int, np.ndarray]
-    label_logprobs: np.ndarray
+    values: dict[int, PerItem]
+    activations: dict[int, PerItem]
+    label_logprobs: Float[np.ndarray, "items labels"]
     meta: dict = field(default_factory=dict)
 
     @property
@@ -640,7 +647,7 @@ class FeatureTracer:
         features: Mapping[int, Sequence[int] | None] | None = None,
         *,
         ablation: str = "zero",
-        means: Mapping[int, Tensor] | None = None,
+        means: FeatureMeans | None = None,
     ) -> Predictions:
         """Label scores with `features` ablated at the traced positions (`{layer: feature indices}`, None = all).
 
@@ -662,7 +669,7 @@ class FeatureTracer:
         )
 
     @torch.no_grad()
-    def feature_means(self, texts: Sequence[str]) -> dict[int, Tensor]:
+    def feature_means(self, texts: Sequence[str]) -> dict[int, Float[Tensor, " d_sae"]]:
         """Mean activation of every feature at the traced positions over `texts` (the mean-ablation reference).
 
         With positions="suffix" the mean is over all traced tokens of all texts.
@@ -808,7 +815,7 @@ class FeatureTracer:
         gold: Sequence[str],
         phases: Mapping[str, Iterable[int]],
         *,
-        means: Mapping[int, Tensor] | None = None,
+        means: FeatureMeans | None = None,
         emotions: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """Per-item effects of ablating each emotion's top-k features (ranked on `attributions`) per phase.
@@ -865,7 +872,7 @@ class FeatureTracer:
         phases: Mapping[str, Iterable[int]],
         k: int | Mapping[str, int],
         *,
-        means: Mapping[int, Tensor] | None = None,
+        means: FeatureMeans | None = None,
         sources: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """How ablating emotion A's top-k features (per phase and ablation) moves predictions of items of every B.

@@ -7,7 +7,8 @@ Three stages, each cached under a key of everything before it, so a second `make
 2. all layers' SAEs trained together from that cache with sae-lens' `MultiSAETrainer` (`emolib.sae.training.train_saes`);
 3. their quality on a held-out DEV corpus (`emolib.sae.training.evaluate_saes`).
 
-The analysis chapters call `sae_suite(lm, preset)` and get the SAEs with their quality flags.
+The analysis chapters call `sae_suite(lm, preset, config)` (configs per preset in `emolib.studies.presets`) and get
+the SAEs with their quality flags.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import functools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,51 +33,36 @@ from emolib.sae.activations import ExtractionConfig, extract_activations, resid_
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
 from emolib.sae.loading import load_saes
 from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict, quality_table
-from emolib.sae.training import FULL, QUICK, SAETrainingConfig, train_saes_cached
+from emolib.sae.training import SAETrainingConfig, train_saes_cached
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """Everything that makes one model's SAEs: corpora, extraction, training, evaluation.
+    """Everything that makes one model's SAEs: corpora, extraction, training, evaluation (defaults: the book's).
 
     Training runs `epochs` passes over the stored training tokens (`SAETrainingConfig.for_rows`). Evaluation
     measures reconstruction on every evaluation token, and next-token losses with each SAE spliced in on the first
     `loss_sequences` sequences of the shuffled evaluation corpus (each costs a forward per layer).
     """
 
-    corpus: CorpusConfig
-    eval_corpus: CorpusConfig
-    extraction: ExtractionConfig
-    training: SAETrainingConfig
-    epochs: int
-    loss_sequences: int
-    eval_batch_size: int = 4
+    corpus: CorpusConfig = field(
+        default_factory=lambda: CorpusConfig(emotion_per_label=25, general_tokens=45_000, max_length=256)
+    )
+    eval_corpus: CorpusConfig = field(
+        default_factory=lambda: CorpusConfig(
+            split="dev", emotion_per_label=3, general_tokens=5_000, max_length=256
+        )
+    )
+    extraction: ExtractionConfig = field(
+        default_factory=lambda: ExtractionConfig(
+            mode="all", outlier_factor=5.0, storage_dtype="bfloat16", progress=True
+        )
+    )
+    training: SAETrainingConfig = field(default_factory=SAETrainingConfig)
+    epochs: int = 2
+    loss_sequences: int = 8
+    eval_batch_size: int = 8
     seed: int = 0
-
-
-#: `quick` runs both models' suites in a few minutes (CI); `full` is sized to the issue's 40-minute budget for both
-#: models on 2 CPU cores (SmolLM2: ~120k tokens through the model, ~70k stored, 2 epochs). Measured on a fresh
-#: build (0a74a4c): SmolLM2 extract 180 s, train 861 s, evaluate 106 s; Gemma 145, 618 and 136 s (34 minutes in
-#: all). The appendix reports each build's own times.
-SUITE_PRESETS: dict[str, SuiteConfig] = {
-    "quick": SuiteConfig(
-        corpus=CorpusConfig(emotion_per_label=3, general_tokens=4_000, max_length=128),
-        eval_corpus=CorpusConfig(split="dev", emotion_per_label=1, general_tokens=600, max_length=64),
-        extraction=ExtractionConfig(mode="all", outlier_factor=5.0, progress=False),
-        training=QUICK,
-        epochs=2,
-        loss_sequences=4,
-    ),
-    "full": SuiteConfig(
-        corpus=CorpusConfig(emotion_per_label=25, general_tokens=45_000, max_length=256),
-        eval_corpus=CorpusConfig(split="dev", emotion_per_label=3, general_tokens=5_000, max_length=256),
-        extraction=ExtractionConfig(mode="all", outlier_factor=5.0, storage_dtype="bfloat16", progress=True),
-        training=FULL,
-        epochs=2,
-        loss_sequences=8,
-        eval_batch_size=8,
-    ),
-}
 
 
 @dataclass
@@ -127,12 +113,9 @@ def evaluation_batch(corpus: Corpus, skip_first: int, pad: int, seed: int) -> tu
     return tokens, mask, keep
 
 
-def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig | None = None) -> SAESuite:
-    """Train (or reuse) the SAEs of every layer of `lm` and measure them on held-out text."""
-    if config is None:
-        if preset not in SUITE_PRESETS:
-            raise ValueError(f"unknown SAE preset {preset!r}; choose one of {sorted(SUITE_PRESETS)}")
-        config = SUITE_PRESETS[preset]
+def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
+    """Train (or reuse) the SAEs of every layer of `lm` and measure them on held-out text (`preset` names the
+    cache folder: a preset's chapters share one suite)."""
     name = lm.info.name
     hooks = list(resid_hooks(lm.info.n_layers))
     extraction = dataclasses.replace(config.extraction, hooks=tuple(hooks))

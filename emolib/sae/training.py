@@ -52,7 +52,7 @@ class BatchFactory(Protocol):
 
 @dataclass(frozen=True)
 class SAETrainingConfig:
-    """How to train one SAE per hook. Presets: `QUICK` (seconds, for tests and quick builds) and `FULL`.
+    """How to train one SAE per hook; the defaults are the book's SAEs (presets: `emolib.studies.presets`).
 
     `total_training_samples` is the token budget including repeats (tokens x epochs); steps are that divided by
     `train_batch_size`. The SAE width is `d_sae` if given, else `expansion_factor` x d_in. `k` is the number of
@@ -147,28 +147,6 @@ class SAETrainingConfig:
             save_final_checkpoint=False,
             logger=LoggingConfig(log_to_wandb=False),
         )
-
-
-#: A few seconds per layer on CPU: for tests and the quick build (quality goals are not expected). Plain TopK:
-#: BatchTopK's inference threshold is a moving average (rate 0.01 per step) that 50 steps leave far too low.
-QUICK = SAETrainingConfig(
-    architecture="topk",
-    expansion_factor=2,
-    k=16,
-    train_batch_size=256,
-    total_training_samples=16_384,
-    dead_feature_window=20,
-    feature_sampling_window=32,
-    n_batches_for_norm_estimate=4,
-)
-
-#: The book's SAEs: width 4 x d_model, k 32, lr 2e-3 decaying over the last 20%. The token budget here (330k
-#: samples) is a default; the book sets it from its corpus (`FULL.for_rows(store.n_rows, epochs)`, see
-#: `emolib.sae.suite`). On SmolLM2 WikiText, 110k tokens x 3 epochs gave loss recovered ~0.97 but FVE ~0.76 at
-#: layer 15 and ~0.67 at layer 27 (attention-sink outliers excluded): see `GOALS`.
-FULL = SAETrainingConfig()
-
-PRESETS: dict[str, SAETrainingConfig] = {"quick": QUICK, "full": FULL}
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -127,3 +127,25 @@ def result_for(results: Mapping[str, R], model: str, chapter: str) -> R:
             f"run `emolib book --chapters {chapter}` with that model"
         )
     return results[model]
+
+
+def combined(
+    results: Mapping[str, Any],
+    view: str | Callable[[Any], pd.DataFrame],
+    *,
+    by_model: bool = False,
+    ignore_index: bool = False,
+) -> pd.DataFrame:
+    """One table of every model's `view` (the name of a result's table attribute or method, or a function of the
+    result), models in order: stacked as they are, or under an outer "model" index (`by_model`)."""
+    tables = {name: _view_of(result, view) for name, result in results.items()}
+    if by_model:
+        return pd.concat(tables, names=["model"])
+    return pd.concat(list(tables.values()), ignore_index=ignore_index)
+
+
+def _view_of(result: Any, view: str | Callable[[Any], pd.DataFrame]) -> pd.DataFrame:
+    if callable(view):
+        return view(result)
+    value = getattr(result, view)
+    return value() if callable(value) else value

@@ -43,11 +43,11 @@ from emolib.methods.selectivity import (
     selectivity,
     shuffled_control,
 )
-from emolib.sae.suite import SUITE_PRESETS, SAESuite, SuiteConfig, sae_suite
+from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, plain, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
-from emolib.studies.items import ANALYSIS_PRESETS, AnalysisConfig, AnalysisSet, analysis_set
+from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
@@ -240,8 +240,8 @@ class FeaturesConfig:
     measures: tuple[str, ...] = ("k50", "k80", "entropy")
     top_features: int = 5
     preset: str = "full"
-    items: AnalysisConfig = ANALYSIS_PRESETS["full"]
-    saes: SuiteConfig = SUITE_PRESETS["full"]
+    items: AnalysisConfig = AnalysisConfig()
+    saes: SuiteConfig = SuiteConfig()
 
     @property
     def bootstrap(self) -> BootstrapConfig:
@@ -969,25 +969,3 @@ def run_features(
     return cached_result(
         FeaturesResult, name, key_parts, lambda: _features(lm, config, phase, suite, aset, sset)
     )
-
-
-#: `quick` checks that the chapter runs (19 shuffles is the fewest that can give p <= 0.05); `full` is sized to
-#: about ten minutes per model on 2 CPU cores.
-PRESETS: dict[str, FeaturesConfig] = {
-    "quick": FeaturesConfig(
-        n_shuffles=19,
-        n_boot=50,
-        layer_shuffles=3,
-        preset="quick",
-        items=ANALYSIS_PRESETS["quick"],
-        saes=SUITE_PRESETS["quick"],
-    ),
-    "full": FeaturesConfig(
-        n_shuffles=39,
-        n_boot=200,
-        layer_shuffles=5,
-        preset="full",
-        items=ANALYSIS_PRESETS["full"],
-        saes=SUITE_PRESETS["full"],
-    ),
-}

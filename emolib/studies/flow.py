@@ -15,12 +15,13 @@ import dataclasses
 import functools
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
 
 from emolib.lm.models import LoadedModel, load_model
 from emolib.methods.cards import promoted_tokens, top_activating
@@ -53,10 +54,10 @@ from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, select
 from emolib.methods.similarity import consecutive_cka
 from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.quality import goal_summary
-from emolib.sae.suite import SUITE_PRESETS, SAESuite, SuiteConfig, sae_suite
+from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import Estimate, format_interval, mean_interval
 from emolib.studies.base import cached_result, records, table
-from emolib.studies.items import ANALYSIS_PRESETS, AnalysisConfig, AnalysisSet, analysis_set
+from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
@@ -149,7 +150,7 @@ def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Seri
         "layers_in_last_phase": int(in_last.sum()),
         "first_layer": int(first),
         "first_phase": int(phase[first]),
-        "share_of_excess_in_last_phase": share_last,
+        "share_of_excess_in_last_phase": None if np.isnan(share_last) else share_last,
     }
     where = f"first at layer {first} (phase {phase[first]} of {last}); {share_last:.0%} of the excess in the last phase"
     if in_last.all():
@@ -214,8 +215,8 @@ class FlowConfig:
     """
 
     preset: str = "full"
-    items: AnalysisConfig = field(default_factory=lambda: ANALYSIS_PRESETS["full"])
-    saes: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["full"])
+    items: AnalysisConfig = field(default_factory=AnalysisConfig)
+    saes: SuiteConfig = field(default_factory=SuiteConfig)
     n_shuffles: int = 10
     n_boot: int = 200
     role_prompts: int = 40
@@ -305,6 +306,74 @@ def _hook(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+@dataclass
+class _Layer:
+    """One layer's measurements on one subset: its table row, the per-item outcomes a phase profile averages,
+    its selective features, its residuals and codes, and the lens's answers."""
+
+    row: dict[str, Any]
+    per_item: dict[str, np.ndarray]
+    selective: SelectiveCount
+    resid: Float[np.ndarray, "items d_model"]
+    codes: Float[np.ndarray, "items features"]
+    lens_pred: np.ndarray
+
+
+def _measure_layer(
+    lm: LoadedModel,
+    aset: AnalysisSet,
+    suite: SAESuite,
+    layer: int,
+    idx: np.ndarray,
+    labels: tuple[str, ...],
+    config: FlowConfig,
+) -> _Layer:
+    """Probes (residual and SAE codes), selective features with their null, the logit lens, at one layer."""
+    gold = aset.gold[idx]
+    groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
+    h = aset.resid(layer)[idx]
+    z = aset.codes(layer, suite.saes[_hook(layer)])[idx]
+    probe_h = probe_accuracy(h, gold, config.probe)
+    active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
+    probe_z = probe_accuracy(z[:, active], gold, config.probe)
+    sel = selective_with_null(z, gold, labels, config.selectivity, n_shuffles=config.n_shuffles, seed=layer)
+    lens = logit_lens(lm.model, h, groups)
+    lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
+    p_gold = at_gold(lens.renormalised, gold, aset.labels)
+    log_mass = np.logaddexp.reduce(lens.label_logprobs, axis=1) / np.log(10)  # log10 mass, no underflow
+    lens_gold = mean_interval(p_gold, n_boot=config.probe.n_boot, seed=layer)
+    row = {
+        "layer": layer,
+        "probe_resid": probe_h.accuracy.value,
+        "probe_resid_low": probe_h.accuracy.low,
+        "probe_resid_high": probe_h.accuracy.high,
+        "probe_resid_control": probe_h.control.value,
+        "probe_resid_control_high": probe_h.control.high,
+        "probe_sae": probe_z.accuracy.value,
+        "probe_sae_low": probe_z.accuracy.low,
+        "probe_sae_high": probe_z.accuracy.high,
+        "probe_sae_control": probe_z.control.value,
+        "probe_sae_control_high": probe_z.control.high,
+        "probe_folds": probe_h.folds,
+        **sel.row(),
+        "lens_gold": lens_gold.value,
+        "lens_gold_low": lens_gold.low,
+        "lens_gold_high": lens_gold.high,
+        "lens_accuracy": float((lens_pred == gold).mean()),
+        "lens_chance": permutation_chance(lens_pred, gold),
+        "lens_mass": float(lens.mass.mean()),
+        "lens_log_mass": float(log_mass.mean()),
+        "sae_misses": suite.flag(layer),
+    }
+    per_item = {
+        "probe_resid": probe_h.correct,
+        "probe_sae": probe_z.correct,
+        "lens_gold": p_gold,
+        "lens_log_mass": log_mass,
+    }
+    return _Layer(row=row, per_item=per_item, selective=sel, resid=h, codes=z, lens_pred=lens_pred)
+
+
 def _measure(
     lm: LoadedModel,
     aset: AnalysisSet,
@@ -313,69 +382,26 @@ def _measure(
     labels: tuple[str, ...],
     config: FlowConfig,
 ) -> _Measured:
-    """Every per-layer measurement of one model on one subset of its items."""
-    gold = aset.gold[idx]
-    groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
-    rows, values, selective, codes_by_layer = [], {m: [] for m in PROFILE_METRICS}, {}, {}
-    resid_by_layer = {}
-    for layer in aset.layers:
-        h = aset.resid(layer)[idx]
-        z = aset.codes(layer, suite.saes[_hook(layer)])[idx]
-        resid_by_layer[layer], codes_by_layer[layer] = h, z
-        probe_h = probe_accuracy(h, gold, config.probe)
-        active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
-        probe_z = probe_accuracy(z[:, active], gold, config.probe)
-        sel = selective_with_null(
-            z, gold, labels, config.selectivity, n_shuffles=config.n_shuffles, seed=layer
-        )
-        selective[layer] = sel
-        lens = logit_lens(lm.model, h, groups)
-        lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
-        p_gold = at_gold(lens.renormalised, gold, aset.labels)
-        log_mass = np.logaddexp.reduce(lens.label_logprobs, axis=1) / np.log(10)  # log10 mass, no underflow
-        values["probe_resid"].append(probe_h.correct)
-        values["probe_sae"].append(probe_z.correct)
-        values["lens_gold"].append(p_gold)
-        values["lens_log_mass"].append(log_mass)
-        lens_gold = mean_interval(p_gold, n_boot=config.probe.n_boot, seed=layer)
-        rows.append(
-            {
-                "layer": layer,
-                "probe_resid": probe_h.accuracy.value,
-                "probe_resid_low": probe_h.accuracy.low,
-                "probe_resid_high": probe_h.accuracy.high,
-                "probe_resid_control": probe_h.control.value,
-                "probe_resid_control_high": probe_h.control.high,
-                "probe_sae": probe_z.accuracy.value,
-                "probe_sae_low": probe_z.accuracy.low,
-                "probe_sae_high": probe_z.accuracy.high,
-                "probe_sae_control": probe_z.control.value,
-                "probe_sae_control_high": probe_z.control.high,
-                "probe_folds": probe_h.folds,
-                **sel.row(),
-                "lens_gold": lens_gold.value,
-                "lens_gold_low": lens_gold.low,
-                "lens_gold_high": lens_gold.high,
-                "lens_accuracy": float((lens_pred == gold).mean()),
-                "lens_chance": permutation_chance(lens_pred, gold),
-                "lens_mass": float(lens.mass.mean()),
-                "lens_log_mass": float(log_mass.mean()),
-                "sae_misses": suite.flag(layer),
-            }
-        )
-    agreement = float((lens_pred == aset.predicted[idx]).mean())  # last layer: the lens is the classifier
-    frame = pd.DataFrame(rows).set_index("layer")
-    cka = consecutive_cka(resid_by_layer, seed=0)
+    """Every per-layer measurement of one model on one subset of its items, and consecutive-layer CKA."""
+    layers = {layer: _measure_layer(lm, aset, suite, layer, idx, labels, config) for layer in aset.layers}
+    last = layers[aset.layers[-1]]
+    agreement = float(
+        (last.lens_pred == aset.predicted[idx]).mean()
+    )  # last layer: the lens is the classifier
+    frame = pd.DataFrame([m.row for m in layers.values()]).set_index("layer")
+    cka = consecutive_cka({layer: m.resid for layer, m in layers.items()}, seed=0)
     frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
     per_emotion = pd.DataFrame(
-        {layer: sel.selectivity.counts() for layer, sel in selective.items()}
+        {layer: m.selective.selectivity.counts() for layer, m in layers.items()}
     ).T.rename_axis("layer")
     return _Measured(
         table=frame,
-        values={m: np.stack(values[m]) for m, _ in config.profile_metrics},
-        selective=selective,
+        values={
+            name: np.stack([m.per_item[name] for m in layers.values()]) for name, _ in config.profile_metrics
+        },
+        selective={layer: m.selective for layer, m in layers.items()},
         per_emotion=per_emotion,
-        codes=codes_by_layer,
+        codes={layer: m.codes for layer, m in layers.items()},
         labels=labels,
         idx=idx,
         final_agreement=agreement,
@@ -781,7 +807,10 @@ class SubsetFlow:
             "boundaries": {str(k): cut.to_json() for k, cut in self.cuts.items()},
             "role_shares_per_layer": records(self.role_shares),
             "role_shares_per_phase": records(self.role_shares_per_phase),
-            "verdicts": {k: v.as_dict() for k, v in self.verdicts.items()},
+            "verdicts": {
+                k: {"verdict": v.verdict, "reason": v.reason, "numbers": dict(v.numbers), "rule": v.rule}
+                for k, v in self.verdicts.items()
+            },
             "chance": self.chance,
         }
         optional = {
@@ -1094,6 +1123,10 @@ class FlowResult:
                 )
         return pd.DataFrame(rows).set_index(["model", "items", "phase"])
 
+    def cards_table(self) -> pd.DataFrame:
+        """The feature cards for display: a role without an active feature shows blanks."""
+        return self.feature_cards.astype(object).fillna("")
+
     # ---------------------------------------------------------------- JSON
 
     def to_json(self) -> dict[str, Any]:
@@ -1128,35 +1161,3 @@ class FlowResult:
             role_prompts=payload.get("role_prompts"),
             timings={k: float(v) for k, v in (payload.get("timings_seconds") or {}).items()},
         )
-
-
-def combined(results: Mapping[str, FlowResult], view: Callable[[FlowResult], pd.DataFrame]) -> pd.DataFrame:
-    """One table view of every model's result, stacked in the models' order (e.g. `FlowResult.phase_table`)."""
-    return pd.concat([view(result) for result in results.values()])
-
-
-# ------------------------------------------------------------------------------------------------ presets
-# quick: a smoke run of the whole pipeline (tiny samples; not evidence either way).
-
-PRESETS: dict[str, FlowConfig] = {
-    "quick": FlowConfig(
-        preset="quick",
-        items=ANALYSIS_PRESETS["quick"],
-        saes=SUITE_PRESETS["quick"],
-        n_shuffles=3,
-        n_boot=40,
-        role_prompts=8,
-        probe=ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=200, seed=0),
-        selectivity=SelectivityConfig(min_items=4),
-    ),
-    "full": FlowConfig(
-        preset="full",
-        items=ANALYSIS_PRESETS["full"],
-        saes=SUITE_PRESETS["full"],
-        n_shuffles=10,
-        n_boot=200,
-        role_prompts=40,
-        probe=ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=1000, seed=0),
-        selectivity=SelectivityConfig(min_items=10),
-    ),
-}

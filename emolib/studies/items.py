@@ -39,12 +39,6 @@ class AnalysisConfig:
     extraction_batch_size: int = 16
 
 
-ANALYSIS_PRESETS: dict[str, AnalysisConfig] = {
-    "quick": AnalysisConfig(n_per_label=6),
-    "full": AnalysisConfig(n_per_label=40),
-}
-
-
 def default_dataset() -> str:
     """The paper's dataset when it is available, else the built-in one."""
     return "isear" if "isear" in data.available_datasets() else "builtin"
@@ -95,9 +89,9 @@ class AnalysisSet:
         return sae.encode(torch.from_numpy(self.resid(layer))).numpy()
 
 
-def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig | None = None) -> AnalysisSet:
-    """Build (or read from the caches) the analysis set of `lm` for a preset of `ANALYSIS_PRESETS`."""
-    config = config or ANALYSIS_PRESETS[preset]
+def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig) -> AnalysisSet:
+    """Build (or read from the caches) the analysis set of `lm` (`preset` names the cache entry: a preset's
+    chapters share one set; configs per preset in `emolib.studies.presets`)."""
     dataset = config.dataset or default_dataset()
     parts_of_splits = [
         evaluation_items(

@@ -34,7 +34,7 @@ class SaesConfig:
     """One preset's SAE suite (`suite`, built and keyed under `preset`) and the quality goals it is held to."""
 
     preset: str = "full"
-    suite: SuiteConfig | None = None
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
     goals: QualityGoals = field(default_factory=QualityGoals)
 
 

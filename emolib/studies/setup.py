@@ -281,11 +281,6 @@ def run_setup(
     )
 
 
-def combined(results: Mapping[str, SetupResult], attribute: str) -> pd.DataFrame:
-    """One table of every model's `attribute` table (e.g. "baselines", "label_order"), models in order."""
-    return pd.concat([getattr(r, attribute) for r in results.values()], ignore_index=True)
-
-
 def confusion_matrices(results: Mapping[str, SetupResult]) -> dict[tuple[str, str], pd.DataFrame]:
     """`{(model, dataset): confusion matrix}` for the confusion grid."""
     return {(m, d): matrix for m, r in results.items() for d, matrix in r.confusions.items()}

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -39,11 +39,11 @@ from emolib.methods.tracing import (
     TracingError,
     check_phases,
 )
-from emolib.sae.suite import SUITE_PRESETS, SuiteConfig, sae_suite
+from emolib.sae.suite import SuiteConfig, sae_suite
 from emolib.stats import format_interval
-from emolib.studies.base import cached_result, read_study_results, records, result_for, table
+from emolib.studies.base import cached_result, combined, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
-from emolib.studies.items import ANALYSIS_PRESETS, AnalysisConfig, analysis_set
+from emolib.studies.items import AnalysisConfig, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when the per-item study's computation changes, so cached studies are rebuilt.
@@ -102,8 +102,8 @@ class TracingConfig:
     """
 
     preset: str = "full"
-    items: AnalysisConfig = field(default_factory=lambda: ANALYSIS_PRESETS["full"])
-    saes: SuiteConfig = field(default_factory=lambda: SUITE_PRESETS["full"])
+    items: AnalysisConfig = field(default_factory=AnalysisConfig)
+    saes: SuiteConfig = field(default_factory=SuiteConfig)
     n_phases: int = 3
     rank_per_label: int = 40
     held_out_per_label: int | None = 40
@@ -739,12 +739,21 @@ class TracingResult:
 # ------------------------------------------------------------------------------------------------ running
 
 
+@runtime_checkable
+class PhaseSource(Protocol):
+    """What tracing reads from chapter 1 (`FlowResult`): the phases of its best cut and the preferred count."""
+
+    def phases(self, n_phases: int = 3, subset: str = "all") -> dict[str, tuple[int, ...]]: ...
+
+    def chosen_phase_count(self, subset: str = "all") -> int: ...
+
+
 def study_phases(
-    phases: FlowResult | Mapping[str, Iterable[int]], n_phases: int
+    phases: PhaseSource | Mapping[str, Iterable[int]], n_phases: int
 ) -> tuple[dict[str, tuple[int, ...]], int | None]:
     """The phases to trace and the phase count chapter 1's test chose: the best `n_phases`-phase cut of a flow
     result, or phases given by hand (`{name: layers}`, count None)."""
-    if isinstance(phases, FlowResult):
+    if isinstance(phases, PhaseSource):
         return phases.phases(n_phases), phases.chosen_phase_count()
     return {str(name): tuple(int(layer) for layer in layers) for name, layers in phases.items()}, None
 
@@ -752,7 +761,7 @@ def study_phases(
 def run_tracing(
     model: str | LoadedModel,
     config: TracingConfig | None = None,
-    phases: FlowResult | Mapping[str, Iterable[int]] | None = None,
+    phases: PhaseSource | Mapping[str, Iterable[int]] | None = None,
 ) -> TracingResult:
     """One model's tracing study (cached): `phases` from chapter 1's result for the model (None: read from the
     flow chapter's results of `config.preset`) or given by hand."""
@@ -831,11 +840,6 @@ def facts_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     return pd.DataFrame([r.facts for r in results.values()]).set_index("model").T
 
 
-def by_model(results: Mapping[str, TracingResult], view: str) -> pd.DataFrame:
-    """One table of every model's `view` (a table method of `TracingResult`), the model as the outer index."""
-    return pd.concat({name: getattr(r, view)() for name, r in results.items()}, names=["model"])
-
-
 def phase_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     """Per model and phase, averaged over emotions: whole-phase, top-k and random-k drops and k50 counts."""
     return pd.DataFrame([row for r in results.values() for row in r.phase_rows()]).set_index(
@@ -862,34 +866,9 @@ def verification_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
 
 def verdicts_by_phase(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     """Every model's verdicts in every phase (rows: model, phase; columns: claims in words)."""
-    return by_model(results, "verdicts_by_phase")
+    return combined(results, "verdicts_by_phase", by_model=True)
 
 
 def findings_headings(results: Mapping[str, TracingResult]) -> dict[str, str]:
     """Each model's heading in "What we found": its name and the final phase's layers."""
     return {name: f"**{name}** (final phase: layers {r.span()}):" for name, r in results.items()}
-
-
-# ------------------------------------------------------------------------------------------------ presets
-
-PRESETS: dict[str, TracingConfig] = {
-    # quick: a smoke run of the whole pipeline (few items, one random seed; not evidence)
-    "quick": TracingConfig(
-        preset="quick",
-        items=ANALYSIS_PRESETS["quick"],
-        saes=SUITE_PRESETS["quick"],
-        rank_per_label=6,
-        held_out_per_label=None,
-        tracing=TracerConfig(
-            ks=(1, 2, 4, 8, 16), random_seeds=(0,), n_verify=4, batch_size=32, progress=True
-        ),
-        cross_k=4,
-        n_boot=200,
-    ),
-    "full": TracingConfig(
-        preset="full",
-        items=ANALYSIS_PRESETS["full"],
-        saes=SUITE_PRESETS["full"],
-        tracing=TracerConfig(random_seeds=(0, 1), n_verify=8, batch_size=40, progress=True),
-    ),
-}
