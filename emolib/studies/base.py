@@ -11,7 +11,6 @@ through the result type's own accessors, never by dictionary paths.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, TypeVar
@@ -62,11 +61,6 @@ def table(rows: Sequence[Mapping[str, Any]], index: str | Sequence[str] | None =
     if index is not None and len(frame):
         frame = frame.set_index(index if isinstance(index, str) else list(index))
     return frame
-
-
-def finite_or_none(value: Any) -> Any:
-    """`value`, or None for a non-finite float (how the public results files write inf and NaN)."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # ------------------------------------------------------------------------------------------------ caching

@@ -39,6 +39,7 @@ from emolib.methods.selectivity import (
     SelectivityConfig,
     bootstrap_selectivity,
     contrast_labels,
+    emotional_vs_neutral,
     pool_layers,
     selectivity,
     shuffled_control,
@@ -899,7 +900,7 @@ def _features(
     general_summary, overlap = None, None
     if config.neutral in sset.labels:
         contrast, two = contrast_labels(sset.gold, config.neutral)
-        general = selectivity(s_pooled.codes, contrast, two, rule)
+        general = emotional_vs_neutral(s_pooled.codes, sset.gold, rule, config.neutral)
         general_null = shuffled_control(
             s_pooled.codes, contrast, two, rule, n_shuffles=config.n_shuffles, seed=config.seed
         )

@@ -695,16 +695,6 @@ class PhaseCut:
         )
 
 
-def phase_cuts(result: Mapping[str, Any], model: str, subset: str) -> dict[int, PhaseCut]:
-    """The cuts stored for one subset of a flow result's JSON (`subsets.<subset>.boundaries`), by phase count."""
-    subsets = result.get("subsets", {})
-    if subset not in subsets or "boundaries" not in subsets[subset]:
-        raise FlowError(
-            f"the flow results for {model!r} have no boundaries for the subset {subset!r} (subsets: {sorted(subsets)})"
-        )
-    return {int(k): PhaseCut.from_json(v) for k, v in subsets[subset]["boundaries"].items()}
-
-
 def _series(rows: Sequence[Mapping[str, Any]] | None, index: str, column: str) -> pd.Series | None:
     if rows is None:
         return None
