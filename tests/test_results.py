@@ -131,3 +131,16 @@ def test_readme_without_markers_is_an_error(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="results:start"):
         rs.update_readme(readme, tmp_path)
+
+
+def test_readme_models_block_lists_every_registered_model(tmp_path):
+    from emolib.lm.models import MODELS
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README + f"\n## Models\n\n{rs.MODELS_START}\nold models\n{rs.MODELS_END}\n")
+    assert rs.update_readme(readme, tmp_path / "none") is True
+    text = readme.read_text()
+    assert "old models" not in text and text.count(rs.MODELS_START) == 1
+    for spec in MODELS.values():
+        assert f"`{spec.name}`" in text and spec.gguf_sha256 in text and spec.licence in text
+    assert rs.update_readme(readme, tmp_path / "none") is False

