@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ from sklearn.metrics import f1_score
 from emolib import data
 from emolib.lm.baselines import (
     BaselineConfig,
+    check_subset,
     evaluation_items,
     label_order_check,
     make_classifier,
     run_baseline,
     run_labels,
+    scoring_check,
 )
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
 from emolib.lm.prompts import shuffled_order
@@ -214,3 +217,59 @@ def test_label_order_check(tiny_lm, tmp_cache):
     assert set(table["model"]) == {tiny_lm.info.name} and set(table["dataset"]) == {"builtin"}
     # one cache entry for the reference and one per shuffled order (without generation)
     assert len(list((tmp_cache / "predictions").iterdir())) == 1 + len(RUN.order_seeds)
+
+
+# ------------------------------------------------------------------------------------- checks on a subset
+
+
+def test_check_subsets_are_the_items_a_smaller_sample_draws():
+    items = evaluation_items("builtin", BaselineConfig(n_per_label=6))
+    subset = check_subset(items, 2)
+    assert subset.ids == evaluation_items("builtin", BaselineConfig(n_per_label=2)).ids
+    assert len(subset.ids) == 14 and set(subset.ids) < set(items.ids)
+    assert [subset.gold.count(label) for label in items.labels] == [2] * 7
+    assert check_subset(items, None) is items
+    assert check_subset(items, 100).ids == items.ids  # more than a label has: every item
+    with pytest.raises(ValueError, match="check_per_label must be at least 1"):
+        BaselineConfig(check_per_label=0)
+
+
+def test_generation_and_checks_on_a_subset_keep_accuracy_on_every_item(tiny_lm, tmp_cache):
+    config = BaselineConfig(
+        n_per_label=3,
+        n_boot=100,
+        order_seeds=(1,),
+        check_per_label=1,
+        classifier=ClassifierConfig(max_new_tokens=2, progress=False),
+    )
+    items = evaluation_items("builtin", config)
+    subset = check_subset(items, 1)
+    whole = run_baseline(tiny_lm, items, dataclasses.replace(config, check_per_label=None))
+    result = run_baseline(tiny_lm, items, config)
+    # restricted scoring on all 21 items, the same numbers as one pass with generation everywhere
+    assert result.summary.n == 21 and result.summary.accuracy == whole.summary.accuracy
+    np.testing.assert_allclose(result.predictions.label_logprobs, whole.predictions.label_logprobs, atol=1e-5)
+    assert result.predictions.generated_labels is None
+    # generation and agreement on the first item per label only
+    assert result.n_generated == 7 == result.generated_summary.n and whole.n_generated == 21
+    assert result.row()["n_generated"] == 7
+    assert result.row()["restricted_accuracy_generated"] == pytest.approx(
+        np.mean(
+            [
+                result.predictions.predicted[k] == items.gold[k]
+                for k in [items.ids.index(i) for i in subset.ids]
+            ]
+        )
+    )
+    rows = [items.ids.index(i) for i in subset.ids]
+    expected = [whole.predictions.generated_labels[k] for k in rows]
+    assert result.agreement.value == pytest.approx(
+        np.mean([g == result.predictions.predicted[k] for g, k in zip(expected, rows, strict=True)])
+    )
+    # the checks compare like with like on the subset
+    table = label_order_check(tiny_lm, items, config, result)
+    listed = table.iloc[0]
+    assert listed["accuracy"] == pytest.approx(
+        np.mean([result.predictions.predicted[k] == items.gold[k] for k in rows])
+    )
+    assert scoring_check(tiny_lm, items, config, result)["dataset"] == "builtin"

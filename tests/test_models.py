@@ -44,6 +44,14 @@ def test_registry():
         "qwen2.5-coder-1.5b-instruct": "qwen2",
     }
     assert all(name == spec.name for name, spec in MODELS.items())
+    assert set(models.BOOK_MODELS) | set(models.SCALE_REFERENCE_MODELS) <= set(MODELS)
+    assert not set(models.BOOK_MODELS) & set(models.SCALE_REFERENCE_MODELS)
+    roles = {row["name in emolib"].strip("`"): row["book model"] for row in models.models_table()}
+    assert (
+        roles["qwen2.5-coder-1.5b-instruct"] == "scale reference (ch. 0)" and roles["gemma-3-270m"] == "yes"
+    )
+    assert models.scale_reference_models() == list(models.SCALE_REFERENCE_MODELS)
+    assert models.scale_reference_models([]) == []
 
 
 @pytest.mark.parametrize("name", ["gpt-17", "smollm2", "", "gemma-3-270m-it-typo"])

@@ -162,3 +162,43 @@ def test_combined_stacks_every_models_view_in_order():
     by_model = combined(results, "doubled", by_model=True)
     assert by_model.index.names == ["model", None] and by_model.loc["b", "x"].tolist() == [0, 2]
     assert combined(results, lambda r: r.table.head(1))["x"].tolist() == [0, 0]
+
+
+def test_a_run_without_checks_has_no_order_or_scoring_rows_and_still_summarises(
+    tiny_lm, tmp_cache, builtin_only
+):
+    """The scale reference's form: restricted scoring only, no generation and no checks."""
+    reference = dataclasses.replace(
+        TINY_SETUP,
+        checks=False,
+        baseline=dataclasses.replace(
+            TINY_SETUP.baseline, order_seeds=(), classifier=ClassifierConfig(generate=False, progress=False)
+        ),
+    )
+    result = run_setup(tiny_lm, reference)
+    assert result.label_order.empty and result.scoring == {}
+    assert result.agreements == {"builtin": None} and "parsed" not in result.baselines
+    lines = result.findings("builtin")
+    assert len(lines) == 1 and "with accuracy" in lines[0]  # no generation or shuffling line to make up
+    again = round_trip(result)
+    assert plain(again.to_json()) == plain(result.to_json())
+    table = setup_study.scale_reference_table({"tiny-setup": result})
+    row = table.loc[("tiny-setup", "builtin")]
+    assert row["n"] == 14 and row["accuracy [95% CI]"].startswith(
+        f"{result.baselines['accuracy'].iloc[0]:.3f} ["
+    )
+    assert result.readme_rows("00 scale reference")[0]["chapter"] == "00 scale reference"
+
+
+def test_the_scale_reference_runs_in_the_full_preset_on_a_subset_of_the_books_items():
+    full, quick = get_preset("full"), get_preset("quick")
+    assert quick.scale_reference is None
+    reference = full.scale_reference
+    assert reference.dataset_names() == ["isear"] and not reference.checks
+    assert not reference.baseline.classifier.generate and reference.baseline.order_seeds == ()
+    # the same split and seed with fewer per label: the first items of the book's own sample
+    assert (reference.baseline.split, reference.baseline.sample_seed) == (
+        full.setup.baseline.split,
+        full.setup.baseline.sample_seed,
+    )
+    assert reference.baseline.n_per_label < full.setup.baseline.n_per_label

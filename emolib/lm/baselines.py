@@ -6,11 +6,14 @@ analysis reads the same items the baselines were measured on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from emolib import data
+from emolib.data.splits import seeded_key
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
 from emolib.lm.models import LoadedModel
 from emolib.lm.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
@@ -23,6 +26,10 @@ class BaselineConfig:
 
     `label_set` is "native" (every label of the dataset, as the paper did for ISEAR) or "ekman" (the six Ekman
     emotions plus neutral, where the dataset has them); other labels are excluded and counted.
+
+    `check_per_label` sizes the secondary measurements (generation and its agreement with restricted scoring, the
+    label-order and scoring checks): the first that many items per label of the sample (`check_subset`), or every
+    item when None. Accuracy and macro-F1 always use the whole sample.
     """
 
     split: str = "test"
@@ -32,6 +39,13 @@ class BaselineConfig:
     n_boot: int = 2000
     order_seeds: tuple[int, ...] = (1, 2, 3)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    check_per_label: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.check_per_label is not None and self.check_per_label < 1:
+            raise ValueError(
+                f"check_per_label must be at least 1 (or None for every item), not {self.check_per_label}"
+            )
 
 
 @dataclass
@@ -81,6 +95,40 @@ def evaluation_items(dataset: str, config: BaselineConfig) -> EvalItems:
     )
 
 
+def check_subset(items: EvalItems, per_label: int | None, seed: int = 0) -> EvalItems:
+    """The first `per_label` items of each label of `items`, ranked by sha256(seed:id) as `stratified_subsample`
+    ranks them, so with the sample's seed they are the items a smaller sample would have drawn (nested samples).
+    `per_label=None` returns `items` itself."""
+    if per_label is None:
+        return items
+    rank = {i: seeded_key(seed, i) for i in items.ids}
+    kept: list[int] = []
+    for label in items.labels:
+        positions = [k for k, g in enumerate(items.gold) if g == label]
+        kept.extend(sorted(positions, key=lambda k: rank[items.ids[k]])[:per_label])
+    kept.sort()
+    return dataclasses.replace(
+        items,
+        ids=[items.ids[k] for k in kept],
+        texts=[items.texts[k] for k in kept],
+        gold=[items.gold[k] for k in kept],
+    )
+
+
+def _subset_predictions(predictions: Predictions, ids: list[str], kept_ids: list[str]) -> Predictions:
+    """`predictions` (made for `ids`) restricted to `kept_ids`, in their order."""
+    index = {i: k for k, i in enumerate(ids)}
+    rows = [index[i] for i in kept_ids]
+    return dataclasses.replace(
+        predictions,
+        label_logprobs=predictions.label_logprobs[rows],
+        generations=None if predictions.generations is None else [predictions.generations[k] for k in rows],
+        generated_labels=None
+        if predictions.generated_labels is None
+        else [predictions.generated_labels[k] for k in rows],
+    )
+
+
 @dataclass
 class BaselineResult:
     model: str
@@ -90,6 +138,10 @@ class BaselineResult:
     generated_summary: Summary | None
     agreement: Estimate | None
     parsed_share: float | None
+    #: The items generation ran on (all of them, or `check_per_label` per label), and restricted scoring's
+    #: accuracy on those same items (to compare with generation's like with like).
+    n_generated: int | None = None
+    restricted_accuracy_generated: float | None = None
 
     def row(self) -> dict:
         """One flat row for tables and the README."""
@@ -113,6 +165,8 @@ class BaselineResult:
             )
             row["agreement"] = self.agreement.value
             row["parsed"] = self.parsed_share
+            row["n_generated"] = self.n_generated
+            row["restricted_accuracy_generated"] = self.restricted_accuracy_generated
         return row
 
 
@@ -137,30 +191,56 @@ def make_classifier(
 def run_baseline(
     lm: LoadedModel, items: EvalItems, config: BaselineConfig, label_order: tuple[str, ...] | None = None
 ) -> BaselineResult:
-    """Classify `items` (cached on disk) and summarise restricted scoring, generation and their agreement."""
-    classifier = make_classifier(lm, items.labels, items.dataset, config.classifier, label_order)
+    """Classify `items` (cached on disk) and summarise restricted scoring, generation and their agreement
+    (generation on `check_subset(items, config.check_per_label)`)."""
+    generate = config.classifier.generate
+    subset = check_subset(items, config.check_per_label, config.sample_seed) if generate else items
+    scoring_only = dataclasses.replace(config.classifier, generate=False) if subset is not items else None
+    classifier = make_classifier(
+        lm, items.labels, items.dataset, scoring_only or config.classifier, label_order
+    )
     predictions = cached_predict(classifier, lm.info.name, items.ids, items.texts)
     summary = summarize(items.gold, predictions.predicted, items.labels, n_boot=config.n_boot)
     generated_summary = agreement = parsed = None
-    if predictions.generated_labels is not None:
+    if generate:
+        with_generation = predictions
+        if subset is not items:
+            generating = make_classifier(lm, items.labels, items.dataset, config.classifier, label_order)
+            with_generation = cached_predict(generating, lm.info.name, subset.ids, subset.texts)
         # Unparsed generations count as wrong: an answer outside the scored set, not a class of macro-F1.
-        generated = [g if g is not None else "<unparsed>" for g in predictions.generated_labels]
+        generated = [g if g is not None else "<unparsed>" for g in with_generation.generated_labels]
         generated_summary = summarize(
-            items.gold, generated, items.labels, n_boot=config.n_boot, other_predictions=("<unparsed>",)
+            subset.gold, generated, items.labels, n_boot=config.n_boot, other_predictions=("<unparsed>",)
         )
-        agreement = agreement_rate(predictions.generated_labels, predictions.predicted, n_boot=config.n_boot)
-        parsed = predictions.agreement()["parsed"]
+        agreement = agreement_rate(
+            with_generation.generated_labels, with_generation.predicted, n_boot=config.n_boot
+        )
+        parsed = with_generation.agreement()["parsed"]
     return BaselineResult(
-        lm.info.name, items.dataset, predictions, summary, generated_summary, agreement, parsed
+        lm.info.name,
+        items.dataset,
+        predictions,
+        summary,
+        generated_summary,
+        agreement,
+        parsed,
+        n_generated=len(subset.ids) if generate else None,
+        restricted_accuracy_generated=float(
+            np.mean([p == g for p, g in zip(with_generation.predicted, subset.gold, strict=True)])
+        )
+        if generate
+        else None,
     )
 
 
 def label_order_check(
     lm: LoadedModel, items: EvalItems, config: BaselineConfig, reference: BaselineResult
 ) -> pd.DataFrame:
-    """Re-run with the label list shuffled (one row per seed): accuracy change with a paired bootstrap interval,
-    how many predictions flip, and the share of predictions going to the label listed first."""
+    """Re-run with the label list shuffled (one row per seed) on `check_subset(items, config.check_per_label)`:
+    accuracy change with a paired bootstrap interval, how many predictions flip, and the share of predictions going
+    to the label listed first."""
     no_generation = ClassifierConfig(**{**config.classifier.__dict__, "generate": False})
+    reference, items = _checked_items(items, config, reference)
     rows = []
     orders = [(None, items.labels)] + [(s, shuffled_order(items.labels, s)) for s in config.order_seeds]
     for seed, order in orders:
@@ -192,6 +272,18 @@ def label_order_check(
     return pd.DataFrame(rows)
 
 
+def _checked_items(
+    items: EvalItems, config: BaselineConfig, reference: BaselineResult
+) -> tuple[BaselineResult, EvalItems]:
+    """The checks' items and the reference run restricted to them (its summary is recomputed on them)."""
+    subset = check_subset(items, config.check_per_label, config.sample_seed)
+    if subset is items:
+        return reference, items
+    predictions = _subset_predictions(reference.predictions, items.ids, subset.ids)
+    summary = summarize(subset.gold, predictions.predicted, items.labels, n_boot=config.n_boot)
+    return dataclasses.replace(reference, predictions=predictions, summary=summary), subset
+
+
 def scoring_check(
     lm: LoadedModel, items: EvalItems, config: BaselineConfig, reference: BaselineResult
 ) -> dict:
@@ -201,6 +293,7 @@ def scoring_check(
     shortcut changes the prediction, and the accuracy change with a paired bootstrap interval.
     """
     exact = ClassifierConfig(**{**config.classifier.__dict__, "generate": False, "scoring": "sequence"})
+    reference, items = _checked_items(items, config, reference)
     classifier = make_classifier(lm, items.labels, items.dataset, exact)
     sequence = cached_predict(classifier, lm.info.name, items.ids, items.texts).predicted
     delta = paired_difference(

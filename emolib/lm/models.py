@@ -11,6 +11,7 @@ cache holds the weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from emolib.cache import atomic_file, cache_dir, cached_entry, config_key, file_sha256
+from emolib.lm.precision import dtype_name, keyed_name, resolve_precision, set_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,13 @@ class ModelInfo:
     d_vocab: int
     n_params: int
     source: str
+    #: The dtype forwards compute in ("float32", or "bfloat16" under autocast where the hardware has bf16 units).
+    precision: str = "float32"
+
+    @property
+    def cache_name(self) -> str:
+        """The name cache keys use: the precision is part of it (`emolib.lm.precision.keyed_name`)."""
+        return keyed_name(self.name, self.precision)
 
 
 @dataclass
@@ -336,6 +345,9 @@ MODELS: dict[str, ModelSpec] = {
 
 #: The models every chapter runs by default (a chapter's `models` parameter overrides it): registered models only.
 BOOK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m")
+#: Larger models the setup chapter evaluates on ISEAR only, as the scale reference for the book models (their SAE
+#: stage does not fit the build's budget).
+SCALE_REFERENCE_MODELS: tuple[str, ...] = ("qwen2.5-coder-1.5b-instruct",)
 
 
 def models_table() -> list[dict[str, str]]:
@@ -351,15 +363,26 @@ def models_table() -> list[dict[str, str]]:
             "PyPI packages": f"`{spec.gguf_package}`",
             "licence": spec.licence,
             "GGUF sha256": f"`{spec.gguf_sha256}`",
-            "book model": "yes" if spec.name in BOOK_MODELS else "no",
+            "book model": _book_role(spec.name),
         }
         for spec in MODELS.values()
     ]
 
 
+def _book_role(name: str) -> str:
+    if name in BOOK_MODELS:
+        return "yes"
+    return "scale reference (ch. 0)" if name in SCALE_REFERENCE_MODELS else "no"
+
+
 def book_models(models: Sequence[str] | None = None) -> list[str]:
     """A chapter's model list: `models` as given, or the book's models when it is None."""
     return list(BOOK_MODELS if models is None else models)
+
+
+def scale_reference_models(models: Sequence[str] | None = None) -> list[str]:
+    """The setup chapter's scale-reference models: `models` as given, or `SCALE_REFERENCE_MODELS` when None."""
+    return list(SCALE_REFERENCE_MODELS if models is None else models)
 
 
 def model_colour(name: str, index: int = 0) -> str:
@@ -566,11 +589,21 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def load_model(name: str) -> LoadedModel:
+def load_model(name: str, precision: str | None = None) -> LoadedModel:
     """A `HookedSAETransformer` with its tokenizer and facts, for a registered or official TransformerLens name.
 
-    Unknown names raise `ModelLoadError` listing the registered names (and pointing to TransformerLens' list).
+    Weights are float32; forwards compute in `precision` ("auto": bfloat16 autocast where the CPU has bf16 units,
+    else float32; None reads `EMOLIB_PRECISION`). Unknown names raise `ModelLoadError` listing the registered
+    names (and pointing to TransformerLens' list).
     """
+    dtype = resolve_precision(precision)
+    lm = _load_float32(name)
+    set_compute_dtype(lm.model, dtype)
+    lm.info = dataclasses.replace(lm.info, precision=dtype_name(dtype))
+    return lm
+
+
+def _load_float32(name: str) -> LoadedModel:
     if name in MODELS:
         return _build_hooked(MODELS[name])
     try:

@@ -29,6 +29,7 @@ from torch import Tensor
 from emolib.cache import BUILD_SECONDS, cache_dir, cached_entry, config_key, entry_meta, write_json
 from emolib.lm.batching import pad_id, right_padded
 from emolib.lm.models import LoadedModel
+from emolib.lm.precision import compute_dtype, dtype_name
 from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
 from emolib.sae.loading import load_saes
@@ -138,6 +139,7 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         activation_key=store.key,
         metadata={"model_name": name},
         name=name,
+        precision=compute_dtype(lm.model),  # SAEs train in the precision the model's forwards use
     )
     saes = load_saes(folder)
 
@@ -150,6 +152,8 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         "batch_size": config.eval_batch_size,
         "seed": config.seed,
     }
+    if compute_dtype(lm.model) != torch.float32:  # quality measured through bf16 forwards is another number
+        eval_settings["precision"] = dtype_name(compute_dtype(lm.model))
 
     def evaluate(tmp: Path) -> None:
         tokens, mask, keep = evaluation_batch(

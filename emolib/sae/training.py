@@ -24,6 +24,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from torch import Tensor
 
 from emolib.cache import cache_dir, cached_entry, config_key
+from emolib.lm.precision import dtype_name
 from emolib.sae.loading import SAE_FORMAT_VERSION, SAEError, save_saes
 
 #: A feature is "dense" when it is active on more than this fraction of the evaluated tokens.
@@ -263,19 +264,22 @@ def train_saes(
     hooks: Sequence[str],
     d_in: int,
     metadata: Mapping[str, Any] | None = None,
+    precision: torch.dtype = torch.float32,
 ) -> dict[str, TrainingSAE]:
     """Train one SAE per hook in lockstep with sae-lens' `MultiSAETrainer` from one `{hook: [batch, d_in]}` stream.
 
     `batches` is a `BatchFactory` (called once with the config's batch size and seed) or an endless iterable of
     full batches. Each SAE gets its own optimiser, schedule, activation scaler and dead-feature tracking; the
     activation scaling is folded into the weights at the end. `metadata` (e.g. `model_name`) goes into every SAE's
-    saved config. Returns sae-lens training SAEs (see `save_saes` / `load_saes` for the inference form).
+    saved config. `precision` bfloat16 runs the SAEs' matrix products under sae-lens' autocast (float32 master
+    weights, optimiser and losses). Returns sae-lens training SAEs (see `save_saes` / `load_saes` for the inference
+    form).
     """
     hooks = _check_hooks(hooks)
     stream = _checked(_stream(batches, config), hooks, d_in, config.train_batch_size)
     saes = {hook: make_training_sae(config, hook=hook, d_in=d_in, metadata=metadata) for hook in hooks}
     trainer = MultiSAETrainer(
-        cfg=config.trainer_config(),
+        cfg=dataclasses.replace(config.trainer_config(), autocast=precision == torch.bfloat16),
         saes=saes,
         hook_names={hook: hook for hook in hooks},
         data_provider=stream,
@@ -286,10 +290,20 @@ def train_saes(
 
 
 def saes_key(
-    config: SAETrainingConfig, *, activation_key: str, hooks: Sequence[str], d_in: int, metadata=None
+    config: SAETrainingConfig,
+    *,
+    activation_key: str,
+    hooks: Sequence[str],
+    d_in: int,
+    metadata=None,
+    precision: torch.dtype = torch.float32,
 ) -> str:
-    """Cache key of trained SAEs: the activations they learn from, the config, the hooks, and the format."""
-    return config_key(SAE_FORMAT_VERSION, activation_key, config, list(hooks), d_in, dict(metadata or {}))
+    """Cache key of trained SAEs: the activations they learn from, the config, the hooks, the format and (when it
+    is not float32) the training precision."""
+    parts = [SAE_FORMAT_VERSION, activation_key, config, list(hooks), d_in, dict(metadata or {})]
+    if precision != torch.float32:
+        parts.append(dtype_name(precision))
+    return config_key(*parts)
 
 
 def train_saes_cached(
@@ -301,6 +315,7 @@ def train_saes_cached(
     activation_key: str,
     metadata: Mapping[str, Any] | None = None,
     name: str = "saes",
+    precision: torch.dtype = torch.float32,
 ) -> Path:
     """Folder of SAEs trained by `train_saes` and saved by `save_saes`, cached; a later call reuses it.
 
@@ -308,13 +323,15 @@ def train_saes_cached(
     retrained when those change; the factory is only called when the SAEs are built.
     """
     hooks = _check_hooks(hooks)
-    key = saes_key(config, activation_key=activation_key, hooks=hooks, d_in=d_in, metadata=metadata)
+    key = saes_key(
+        config, activation_key=activation_key, hooks=hooks, d_in=d_in, metadata=metadata, precision=precision
+    )
     folder = cache_dir("saes") / f"{name}-{key}"
     index = {"activation_key": activation_key, "d_in": d_in, "training_config": dataclasses.asdict(config)}
 
     def build(tmp: Path) -> None:
         with_key = {**dict(metadata or {}), "activation_key": activation_key}
-        saes = train_saes(batches, config, hooks=hooks, d_in=d_in, metadata=with_key)
+        saes = train_saes(batches, config, hooks=hooks, d_in=d_in, metadata=with_key, precision=precision)
         save_saes(saes, tmp, index=index)
 
     return cached_entry(folder, build, meta={"name": name, "hooks": hooks, **index})

@@ -968,5 +968,5 @@ def run_features(
     sset = analysis_set(lm, config.preset, dataclasses.replace(config.items, dataset=second_dataset(config)))
     key_parts = [FEATURES_VERSION, config, phase.to_json(), aset.store.key, sset.store.key, suite.folder.name]
     return cached_result(
-        FeaturesResult, name, key_parts, lambda: _features(lm, config, phase, suite, aset, sset)
+        FeaturesResult, lm.info.cache_name, key_parts, lambda: _features(lm, config, phase, suite, aset, sset)
     )

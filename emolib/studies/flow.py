@@ -644,7 +644,7 @@ def run_flow(model: str | LoadedModel, config: FlowConfig | None = None) -> Flow
     aset = analysis_set(lm, config.preset, config.items)
     suite = sae_suite(lm, config.preset, config.saes)
     key_parts = (STUDY_VERSION, config, aset.store.key, suite.folder.name)
-    return cached_result(FlowResult, lm.info.name, key_parts, lambda: _build(lm, aset, suite, config))
+    return cached_result(FlowResult, lm.info.cache_name, key_parts, lambda: _build(lm, aset, suite, config))
 
 
 # ------------------------------------------------------------------------------------------------ result

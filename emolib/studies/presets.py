@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emolib.lm.baselines import BaselineConfig
+from emolib.lm.classify import ClassifierConfig
 from emolib.methods.probes import ProbeConfig
 from emolib.methods.selectivity import SelectivityConfig
 from emolib.methods.tracing import TracerConfig
@@ -41,6 +42,8 @@ class Preset:
     flow: FlowConfig
     features: FeaturesConfig
     tracing: TracingConfig
+    #: The scale reference's baselines (chapter 0; None: not run in this preset).
+    scale_reference: SetupConfig | None = None
 
     @property
     def suite(self) -> SuiteConfig:
@@ -80,6 +83,17 @@ QUICK_SUITE = SuiteConfig(
 FULL_SUITE = SuiteConfig()
 
 
+#: The scale reference (chapter 0): ISEAR's first 40 test items per label of the book's sample (the same items for
+#: every model), restricted scoring only. A 1.5B-parameter forward costs about ten times SmolLM2's, so no
+#: generation, label-order or scoring checks. Not in the quick preset (loading the model alone takes minutes).
+SCALE_REFERENCE = SetupConfig(
+    preset="full",
+    baseline=BaselineConfig(n_per_label=40, order_seeds=(), classifier=ClassifierConfig(generate=False)),
+    datasets=("isear",),
+    checks=False,
+)
+
+
 def _preset(
     name: str,
     *,
@@ -89,6 +103,7 @@ def _preset(
     flow: dict,
     features: dict,
     tracing: dict,
+    scale_reference: SetupConfig | None = None,
 ) -> Preset:
     """One preset: every analysis study reads the same `items` and `suite`, keyed under `name`."""
     shared = {"preset": name, "items": items, "saes": suite}
@@ -100,6 +115,7 @@ def _preset(
         flow=FlowConfig(**shared, **flow),
         features=FeaturesConfig(**shared, **features),
         tracing=TracingConfig(**shared, **tracing),
+        scale_reference=scale_reference,
     )
 
 
@@ -138,6 +154,7 @@ PRESETS: dict[str, Preset] = {
         flow={},
         features={},
         tracing={},
+        scale_reference=SCALE_REFERENCE,
     ),
 }
 

@@ -38,6 +38,9 @@ class SetupConfig:
     preset: str = "full"
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     datasets: tuple[str, ...] | None = None
+    #: False skips the label-order and scoring checks (the scale reference: each pass of a large model costs
+    #: minutes).
+    checks: bool = True
 
     def dataset_names(self) -> list[str]:
         if self.datasets is not None:
@@ -61,6 +64,7 @@ def model_facts(lm: LoadedModel) -> dict[str, Any]:
         "vocabulary": info.d_vocab,
         "parameters (M)": round(info.n_params / 1e6, 1),
         "weights": info.source,
+        "compute": info.precision,
     }
 
 
@@ -172,9 +176,12 @@ class SetupResult:
                 {
                     "model": self.model,
                     "dataset": d,
+                    "items": b.loc[d, "n_generated"] if "n_generated" in b else b.loc[d, "n"],
                     "generation names a label": b.loc[d, "parsed"],
                     "agreement [95% CI]": str(e),
-                    "accuracy, restricted": b.loc[d, "accuracy"],
+                    "accuracy, restricted": b.loc[d].get(
+                        "restricted_accuracy_generated", b.loc[d, "accuracy"]
+                    ),
                     "accuracy, generated": b.loc[d, "generated_accuracy"],
                 }
                 for d, e in self.agreements.items()
@@ -182,11 +189,11 @@ class SetupResult:
             ]
         )
 
-    def readme_rows(self) -> list[dict[str, Any]]:
+    def readme_rows(self, chapter: str = "00 baselines") -> list[dict[str, Any]]:
         """The README rows: accuracy and macro-F1 with intervals per dataset."""
         return [
             {
-                "chapter": "00 baselines",
+                "chapter": chapter,
                 "model": self.model,
                 "dataset": d,
                 "n": s["summary"]["n"],
@@ -203,22 +210,32 @@ class SetupResult:
         sub = self.baselines
         above = sub[sub["accuracy_low"] > sub["chance"]]
         best = sub.loc[sub["accuracy"].idxmax()]
-        agreed = sum(
-            e.value * self.summaries[d]["summary"]["n"] for d, e in self.agreements.items() if e is not None
-        )
-        shuffled = self.label_order[self.label_order["order_seed"] != "listed order"]
-        moved = shuffled[(shuffled["delta_low"] > 0) | (shuffled["delta_high"] < 0)]
-        return [
+        lines = [
             f"- **{self.model}** is above chance (lower 95% bound above 1/L) on {len(above)} of {len(sub)} datasets; "
             f"its best is {best['dataset']} with accuracy "
             f"{format_interval(best['accuracy'], best['accuracy_low'], best['accuracy_high'])} "
             f"(chance {best['chance']:.3f}). On average {sub['top_prediction_share'].mean():.0%} of its predictions "
-            f"go to its most frequent answer.",
-            f"  Generation names a label in {sub['parsed'].mean():.0%} of items and agrees with restricted scoring "
-            f"on {agreed / sub['n'].sum():.0%}.",
-            f"  Shuffling the label list flips {shuffled['flipped'].mean():.0%} of predictions on {order_dataset}; "
-            f"the accuracy change is distinguishable from zero in {len(moved)} of {len(shuffled)} orders.",
+            f"go to its most frequent answer."
         ]
+        if "parsed" in sub:  # generated
+            agreed = sum(
+                e.value * self.summaries[d]["summary"]["n"]
+                for d, e in self.agreements.items()
+                if e is not None
+            )
+            lines.append(
+                f"  Generation names a label in {sub['parsed'].mean():.0%} of items and agrees with restricted "
+                f"scoring on {agreed / sub['n'].sum():.0%}."
+            )
+        if len(self.label_order):  # checked
+            shuffled = self.label_order[self.label_order["order_seed"] != "listed order"]
+            moved = shuffled[(shuffled["delta_low"] > 0) | (shuffled["delta_high"] < 0)]
+            lines.append(
+                f"  Shuffling the label list flips {shuffled['flipped'].mean():.0%} of predictions on "
+                f"{order_dataset}; the accuracy change is distinguishable from zero in {len(moved)} of "
+                f"{len(shuffled)} orders."
+            )
+        return lines
 
 
 def _estimate_text(estimate: Mapping[str, float]) -> str:
@@ -237,8 +254,10 @@ def _run(lm: LoadedModel, config: SetupConfig, items: Mapping[str, EvalItems]) -
     baseline = config.baseline
     order_dataset = config.order_dataset()
     results = {d: run_baseline(lm, it, baseline) for d, it in items.items()}
-    order = label_order_check(lm, items[order_dataset], baseline, results[order_dataset])
-    scoring = scoring_check(lm, items[order_dataset], baseline, results[order_dataset])
+    order, scoring = pd.DataFrame(), {}
+    if config.checks:
+        order = label_order_check(lm, items[order_dataset], baseline, results[order_dataset])
+        scoring = scoring_check(lm, items[order_dataset], baseline, results[order_dataset])
     example = items[order_dataset]
     parts = make_classifier(lm, example.labels, order_dataset, baseline.classifier).parts
     return SetupResult(
@@ -274,11 +293,36 @@ def run_setup(
     digests = {d: pairs_digest(it.ids, it.texts) for d, it in items.items()}
     return cached_result(
         SetupResult,
-        lm.info.name,
+        lm.info.cache_name,
         (SETUP_VERSION, config, digests),
         lambda: _run(lm, config, items),
         meta={"datasets": list(items)},
     )
+
+
+def scale_reference_table(results: Mapping[str, SetupResult]) -> pd.DataFrame:
+    """Models side by side on the scale reference's items: size, accuracy and macro-F1 with intervals, chance and
+    the share of the most predicted label (rows: model, dataset)."""
+    rows = []
+    for result in results.values():
+        for _, row in result.baselines.iterrows():
+            rows.append(
+                {
+                    "model": result.model,
+                    "dataset": row["dataset"],
+                    "parameters (M)": result.facts["parameters (M)"],
+                    "n": row["n"],
+                    "accuracy [95% CI]": format_interval(
+                        row["accuracy"], row["accuracy_low"], row["accuracy_high"]
+                    ),
+                    "macro-F1 [95% CI]": format_interval(
+                        row["macro_f1"], row["macro_f1_low"], row["macro_f1_high"]
+                    ),
+                    "chance": row["chance"],
+                    "top label share": row["top_prediction_share"],
+                }
+            )
+    return pd.DataFrame(rows).set_index(["model", "dataset"])
 
 
 def confusion_matrices(results: Mapping[str, SetupResult]) -> dict[tuple[str, str], pd.DataFrame]:

@@ -23,6 +23,7 @@ from scipy.stats import kruskal, mannwhitneyu, spearmanr
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
 from emolib.lm.classify import prompt_fingerprint
 from emolib.lm.models import LoadedModel, load_model
+from emolib.lm.precision import compute_dtype, keyed_name
 from emolib.methods.ablation import (
     confusion_shift,
     gold_drop_matrix,
@@ -214,6 +215,7 @@ def cached_study(
 ) -> Study:
     """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
     prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases and the config."""
+    model_name = keyed_name(model_name, compute_dtype(tracer.model))
     key = config_key(
         STUDY_VERSION,
         model_name,
@@ -811,7 +813,7 @@ def run_tracing(
         }
         return TracingResult.from_study(name, study, config, chosen, facts)
 
-    return cached_result(TracingResult, name, key_parts, build)
+    return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
 
 
 # ------------------------------------------------------------------------------------------------ the chapter
