@@ -176,12 +176,9 @@ class SetupResult:
                 {
                     "model": self.model,
                     "dataset": d,
-                    "items": b.loc[d, "n_generated"] if "n_generated" in b else b.loc[d, "n"],
                     "generation names a label": b.loc[d, "parsed"],
                     "agreement [95% CI]": str(e),
-                    "accuracy, restricted": b.loc[d].get(
-                        "restricted_accuracy_generated", b.loc[d, "accuracy"]
-                    ),
+                    "accuracy, restricted": b.loc[d, "accuracy"],
                     "accuracy, generated": b.loc[d, "generated_accuracy"],
                 }
                 for d, e in self.agreements.items()
