@@ -190,6 +190,25 @@ def test_a_run_without_checks_has_no_order_or_scoring_rows_and_still_summarises(
     assert result.readme_rows("00 scale reference")[0]["chapter"] == "00 scale reference"
 
 
+def test_scale_reference_findings_compare_with_the_best_book_model(tiny_lm, tmp_cache, builtin_only):
+    result = run_setup(tiny_lm, TINY_SETUP)
+    book = dataclasses.replace(result, model="book", baselines=result.baselines.assign(model="book"))
+    weaker = result.baselines.assign(model="weak", macro_f1=0.0, macro_f1_low=0.0, macro_f1_high=0.0)
+    strong = result.baselines.assign(model="big", macro_f1=0.9, macro_f1_low=0.85, macro_f1_high=0.95)
+    results = {
+        "book": book,
+        "weak": dataclasses.replace(result, model="weak", baselines=weaker),
+        "big": dataclasses.replace(result, model="big", baselines=strong),
+    }
+    (line,) = setup_study.scale_reference_findings(results, ["big"])
+    f1 = result.baselines["macro_f1"].iloc[0]
+    assert "**big** reaches macro-F1 0.900 [0.850, 0.950] on 14 builtin items" in line
+    assert f"against {f1:.3f} [" in line and "(book)" in line
+    assert line.endswith("do not overlap.") == (result.baselines["macro_f1_high"].iloc[0] < 0.85)
+    overlapping = {**results, "big": dataclasses.replace(result, model="big")}
+    assert setup_study.scale_reference_findings(overlapping, ["big"])[0].endswith("the intervals overlap.")
+
+
 def test_the_scale_reference_runs_in_the_full_preset_on_a_subset_of_the_books_items():
     full, quick = get_preset("full"), get_preset("quick")
     assert quick.scale_reference is None

@@ -322,6 +322,32 @@ def scale_reference_table(results: Mapping[str, SetupResult]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["model", "dataset"])
 
 
+def scale_reference_findings(results: Mapping[str, SetupResult], references: list[str]) -> list[str]:
+    """One summary line per reference model: its macro-F1 on the reference items against the best book model's
+    on the same items, and whether their intervals overlap."""
+    lines = []
+    for name in references:
+        for _, row in results[name].baselines.iterrows():
+            dataset = row["dataset"]
+            others = [
+                r.baselines.set_index("dataset").loc[dataset]
+                for m, r in results.items()
+                if m not in references and dataset in set(r.baselines["dataset"])
+            ]
+            if not others:
+                continue
+            best = max(others, key=lambda r: r["macro_f1"])
+            apart = row["macro_f1_low"] > best["macro_f1_high"] or row["macro_f1_high"] < best["macro_f1_low"]
+            lines.append(
+                f"- The scale reference **{name}** reaches macro-F1 "
+                f"{format_interval(row['macro_f1'], row['macro_f1_low'], row['macro_f1_high'])} on {row['n']} "
+                f"{dataset} items, against {format_interval(best['macro_f1'], best['macro_f1_low'], best['macro_f1_high'])}"
+                f" for the best book model ({best['model']}) on the same items; the intervals "
+                f"{'do not overlap' if apart else 'overlap'}."
+            )
+    return lines
+
+
 def confusion_matrices(results: Mapping[str, SetupResult]) -> dict[tuple[str, str], pd.DataFrame]:
     """`{(model, dataset): confusion matrix}` for the confusion grid."""
     return {(m, d): matrix for m, r in results.items() for d, matrix in r.confusions.items()}
