@@ -90,6 +90,12 @@ def restrict_labels(dataset: Dataset, labels: Sequence[str]) -> tuple[Dataset, p
     return dataset.select(mask.to_numpy().nonzero()[0].tolist()), excluded.astype(int)
 
 
+def first_by_key(ids: Sequence[str], positions: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """The `n` of `positions` whose ids rank first by sha256(seed:id): the one ranking every per-label sample uses,
+    so a smaller sample is always the head of a larger one."""
+    return sorted(positions, key=lambda k: seeded_key(seed, ids[k]))[:n]
+
+
 def stratified_subsample(dataset: Dataset, n_per_label: int, seed: int = 0) -> tuple[Dataset, pd.DataFrame]:
     """At most `n_per_label` rows per (split, label), chosen by sha256(seed:id); also return the counts.
 
@@ -99,12 +105,11 @@ def stratified_subsample(dataset: Dataset, n_per_label: int, seed: int = 0) -> t
     if n_per_label < 1:
         raise ValueError(f"n_per_label must be >= 1, got {n_per_label}")
     frame = dataset.select_columns(["label", "split", "id"]).to_pandas()
-    keys = [seeded_key(seed, row_id) for row_id in frame["id"]]
+    ids = list(frame["id"])
     chosen: list[int] = []
     counts = []
     for (split, label), group in frame.groupby(["split", "label"], sort=False):
-        ranked = sorted(group.index, key=keys.__getitem__)
-        taken = ranked[:n_per_label]
+        taken = first_by_key(ids, list(group.index), n_per_label, seed)
         chosen.extend(taken)
         counts.append(
             {

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from emolib import data
-from emolib.data.splits import seeded_key
+from emolib.data.splits import first_by_key
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
 from emolib.lm.models import LoadedModel
 from emolib.lm.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
@@ -104,11 +104,10 @@ def check_subset(items: EvalItems, per_label: int | None, seed: int = 0) -> Eval
     `items` itself when `per_label` is None or no label has more items than that."""
     if per_label is None or all(items.gold.count(label) <= per_label for label in items.labels):
         return items
-    rank = {i: seeded_key(seed, i) for i in items.ids}
     kept: list[int] = []
     for label in items.labels:
         positions = [k for k, g in enumerate(items.gold) if g == label]
-        kept.extend(sorted(positions, key=lambda k: rank[items.ids[k]])[:per_label])
+        kept.extend(first_by_key(items.ids, positions, per_label, seed))
     kept.sort()
     return dataclasses.replace(
         items,

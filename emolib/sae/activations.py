@@ -689,9 +689,8 @@ def extract_activations(
         if not isinstance(lm_or_model, LoadedModel):
             raise ValueError("model_name is required when passing a bare model")
         model_name = lm_or_model.info.name
-    model_name = keyed_name(
-        model_name, compute_dtype(model)
-    )  # activations computed in bf16 get their own keys
+    # activations computed in bfloat16 get their own keys
+    model_name = keyed_name(model_name, compute_dtype(model))
     if has_interventions(model):
         raise ValueError(
             "the model has hooks or SAEs attached; remove them (model.reset_hooks(), model.reset_saes())"

@@ -118,6 +118,7 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
     """Train (or reuse) the SAEs of every layer of `lm` and measure them on held-out text (`preset` names the
     cache folder: a preset's chapters share one suite)."""
     name = lm.info.name
+    precision = compute_dtype(lm.model)  # SAEs train, and are measured, in the precision the forwards use
     hooks = list(resid_hooks(lm.info.n_layers))
     extraction = dataclasses.replace(config.extraction, hooks=tuple(hooks))
     corpus = build_corpus(lm.tokenizer, lm.info.chat, config.corpus)
@@ -139,7 +140,7 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         activation_key=store.key,
         metadata={"model_name": name},
         name=name,
-        precision=compute_dtype(lm.model),  # SAEs train in the precision the model's forwards use
+        precision=precision,
     )
     saes = load_saes(folder)
 
@@ -152,8 +153,8 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         "batch_size": config.eval_batch_size,
         "seed": config.seed,
     }
-    if compute_dtype(lm.model) != torch.float32:  # quality measured through bf16 forwards is another number
-        eval_settings["precision"] = dtype_name(compute_dtype(lm.model))
+    if precision != torch.float32:  # quality measured through bf16 forwards is another number
+        eval_settings["precision"] = dtype_name(precision)
 
     def evaluate(tmp: Path) -> None:
         tokens, mask, keep = evaluation_batch(

@@ -84,7 +84,7 @@ FULL_SUITE = SuiteConfig()
 
 
 #: The scale reference (chapter 0): ISEAR's first 40 test items per label of the book's sample (the same items for
-#: every model), restricted scoring only. A 1.5B-parameter forward costs about ten times SmolLM2's, so no
+#: every model), restricted scoring only. Its forward costs about eight times SmolLM2's (measured per item), so no
 #: generation, label-order or scoring checks. Not in the quick preset (loading the model alone takes minutes).
 SCALE_REFERENCE = SetupConfig(
     preset="full",
