@@ -5,6 +5,7 @@ emolib book --chapters 00_setup -p n_items=20   # one chapter with an override, 
 emolib book --render-only                       # re-render from _build/executed/ (refuses stale notebooks)
 emolib readme                                   # rewrite the README block from _build/results/*.json
 emolib compare OLD NEW                          # compare two builds' results, number by number
+emolib costs                                    # what the build cost: chapter times, cache build times per model
 """
 
 from __future__ import annotations
@@ -75,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6)")
     compare.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance (default 1e-9)")
     compare.add_argument("--limit", type=int, default=30, help="differences listed per kind (default 30)")
+
+    costs = commands.add_parser(
+        "costs",
+        help="what a build cost: each chapter's run time and each cached artefact's build time per model",
+        description="Read the executed chapters' stamps and the cache manifests (also of an interrupted build).",
+    )
+    costs.add_argument("--cache-dir", type=Path, help="default: $EMOLIB_CACHE_DIR or .cache/emolib")
+    costs.add_argument(
+        "--build-dir", type=Path, help="default: $EMOLIB_BUILD_DIR or _build (its executed/ chapters)"
+    )
+    costs.add_argument(
+        "--since", type=float, metavar="UNIX_TIME", help="only cache entries written at or after this time"
+    )
     return parser
 
 
@@ -119,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(comparison.report(limit=args.limit))
         return 0 if comparison.same else 1
+    if args.command == "costs":
+        from emolib.cache import build_dir, cache_dir
+        from emolib.pipeline.costs import report
+
+        print(report(args.cache_dir or cache_dir(), args.build_dir or build_dir(), since=args.since))
+        return 0
     return 2
 
 
