@@ -227,6 +227,60 @@ def paired_difference(
     return interval_from_draws(point(pred_b) - point(pred_a), value(counts_b) - value(counts_a), level)
 
 
+def recognition(
+    y_true: Sequence[str],
+    y_pred: Sequence[str],
+    labels: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per label: recall with its interval, the prediction share, and whether the label is *recognised*.
+
+    A label prior alone gives a label the same answer rate whatever the gold label is, so recall is compared with
+    the rate at which the label is answered for items of the other labels (`false_rate`): the label is recognised
+    when the interval of `excess = recall - false_rate` lies above 0. Comparing recall with 1/L instead would call
+    a label recognised by a model that answers it for every item. A label with no gold items, or no items of the
+    other labels, cannot be judged (`recognised` is False and `excess` NaN).
+    """
+    labels = tuple(labels)
+    gold = _indices(y_true, labels, "y_true")
+    pred = _indices(y_pred, labels, "y_pred")
+    k = len(labels)
+    point = np.zeros((k, k))
+    np.add.at(point, (gold, pred), 1)
+    counts = np.concatenate([point[None], bootstrap_counts(y_true, y_pred, labels, n_boot, seed)])
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hits = np.diagonal(counts, axis1=-2, axis2=-1)
+        n_gold = counts.sum(axis=-1)
+        recall = hits / n_gold
+        false_rate = (counts.sum(axis=-2) - hits) / (counts.sum(axis=(-2, -1))[..., None] - n_gold)
+    excess = recall - false_rate
+    tail = (1 - level) / 2
+    rows = []
+    for j, label in enumerate(labels):
+        judged = n_gold[0, j] > 0 and n_gold[0, j] < len(gold)
+        recall_ci = np.nanquantile(recall[1:, j], [tail, 1 - tail]) if judged else (np.nan, np.nan)
+        excess_ci = np.nanquantile(excess[1:, j], [tail, 1 - tail]) if judged else (np.nan, np.nan)
+        rows.append(
+            {
+                "label": label,
+                "n": int(n_gold[0, j]),
+                "recall": float(recall[0, j]) if judged else float("nan"),
+                "recall_low": float(recall_ci[0]),
+                "recall_high": float(recall_ci[1]),
+                "false_rate": float(false_rate[0, j]) if judged else float("nan"),
+                "excess": float(excess[0, j]) if judged else float("nan"),
+                "excess_low": float(excess_ci[0]),
+                "excess_high": float(excess_ci[1]),
+                "share": float((pred == j).mean()),
+                "recognised": bool(judged and excess_ci[0] > 0),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def agreement_rate(a: Sequence[object], b: Sequence[object], n_boot: int = 2000, seed: int = 0) -> Estimate:
     """Share of items on which two label sequences agree, with a bootstrap interval."""
     same = np.array([x == y for x, y in zip(a, b, strict=True)], dtype=float)

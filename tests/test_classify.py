@@ -264,6 +264,8 @@ def test_empty_texts_raise_naming_their_positions(tiny_model, tiny_tokenizer, te
     clf = classifier(tiny_model, tiny_tokenizer, SINGLE)
     with pytest.raises(ValueError, match=rf"positions {re.escape(positions)} are empty"):
         clf.predict(texts)
+    # contextual calibration scores content-free inputs such as "" on purpose
+    assert clf.predict(texts, allow_empty=True).label_logprobs.shape == (3, 2)
 
 
 def test_no_texts_is_an_error(tiny_model, tiny_tokenizer):
@@ -443,9 +445,9 @@ def test_corrupted_cached_predictions_are_recomputed(tiny_model, tiny_tokenizer,
     calls = []
     real = EmotionClassifier.predict
 
-    def counting(self, texts):
+    def counting(self, texts, allow_empty=False):
         calls.append(len(texts))
-        return real(self, texts)
+        return real(self, texts, allow_empty)
 
     monkeypatch.setattr(EmotionClassifier, "predict", counting)
     again = cached_predict(clf, "tiny", IDS, TEXTS)

@@ -74,14 +74,15 @@ def test_setup_study_is_cached_and_its_summary_reads_the_result(
     tiny_lm, tmp_cache, builtin_only, monkeypatch
 ):
     first = run_setup(tiny_lm, TINY_SETUP)
-    monkeypatch.setattr(EmotionClassifier, "predict", lambda self, texts: pytest.fail("predicted again"))
+    monkeypatch.setattr(EmotionClassifier, "predict", lambda self, texts, *_: pytest.fail("predicted again"))
     monkeypatch.setattr(setup_study, "_run", lambda *args: pytest.fail("the study ran again"))
     again = run_setup(tiny_lm, TINY_SETUP)
     assert again.to_json() == first.to_json()
     lines = first.findings("builtin")
     accuracy = first.baselines["accuracy"].iloc[0]
     assert f"with accuracy {accuracy:.3f} [" in lines[0]
-    assert "on builtin" in lines[2]
+    assert lines[1].startswith("  Removing the label prior") and "Emotions recognised on builtin" in lines[2]
+    assert "Shuffling the label list" in lines[-1] and "on builtin" in lines[-1]
     text = setup_study.setup_findings({"tiny-setup": first}, TINY_SETUP)
     assert "Preset `test`" in text, "a run that is not the full preset says it is not evidence"
 
@@ -179,7 +180,8 @@ def test_a_run_without_checks_has_no_order_or_scoring_rows_and_still_summarises(
     assert result.label_order.empty and result.scoring == {}
     assert result.agreements == {"builtin": None} and "parsed" not in result.baselines
     lines = result.findings("builtin")
-    assert len(lines) == 1 and "with accuracy" in lines[0]  # no generation or shuffling line to make up
+    assert len(lines) == 3 and "with accuracy" in lines[0]  # no generation or shuffling line to make up
+    assert "calibration" in lines[1] and "recognised" in lines[2]
     again = round_trip(result)
     assert plain(again.to_json()) == plain(result.to_json())
     table = setup_study.scale_reference_table({"tiny-setup": result})
@@ -221,3 +223,30 @@ def test_the_scale_reference_runs_in_the_full_preset_on_a_subset_of_the_books_it
         full.setup.baseline.sample_seed,
     )
     assert reference.baseline.n_per_label < full.setup.baseline.n_per_label
+
+
+def test_setup_calibrates_every_dataset_without_labels(tiny_lm, tmp_cache, builtin_only):
+    """Zero-shot, contextual and batch rows per dataset; their changes are paired with zero-shot on the same items."""
+    result = run_setup(tiny_lm, TINY_SETUP)
+    methods = result.calibration["builtin"]
+    assert list(methods) == ["zero-shot", "contextual", "batch"]
+    assert methods["zero-shot"]["summary"] == result.summaries["builtin"]["summary"]
+    assert methods["zero-shot"]["delta_macro_f1"] is None and methods["zero-shot"]["prior"] is None
+    for method in ("contextual", "batch"):
+        c = methods[method]
+        change = c["summary"]["macro_f1"]["value"] - methods["zero-shot"]["summary"]["macro_f1"]["value"]
+        assert c["delta_macro_f1"]["value"] == pytest.approx(change)
+        assert c["delta_macro_f1"]["low"] <= c["delta_macro_f1"]["value"] <= c["delta_macro_f1"]["high"]
+        assert sum(c["prior"].values()) == pytest.approx(1) and len(c["recognition"]) == 7
+    table = result.calibration_rows()
+    assert list(table["method"]) == ["zero-shot", "contextual", "batch"]
+    assert table["recognised"].str.endswith("of 7").all()
+    recognition = result.recognition_rows()
+    assert (
+        len(recognition) == 3 * 7
+        and recognition["share"].groupby(recognition["method"]).sum().round(6).eq(1).all()
+    )
+    row = result.readme_rows()[0]
+    assert row["macro-F1, contextual calibration"].count("[") == 1 and row["recognised (zero-shot)"].endswith(
+        "of 7"
+    )

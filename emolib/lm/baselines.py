@@ -13,10 +13,17 @@ import pandas as pd
 
 from emolib import data
 from emolib.data.splits import first_by_key
+from emolib.lm.calibration import (
+    CONTENT_FREE_TEXTS,
+    answers,
+    batch_calibrated,
+    content_free_prior,
+    contextual_calibrated,
+)
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier, Predictions, cached_predict
 from emolib.lm.models import LoadedModel
 from emolib.lm.prompts import PromptTemplate, build_prompt, shuffled_order, template_for
-from emolib.stats import Estimate, Summary, agreement_rate, paired_difference, summarize
+from emolib.stats import Estimate, Summary, agreement_rate, paired_difference, recognition, summarize
 
 
 @dataclass(frozen=True)
@@ -283,3 +290,68 @@ def scoring_check(
         "accuracy, sequence scoring": delta.value + reference.summary.accuracy.value,
         "accuracy change [95% CI]": str(delta),
     }
+
+
+@dataclass
+class CalibratedBaseline:
+    """Zero-shot answers of one model and dataset after a label-prior correction (`method`): the summary, the paired
+    change of accuracy and macro-F1 against zero-shot on the same items, per-label recognition
+    (`emolib.stats.recognition`) and the prior the method removed (label -> probability; None for zero-shot)."""
+
+    method: str
+    summary: Summary
+    delta_accuracy: Estimate | None
+    delta_macro_f1: Estimate | None
+    recognition: pd.DataFrame
+    prior: dict[str, float] | None
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "summary": self.summary.as_dict(),
+            "delta_accuracy": None if self.delta_accuracy is None else self.delta_accuracy.as_dict(),
+            "delta_macro_f1": None if self.delta_macro_f1 is None else self.delta_macro_f1.as_dict(),
+            "recognition": self.recognition.to_dict(orient="records"),
+            "prior": self.prior,
+        }
+
+
+def calibrate(
+    lm: LoadedModel, items: EvalItems, config: BaselineConfig, reference: BaselineResult
+) -> dict[str, CalibratedBaseline]:
+    """The reference run's answers as they are ("zero-shot") and under contextual and batch calibration
+    (`emolib.lm.calibration`), on the same items; no gold label enters a correction.
+
+    Contextual calibration scores the content-free inputs with the reference's prompt (three extra prompts, cached);
+    batch calibration estimates the prior from the evaluated items themselves, once, outside the bootstrap.
+    """
+    labels, gold = items.labels, items.gold
+    no_generation = ClassifierConfig(**{**config.classifier.__dict__, "generate": False})
+    classifier = make_classifier(lm, labels, items.dataset, no_generation)
+    free_ids = [f"content-free:{i}" for i in range(len(CONTENT_FREE_TEXTS))]
+    free = cached_predict(
+        classifier, lm.info.name, free_ids, list(CONTENT_FREE_TEXTS), allow_empty=True
+    ).label_probs
+    probs = reference.predictions.label_probs
+    zero_shot = reference.predictions.predicted
+    boot = {"n_boot": config.n_boot}
+    out = {
+        "zero-shot": CalibratedBaseline(
+            "zero-shot", reference.summary, None, None, recognition(gold, zero_shot, labels, **boot), None
+        )
+    }
+    corrected = {
+        "contextual": (contextual_calibrated(probs, free), content_free_prior(free)),
+        "batch": (batch_calibrated(probs), probs.mean(axis=0)),
+    }
+    for method, (scores, prior) in corrected.items():
+        predicted = answers(scores, labels)
+        out[method] = CalibratedBaseline(
+            method=method,
+            summary=summarize(gold, predicted, labels, **boot),
+            delta_accuracy=paired_difference(gold, zero_shot, predicted, labels, "accuracy", **boot),
+            delta_macro_f1=paired_difference(gold, zero_shot, predicted, labels, "macro_f1", **boot),
+            recognition=recognition(gold, predicted, labels, **boot),
+            prior={label: float(p) for label, p in zip(labels, prior, strict=True)},
+        )
+    return out

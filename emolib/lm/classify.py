@@ -202,12 +202,15 @@ class EmotionClassifier:
                 self.stop_ids.add(ids[0])
 
     @torch.inference_mode()
-    def predict(self, texts: list[str]) -> Predictions:
-        """Restricted scores (and generations, if configured) for every text, in input order."""
+    def predict(self, texts: list[str], allow_empty: bool = False) -> Predictions:
+        """Restricted scores (and generations, if configured) for every text, in input order.
+
+        An empty text is refused (a data error) unless `allow_empty`: contextual calibration scores "" on purpose.
+        """
         if not texts:
             raise ValueError("predict() needs at least one text")
         empty = [i for i, t in enumerate(texts) if not t or not t.strip()]
-        if empty:
+        if empty and not allow_empty:
             raise ValueError(
                 f"texts at positions {empty[:10]} are empty; drop or fix them before classifying"
             )
@@ -350,19 +353,23 @@ def prompt_fingerprint(classifier: EmotionClassifier) -> tuple:
 
 
 def cached_predict(
-    classifier: EmotionClassifier, model_name: str, ids: list[str], texts: list[str]
+    classifier: EmotionClassifier,
+    model_name: str,
+    ids: list[str],
+    texts: list[str],
+    allow_empty: bool = False,
 ) -> Predictions:
-    """`classifier.predict(texts)`, stored on disk under a key of everything that determines the result.
+    """`classifier.predict(texts, allow_empty)`, stored on disk under a key of everything that determines the result.
 
     Runs with hooks or SAEs attached are computed, never cached.
     """
     if has_interventions(classifier.model):
-        return classifier.predict(texts)
+        return classifier.predict(texts, allow_empty)
     model_name = keyed_name(model_name, compute_dtype(classifier.model))  # bf16 numbers get their own keys
     folder = cache_dir("predictions") / f"{model_name}-{predictions_key(model_name, classifier, ids, texts)}"
 
     def build(tmp: Path) -> None:
-        predictions = classifier.predict(texts)
+        predictions = classifier.predict(texts, allow_empty)
         payload = {
             "labels": list(predictions.labels),
             "label_logprobs": predictions.label_logprobs.tolist(),

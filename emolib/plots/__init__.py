@@ -4,7 +4,13 @@ One module per chapter (`baselines`, `flow`, `features`, `tracing`, `saes`) and 
 every figure function is importable from here.
 """
 
-from emolib.plots.baselines import confusion_grid, label_order_effects, metric_intervals, per_class_f1
+from emolib.plots.baselines import (
+    calibration_effects,
+    confusion_grid,
+    label_order_effects,
+    metric_intervals,
+    per_class_f1,
+)
 from emolib.plots.features import (
     coactivation_figure,
     counts_figure,
@@ -21,6 +27,7 @@ from emolib.plots.tracing import effect_curves, k50_intervals, matrix_heatmap, p
 
 __all__ = [
     "boundary_frequency",
+    "calibration_effects",
     "coactivation_figure",
     "colour",
     "confusion_grid",

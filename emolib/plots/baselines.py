@@ -155,3 +155,44 @@ def label_order_effects(table: pd.DataFrame) -> Figure:
     ax.invert_yaxis()
     ax.set_xlabel("accuracy (shuffled order) - accuracy (listed order)")
     return fig
+
+
+def calibration_effects(table: pd.DataFrame) -> Figure:
+    """Macro-F1 change from removing the label prior (paired 95% interval): one row per model and dataset, one
+    marker per calibration (circle: contextual, square: batch), coloured by model.
+
+    `table` has columns model, dataset, method, delta_macro_f1, delta_low, delta_high (`calibration_rows`); the
+    zero-shot rows (no change) are left out.
+    """
+    shown = table[table["method"] != "zero-shot"]
+    runs = list(dict.fromkeys(zip(shown["model"], shown["dataset"], strict=True)))
+    methods = list(dict.fromkeys(shown["method"]))
+    markers = dict(zip(methods, "osD^v", strict=False))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(runs) + 1.4))
+    step = 0.5 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        for i, (model, dataset) in enumerate(runs):
+            row = shown[
+                (shown["model"] == model) & (shown["dataset"] == dataset) & (shown["method"] == method)
+            ]
+            if row.empty:
+                continue
+            row = row.iloc[0]
+            ax.errorbar(
+                row["delta_macro_f1"],
+                i + (k - (len(methods) - 1) / 2) * step,
+                xerr=[
+                    [row["delta_macro_f1"] - row["delta_low"]],
+                    [row["delta_high"] - row["delta_macro_f1"]],
+                ],
+                fmt=markers[method],
+                capsize=3,
+                color=colour(model, i),
+                label=method if i == 0 else None,
+            )
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(np.arange(len(runs)), [f"{m} / {d}" for m, d in runs], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("macro-F1 (calibrated) - macro-F1 (zero-shot)")
+    ax.legend(title="calibration", fontsize=8, loc="best")
+    return fig

@@ -1,5 +1,6 @@
-"""Chapter 0: each model's zero-shot emotion recognition on every dataset, how it reads the answer, and whether the
-order of the label list moves it."""
+"""Chapter 0: each model's zero-shot emotion recognition on every dataset, how much of it a label prior explains
+(contextual and batch calibration, per-label recognition), how it reads the answer, and whether the order of the
+label list moves it."""
 
 from __future__ import annotations
 
@@ -14,19 +15,21 @@ from emolib.cache import pairs_digest
 from emolib.lm.baselines import (
     BaselineConfig,
     EvalItems,
+    calibrate,
     evaluation_items,
     label_order_check,
     make_classifier,
     run_baseline,
     scoring_check,
 )
+from emolib.lm.calibration import CALIBRATIONS
 from emolib.lm.models import LoadedModel, load_model
 from emolib.stats import Estimate, confusion, format_interval
 from emolib.studies.base import cached_result, records, table
 from emolib.verdicts import preset_note
 
 #: Bump when the setup study's numbers change meaning, so cached results are recomputed.
-SETUP_VERSION = "1"
+SETUP_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ class SetupResult:
     """One model's baselines: a row per dataset (`BaselineResult.row`), each dataset's summary (per-class F1 with
     intervals, prediction shares), its row-normalised confusion matrix and the generation agreement interval; the
     label-order check (a row per order) and the scoring check on the order dataset; the model's facts and the
-    rendered prompt of the order dataset's first item."""
+    rendered prompt of the order dataset's first item. `calibration[dataset][method]` holds the zero-shot answers
+    and their contextual and batch calibrations (`CalibratedBaseline.as_dict`: summary, paired changes,
+    per-label recognition, the prior removed)."""
 
     study: ClassVar[str] = "setup"
 
@@ -114,6 +119,7 @@ class SetupResult:
     label_order: pd.DataFrame
     scoring: dict[str, Any]
     example_prompt: str
+    calibration: dict[str, dict[str, dict[str, Any]]]
 
     def to_json(self) -> dict[str, Any]:
         rows = records(self.baselines, index=False)
@@ -125,6 +131,7 @@ class SetupResult:
             "label_order": records(self.label_order, index=False),
             "scoring_check": self.scoring,
             "example_prompt": self.example_prompt,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -147,6 +154,7 @@ class SetupResult:
             label_order=table(payload["label_order"]),
             scoring=dict(payload["scoring_check"]),
             example_prompt=payload["example_prompt"],
+            calibration=dict(payload["calibration"]),
         )
 
     # ------------------------------------------------------------------------------------------- views
@@ -186,6 +194,70 @@ class SetupResult:
             ]
         )
 
+    def calibration_rows(self) -> pd.DataFrame:
+        """Per dataset and method (zero-shot, contextual, batch): accuracy and macro-F1 with intervals, the paired
+        change of macro-F1 against zero-shot, the top label's share and how many labels are recognised."""
+        rows = []
+        for d, methods in self.calibration.items():
+            for method, c in methods.items():
+                summary, delta = c["summary"], c["delta_macro_f1"]
+                rows.append(
+                    {
+                        "model": self.model,
+                        "dataset": d,
+                        "method": method,
+                        "accuracy [95% CI]": _estimate_text(summary["accuracy"]),
+                        "macro-F1 [95% CI]": _estimate_text(summary["macro_f1"]),
+                        "macro-F1 change [paired 95% CI]": ""
+                        if delta is None
+                        else _estimate_text(delta, True),
+                        "delta_macro_f1": None if delta is None else delta["value"],
+                        "delta_low": None if delta is None else delta["low"],
+                        "delta_high": None if delta is None else delta["high"],
+                        "top label share": max(summary["prediction_shares"].values()),
+                        "recognised": f"{sum(r['recognised'] for r in c['recognition'])} of {len(c['recognition'])}",
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def recognition_rows(self) -> pd.DataFrame:
+        """Per dataset, method and label: recall with its interval, the rate the label is answered for items of
+        other labels, their difference with its interval, the label's answer share, and whether it is recognised."""
+        return pd.DataFrame(
+            [
+                {"model": self.model, "dataset": d, "method": method, **row}
+                for d, methods in self.calibration.items()
+                for method, c in methods.items()
+                for row in c["recognition"]
+            ]
+        )
+
+    def _calibration_lines(self, order_dataset: str) -> list[str]:
+        """How much calibration moves macro-F1 across datasets, and which emotions the order dataset's answers
+        recognise with and without it."""
+        parts = []
+        for method in CALIBRATIONS:
+            deltas = [c[method]["delta_macro_f1"] for c in self.calibration.values()]
+            up = sum(e["low"] > 0 for e in deltas)
+            down = sum(e["high"] < 0 for e in deltas)
+            mean = sum(e["value"] for e in deltas) / len(deltas)
+            parts.append(
+                f"{method} calibration changes macro-F1 by {mean:+.3f} on average, above zero (paired 95% interval) "
+                f"on {up} and below zero on {down} of {len(deltas)} datasets"
+            )
+        labels = [r["label"] for r in self.calibration[order_dataset]["zero-shot"]["recognition"]]
+        recognised = {m: self.recognised(order_dataset, m) for m in ("zero-shot", *CALIBRATIONS)}
+        listed = "; ".join(f"{m}: {len(v)} ({', '.join(v) or 'none'})" for m, v in recognised.items())
+        return [
+            "  Removing the label prior without gold labels: " + "; ".join(parts) + ".",
+            f"  Emotions recognised on {order_dataset} (recall above the rate the label is given to other emotions' "
+            f"items), of {len(labels)}: {listed}.",
+        ]
+
+    def recognised(self, dataset: str, method: str = "zero-shot") -> list[str]:
+        """The labels `method`'s answers recognise on `dataset` (recall above the label's false-answer rate)."""
+        return [r["label"] for r in self.calibration[dataset][method]["recognition"] if r["recognised"]]
+
     def readme_rows(self, chapter: str = "00 baselines") -> list[dict[str, Any]]:
         """The README rows: accuracy and macro-F1 with intervals per dataset."""
         return [
@@ -197,6 +269,13 @@ class SetupResult:
                 "accuracy [95% CI]": _estimate_text(s["summary"]["accuracy"]),
                 "macro-F1 [95% CI]": _estimate_text(s["summary"]["macro_f1"]),
                 "chance": f"{s['summary']['chance_uniform']:.3f}",
+                **{
+                    f"macro-F1, {method} calibration": _estimate_text(
+                        self.calibration[d][method]["summary"]["macro_f1"]
+                    )
+                    for method in CALIBRATIONS
+                },
+                "recognised (zero-shot)": f"{len(self.recognised(d))} of {len(s['summary']['labels'])}",
             }
             for d, s in self.summaries.items()
         ]
@@ -214,6 +293,7 @@ class SetupResult:
             f"(chance {best['chance']:.3f}). On average {sub['top_prediction_share'].mean():.0%} of its predictions "
             f"go to its most frequent answer."
         ]
+        lines += self._calibration_lines(order_dataset)
         if "parsed" in sub:  # generated
             agreed = sum(
                 e.value * self.summaries[d]["summary"]["n"]
@@ -235,8 +315,8 @@ class SetupResult:
         return lines
 
 
-def _estimate_text(estimate: Mapping[str, float]) -> str:
-    return format_interval(estimate["value"], estimate["low"], estimate["high"])
+def _estimate_text(estimate: Mapping[str, float], signed: bool = False) -> str:
+    return format_interval(estimate["value"], estimate["low"], estimate["high"], signed=signed)
 
 
 def setup_findings(results: Mapping[str, SetupResult], config: SetupConfig) -> str:
@@ -277,6 +357,10 @@ def _run(lm: LoadedModel, config: SetupConfig, items: Mapping[str, EvalItems]) -
         label_order=order,
         scoring=scoring,
         example_prompt=parts.render(example.texts[0]),
+        calibration={
+            d: {method: c.as_dict() for method, c in calibrate(lm, items[d], baseline, r).items()}
+            for d, r in results.items()
+        },
     )
 
 
