@@ -178,7 +178,9 @@ def test_run_baseline_end_to_end(tiny_lm, tmp_cache, monkeypatch):
     assert row["top_prediction_share"] == max(summary.prediction_shares.values())
     # the run is cached: a second one does not classify again
     assert len(list((tmp_cache / "predictions").iterdir())) == 1
-    monkeypatch.setattr(EmotionClassifier, "predict", lambda self, texts, *_: pytest.fail("predict() ran again"))
+    monkeypatch.setattr(
+        EmotionClassifier, "predict", lambda self, texts, *_: pytest.fail("predict() ran again")
+    )
     again = run_baseline(tiny_lm, items, RUN)
     np.testing.assert_array_equal(again.predictions.label_logprobs, p.label_logprobs)
     assert again.summary.accuracy == summary.accuracy

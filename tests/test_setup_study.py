@@ -12,6 +12,7 @@ from conftest import tiny_loaded
 
 from emolib.lm.baselines import BaselineConfig
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier
+from emolib.lm.models import BOOK_MODELS, MODELS
 from emolib.pipeline.book import PRESETS as BOOK_PRESETS
 from emolib.sae.suite import SuiteConfig
 from emolib.studies import setup as setup_study
@@ -19,7 +20,7 @@ from emolib.studies.base import combined, plain
 from emolib.studies.features import FeaturesConfig
 from emolib.studies.flow import FlowConfig
 from emolib.studies.items import AnalysisConfig
-from emolib.studies.presets import PRESETS, get_preset
+from emolib.studies.presets import PRESETS, QUICK_MODELS, get_preset
 from emolib.studies.saes import SAEReport, cost_table, run_saes
 from emolib.studies.setup import SetupConfig, dataset_items, dataset_overview, run_setup
 from emolib.studies.tracing import TracingConfig
@@ -131,6 +132,9 @@ def test_the_presets_registry_holds_every_study():
     assert (full.flow, full.features, full.tracing) == (FlowConfig(), FeaturesConfig(), TracingConfig())
     assert full.suite == SuiteConfig() and full.items == AnalysisConfig()
     assert set(PRESETS) == set(BOOK_PRESETS)
+    # a chapter's models: its parameter, else the preset's (quick: the two smallest), else the book's
+    assert full.model_names() == list(BOOK_MODELS) and full.model_names(["m"]) == ["m"]
+    assert get_preset("quick").model_names() == list(QUICK_MODELS) and set(QUICK_MODELS) <= set(MODELS)
     assert (
         get_preset("quick").suite.training.total_training_samples
         < get_preset("full").suite.training.total_training_samples

@@ -8,10 +8,12 @@ config's defaults are the full preset, so `full` lists only what the studies sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emolib.lm.baselines import BaselineConfig
 from emolib.lm.classify import ClassifierConfig
+from emolib.lm.models import book_models
 from emolib.methods.probes import ProbeConfig
 from emolib.methods.selectivity import SelectivityConfig
 from emolib.methods.tracing import TracerConfig
@@ -44,6 +46,12 @@ class Preset:
     tracing: TracingConfig
     #: The scale reference's baselines (chapter 0; None: not run in this preset).
     scale_reference: SetupConfig | None = None
+    #: The models a chapter runs when its `models` parameter is None (None: the book's, `BOOK_MODELS`).
+    models: tuple[str, ...] | None = None
+
+    def model_names(self, models: Sequence[str] | None = None) -> list[str]:
+        """A chapter's models: `models` as given, else this preset's, else the book's."""
+        return book_models(models if models is not None else self.models)
 
     @property
     def suite(self) -> SuiteConfig:
@@ -83,6 +91,10 @@ QUICK_SUITE = SuiteConfig(
 FULL_SUITE = SuiteConfig()
 
 
+#: The quick preset's models: the two smallest book models, a chat and a base model of two families, so that CI
+#: runs every chapter's multi-model path within its budget. The full preset runs every book model.
+QUICK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m")
+
 #: The scale reference (chapter 0): ISEAR's first 40 test items per label of the book's sample (the same items for
 #: every model), restricted scoring only. Its forward costs about eight times SmolLM2's (measured per item), so no
 #: generation, label-order or scoring checks. Not in the quick preset (loading the model alone takes minutes).
@@ -104,6 +116,7 @@ def _preset(
     features: dict,
     tracing: dict,
     scale_reference: SetupConfig | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> Preset:
     """One preset: every analysis study reads the same `items` and `suite`, keyed under `name`."""
     shared = {"preset": name, "items": items, "saes": suite}
@@ -116,6 +129,7 @@ def _preset(
         features=FeaturesConfig(**shared, **features),
         tracing=TracingConfig(**shared, **tracing),
         scale_reference=scale_reference,
+        models=models,
     )
 
 
@@ -144,6 +158,7 @@ PRESETS: dict[str, Preset] = {
             cross_k=4,
             n_boot=200,
         ),
+        models=QUICK_MODELS,
     ),
     # full: the book (chapter 2 is sized to about ten minutes per model on 2 CPU cores).
     "full": _preset(
