@@ -350,6 +350,11 @@ def test_mix_verdict_middle_cases():
     assert one_total.verdict == "partly" and one_total.numbers["p_shared"] == 0.5
     neither = mix_verdict(*mix_tables(0.1, 0.5, 4), 19)
     assert neither.verdict == "does not hold" and "neither total beats shuffled labels" in neither.reason
+    # the README's case before this rule: specific features beyond the null, none shared -> not "partly"
+    full, boot, null = mix_tables(0.05, 0.5, 0)
+    full.loc["any", ("n_shared", "observed")] = 0
+    none_shared = mix_verdict(full, boot, null, 19)
+    assert none_shared.verdict == "does not hold" and "no shared feature at all" in none_shared.reason
     few = mix_verdict(*mix_tables(0.05, 0.05, 4), 18)
     assert few.verdict == "inconclusive" and few.numbers["smallest_p"] == pytest.approx(1 / 19)
 

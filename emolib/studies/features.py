@@ -82,8 +82,9 @@ def mix_verdict(
     `full`: `NullSharedSpecific.summary` of the full-rule counts; `boot`: `shared_specific(sel, draws)`; and
     `boot_null`: the summary of the draws' criterion. Holds when the totals of specific and of shared features
     both beat the shuffled labels (permutation p <= `alpha`) and at least half the emotions have both kinds, each
-    with its bootstrap lower bound above the null's 95th percentile for that emotion; partly when only one total
-    beats the null, or fewer emotions have both; does not hold when neither total does. Inconclusive when
+    with its bootstrap lower bound above the null's 95th percentile for that emotion; partly when both kinds are
+    found and only one total beats the null, or fewer emotions have both; does not hold when neither total beats
+    the null or one kind is not found at all (a mix with nothing shared is no mix). Inconclusive when
     `n_shuffles` cannot give p <= `alpha`.
     """
     rule = "mix_verdict"
@@ -123,6 +124,11 @@ def mix_verdict(
     }
     if specific_p <= alpha and shared_p <= alpha and 2 * len(both) >= len(emotions):
         return Verdict("holds", f"{totals}; {per_emotion}", numbers, rule)
+    missing = [kind for kind in ("specific", "shared") if numbers[f"n_{kind}"] == 0]
+    if missing:  # a mix needs both kinds: many specific features and no shared one is not partly a mix
+        return Verdict(
+            "does not hold", f"{totals}: no {missing[0]} feature at all; {per_emotion}", numbers, rule
+        )
     if specific_p <= alpha or shared_p <= alpha:
         return Verdict("partly", f"{totals}; {per_emotion}", numbers, rule)
     return Verdict(
