@@ -140,6 +140,13 @@ def entry_meta(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / MANIFEST).read_text())["meta"]
 
 
+def entry_digest(folder: Path) -> str:
+    """A digest of an entry's content (its files' names and checksums from the manifest): two builds made the same
+    artefact exactly when their digests are equal, whatever their keys or build times."""
+    files = json.loads((Path(folder) / MANIFEST).read_text())["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def verify_entry(folder: Path) -> bool:
     """True if `folder` holds a complete entry whose files match the checksums in its manifest."""
     manifest_path = Path(folder) / MANIFEST

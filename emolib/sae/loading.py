@@ -38,8 +38,15 @@ def save_saes(saes: Mapping[str, SAE], folder: Path | str, *, index: Mapping[str
             sae.save_inference_model(folder / hook)
         else:
             sae.save_model(folder / hook)
+        _canonical_json(folder / hook / "cfg.json")
     write_json(folder / INDEX_FILE, {"format": SAE_FORMAT_VERSION, "hooks": list(saes), **dict(index or {})})
     return folder
+
+
+def _canonical_json(path: Path) -> None:
+    """Rewrite a JSON file with sorted keys: sae-lens writes its config's keys in an order that follows Python's
+    per-process string hashing, so the same SAE would otherwise be saved as different bytes by every process."""
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

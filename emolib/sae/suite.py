@@ -26,7 +26,15 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from emolib.cache import BUILD_SECONDS, cache_dir, cached_entry, config_key, entry_meta, write_json
+from emolib.cache import (
+    BUILD_SECONDS,
+    cache_dir,
+    cached_entry,
+    config_key,
+    entry_digest,
+    entry_meta,
+    write_json,
+)
 from emolib.lm.batching import pad_id, right_padded
 from emolib.lm.models import LoadedModel
 from emolib.lm.precision import compute_dtype, dtype_name
@@ -86,6 +94,13 @@ class SAESuite:
     training: SAETrainingConfig
     quality: pd.DataFrame
     timings: dict[str, float]
+    #: The cache entries of each stage ("extract", "train", "evaluate").
+    entries: dict[str, Path] = field(default_factory=dict)
+
+    def digests(self) -> dict[str, str]:
+        """Each stage's content digest (`emolib.cache.entry_digest`): equal digests mean bitwise-equal stored
+        activations, SAE weights and quality numbers (what "the same config gives the same numbers" checks)."""
+        return {stage: entry_digest(folder) for stage, folder in self.entries.items()}
 
     @property
     def missed(self) -> pd.DataFrame:
@@ -195,4 +210,5 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
             "train": entry_meta(folder)[BUILD_SECONDS],
             "evaluate": entry_meta(quality_folder)[BUILD_SECONDS],
         },
+        entries={"extract": store.folder, "train": folder, "evaluate": quality_folder},
     )
