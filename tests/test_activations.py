@@ -145,13 +145,13 @@ def test_last_mode_layouts_fall_back_to_equal_lengths():
     """Without a common prefix, or with padding wider than a local-attention window, prompts of equal length run
     together unpadded; otherwise `[common][pad...][rest]` with the last token in the last column."""
     seqs = [[5, 6, 7], [5, 6, 8, 9, 10], [5, 6]]
-    [(members, tokens, mask)] = activations._last_mode_layouts(seqs, 0, None)
-    assert members == [0, 1, 2]
+    [(members, tokens, mask, shared)] = activations._last_mode_layouts(seqs, 0, None)
+    assert members == [0, 1, 2] and shared == 1  # the first column runs once, into a key-value cache
     # the common prefix stops one short of the shortest prompt, so every prompt's last token is in the last column
     assert tokens.tolist() == [[5, 0, 0, 6, 7], [5, 6, 8, 9, 10], [5, 0, 0, 0, 6]]
     assert mask.tolist() == [[1, 0, 0, 1, 1], [1, 1, 1, 1, 1], [1, 0, 0, 0, 1]]
     groups = list(activations._last_mode_layouts(seqs, 0, 4))  # window 4 < width 5
-    assert [g[0] for g in groups] == [[2], [0], [1]] and all(bool(g[2].all()) for g in groups)
+    assert [g[0] for g in groups] == [[2], [0], [1]] and all(bool(g[2].all()) and g[3] == 0 for g in groups)
     groups = list(activations._last_mode_layouts([[1, 2], [3, 4, 5], [6, 7]], 0, None))  # no common prefix
     assert [g[0] for g in groups] == [[0, 2], [1]]
 

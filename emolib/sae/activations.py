@@ -50,6 +50,8 @@ from emolib.lm.precision import compute_dtype, keyed_name
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
+#: The same for "last" mode only (2: the common prefix runs once into a key-value cache; rounding differs).
+LAST_MODE_VERSION = "2"
 
 Mode = Literal["last", "all"]
 MODES = ("last", "all")
@@ -154,7 +156,8 @@ def activation_key(
     model_name: str, config: ExtractionConfig, data_sha256: str, *, description: str, preset: str
 ) -> str:
     """Cache key: code version, model, result-relevant config (hooks included), data hash, description, preset."""
-    return config_key(CODE_VERSION, model_name, config.result_fields(), data_sha256, description, preset)
+    version = CODE_VERSION if config.mode == "all" else f"{CODE_VERSION}.{LAST_MODE_VERSION}"
+    return config_key(version, model_name, config.result_fields(), data_sha256, description, preset)
 
 
 def _folder_name(model_name: str, mode: str, key: str) -> str:
@@ -552,8 +555,9 @@ def _dropped_shared_prefix(
 
 def _last_mode_layouts(
     seqs: list[list[int]], pad: int, window: int | None
-) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    """(members, tokens, mask) for a batch of prompts, right-aligned so the last token is the last column.
+) -> Iterator[tuple[list[int], Tensor, Tensor, int]]:
+    """(members, tokens, mask, shared) for a batch of prompts, right-aligned so the last token is the last column;
+    the first `shared` columns are the batch's common prefix (0: none).
 
     `[common prefix][pad...][rest]` (`prefix_layout`, as `emolib.lm.classify` lays out its batches): padding
     queries see the (real) common prefix, real tokens never see padding, and mask-derived positions equal the
@@ -563,29 +567,37 @@ def _last_mode_layouts(
     lengths = [len(s) for s in seqs]
     if min(lengths) == max(lengths):
         tokens = torch.tensor(seqs)
-        yield list(range(len(seqs))), tokens, torch.ones_like(tokens)
+        yield list(range(len(seqs))), tokens, torch.ones_like(tokens), 0
         return
     # the shared prefix stops short of the shortest prompt: every prompt keeps at least its last token in `rest`
     common = min(common_prefix(seqs), min(lengths) - 1)
     if common >= 1 and padding_fits_window(window, max(lengths)):
         tokens, mask = prefix_layout(seqs[0][:common], [ids[common:] for ids in seqs], pad)
-        yield list(range(len(seqs))), tokens, mask
+        yield list(range(len(seqs))), tokens, mask, common
         return
     for length in sorted(set(lengths)):
         members = [i for i, n in enumerate(lengths) if n == length]
         tokens = torch.tensor([seqs[i] for i in members])
-        yield members, tokens, torch.ones_like(tokens)
+        yield members, tokens, torch.ones_like(tokens), 0
 
 
 def _last_mode_batch(
     model: HookedTransformer, hooks: Sequence[str], stop: int | None, seqs: list[list[int]], pad: int
 ) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
-    """(members, {hook: [len(members), d]}) at the last token of each prompt of a batch."""
-    for members, tokens, mask in _last_mode_layouts(seqs, pad, local_window(model.cfg)):
+    """(members, {hook: [len(members), d]}) at the last token of each prompt of a batch.
+
+    A batch's common prefix (the classification prompt's instruction) runs once, into a key-value cache that every
+    prompt of the batch reads, as the classifier does: only the rest of each prompt runs per row.
+    """
+    for members, tokens, mask, shared in _last_mode_layouts(seqs, pad, local_window(model.cfg)):
+        cache = None
+        if shared:
+            cache = expanded_cache(prefix_cache(model, tokens[0, :shared].tolist(), stop), len(members))
+            tokens, mask = tokens[:, shared:], mask[:, shared:]
         fwd_hooks, captured = _capturing(
             hooks, tuple(tokens.shape), lambda act: act[:, -1].flatten(1).clone()
         )
-        _forward(model, tokens, mask, fwd_hooks, stop)
+        _forward(model, tokens, mask, fwd_hooks, stop, cache)
         yield members, captured
 
 
