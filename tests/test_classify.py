@@ -538,3 +538,22 @@ def test_first_token_scoring_refuses_shared_first_tokens(tiny_model, tiny_tokeni
         classifier(tiny_model, tiny_tokenizer, EMOTIONS, scoring="first-token")
     with pytest.raises(ValueError, match="scoring must be one of"):
         classifier(tiny_model, tiny_tokenizer, SINGLE, scoring="best")
+
+
+def test_scores_read_from_the_last_residual_equal_predict(tiny_model, tiny_tokenizer):
+    """One pass that stores the last block's residual gives the classifier's answers (first-token scoring)."""
+    clf = classifier(tiny_model, tiny_tokenizer, SINGLE, generate=False)
+    expected = clf.predict(TEXTS)
+    resid = []
+    for text in TEXTS:
+        ids = clf.prefix_ids + encode_suffix(tiny_tokenizer, clf.parts, text, 256)[0]
+        _, cache = tiny_model.run_with_cache(
+            torch.tensor([ids]), names_filter=lambda n: n.endswith("resid_post")
+        )
+        resid.append(cache[f"blocks.{tiny_model.cfg.n_layers - 1}.hook_resid_post"][0, -1])
+    read = clf.predictions_from_residual(torch.stack(resid))
+    np.testing.assert_allclose(read.label_logprobs, expected.label_logprobs, atol=1e-4)
+    assert read.predicted == expected.predicted and read.scoring_mode == "first-token"
+    sequence = classifier(tiny_model, tiny_tokenizer, SINGLE, generate=False, scoring="sequence")
+    with pytest.raises(ValueError, match="first-token scoring only"):
+        sequence.predictions_from_residual(torch.stack(resid))

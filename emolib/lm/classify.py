@@ -242,6 +242,22 @@ class EmotionClassifier:
             predictions.generated_labels = [parse_label(g, self.parts.labels) for g in texts_out]
         return predictions
 
+    @torch.inference_mode()
+    def predictions_from_residual(self, resid: torch.Tensor, n_truncated: int = 0) -> Predictions:
+        """Restricted scores read from each prompt's residual after the last block at its last token (`[n, d_model]`,
+        what `predict` reads out), so that a pass which stores that residual needs no second pass. First-token
+        scoring only: sequence scoring runs further forwards over each verbaliser."""
+        if self.scoring_mode != "first-token":
+            raise ValueError(
+                f"scores can be read from the residual under first-token scoring only, not {self.scoring_mode!r}"
+            )
+        first = final_logprobs(self.model, torch.as_tensor(resid, dtype=torch.float32))
+        columns = [
+            [ids[0] for label, ids in self.sequences if label == j] for j in range(len(self.parts.labels))
+        ]
+        scores = torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in columns], dim=1)
+        return Predictions(self.parts.labels, scores.double().numpy(), self.scoring_mode, n_truncated)
+
     def prefix_cache(self) -> TransformerLensKeyValueCache:
         """The shared prefix's keys and values, computed once per call of `predict` (frozen)."""
         return prefix_cache(self.model, self.prefix_ids, self.model.cfg.n_layers)

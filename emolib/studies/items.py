@@ -112,11 +112,11 @@ def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig) -> Analys
     splits = np.array([s for s, items in zip(config.splits, parts_of_splits, strict=True) for _ in items.ids])
 
     classifier = make_classifier(lm, labels, dataset, config.classifier)
-    predictions = cached_predict(classifier, lm.info.name, ids, texts)
     parts = classifier.parts
     max_text = config.classifier.max_text_tokens
     prefix = encode_prefix(lm.tokenizer, parts)
-    prompts = [prefix + encode_suffix(lm.tokenizer, parts, text, max_text)[0] for text in texts]
+    suffixes = [encode_suffix(lm.tokenizer, parts, text, max_text) for text in texts]
+    prompts = [prefix + ids for ids, _ in suffixes]
     text_masks = [
         np.array([False] * len(prefix) + suffix_text_mask(lm.tokenizer, parts, text, max_text))
         for text in texts
@@ -136,6 +136,11 @@ def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig) -> Analys
         f"{dataclasses.asdict(config)}",
         preset=preset,
     )
+    if classifier.scoring_mode == "first-token":  # the answers are in the stored residual: no second pass
+        last = store.load(f"blocks.{lm.info.n_layers - 1}.hook_resid_post")
+        predictions = classifier.predictions_from_residual(last, sum(cut for _, cut in suffixes))
+    else:
+        predictions = cached_predict(classifier, lm.info.name, ids, texts)
     return AnalysisSet(
         model=lm.info.name,
         dataset=dataset,
