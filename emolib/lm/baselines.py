@@ -222,7 +222,7 @@ def label_order_check(
     """Re-run with the label list shuffled (one row per seed) on `check_subset(items, config.check_per_label)`:
     accuracy change with a paired bootstrap interval, how many predictions flip, and the share of predictions going
     to the label listed first."""
-    no_generation = ClassifierConfig(**{**config.classifier.__dict__, "generate": False})
+    no_generation = dataclasses.replace(config.classifier, generate=False)
     reference, items = _checked_items(items, config, reference)
     rows = []
     orders = [(None, items.labels)] + [(s, shuffled_order(items.labels, s)) for s in config.order_seeds]
@@ -275,7 +275,7 @@ def scoring_check(
     First-token scoring credits a label with every answer that starts like it; this measures how often that
     shortcut changes the prediction, and the accuracy change with a paired bootstrap interval.
     """
-    exact = ClassifierConfig(**{**config.classifier.__dict__, "generate": False, "scoring": "sequence"})
+    exact = dataclasses.replace(config.classifier, generate=False, scoring="sequence")
     reference, items = _checked_items(items, config, reference)
     classifier = make_classifier(lm, items.labels, items.dataset, exact)
     sequence = cached_predict(classifier, lm.info.name, items.ids, items.texts).predicted
@@ -326,7 +326,7 @@ def calibrate(
     batch calibration estimates the prior from the evaluated items themselves, once, outside the bootstrap.
     """
     labels, gold = items.labels, items.gold
-    no_generation = ClassifierConfig(**{**config.classifier.__dict__, "generate": False})
+    no_generation = dataclasses.replace(config.classifier, generate=False)
     classifier = make_classifier(lm, labels, items.dataset, no_generation)
     free_ids = [f"content-free:{i}" for i in range(len(CONTENT_FREE_TEXTS))]
     free = cached_predict(

@@ -93,9 +93,13 @@ class SAESuite:
     extraction: dict[str, Any]
     training: SAETrainingConfig
     quality: pd.DataFrame
-    timings: dict[str, float]
     #: The cache entries of each stage ("extract", "train", "evaluate").
-    entries: dict[str, Path] = field(default_factory=dict)
+    entries: dict[str, Path]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Each stage's build time in seconds, as its cache entry recorded it."""
+        return {stage: entry_meta(folder)[BUILD_SECONDS] for stage, folder in self.entries.items()}
 
     def digests(self) -> dict[str, str]:
         """Each stage's content digest (`emolib.cache.entry_digest`): equal digests mean bitwise-equal stored
@@ -205,10 +209,5 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         extraction={k: store.meta.get(k) for k in ("n_rows", "n_tokens", "dropped", "storage_dtype", "key")},
         training=training,
         quality=quality,
-        timings={
-            "extract": store.meta[BUILD_SECONDS],
-            "train": entry_meta(folder)[BUILD_SECONDS],
-            "evaluate": entry_meta(quality_folder)[BUILD_SECONDS],
-        },
         entries={"extract": store.folder, "train": folder, "evaluate": quality_folder},
     )

@@ -215,7 +215,7 @@ class SetupResult:
                         "delta_low": None if delta is None else delta["low"],
                         "delta_high": None if delta is None else delta["high"],
                         "top label share": max(summary["prediction_shares"].values()),
-                        "recognised": f"{sum(r['recognised'] for r in c['recognition'])} of {len(c['recognition'])}",
+                        "recognised": f"{len(self.recognised(d, method))} of {len(c['recognition'])}",
                     }
                 )
         return pd.DataFrame(rows)
