@@ -218,7 +218,7 @@ def test_qwen_registry_entries():
         assert spec.gguf_package == parts.requirement()
         assert not spec.prepends_bos  # Qwen adds no BOS (its GGUF names one)
     assert len({spec.colour for spec in MODELS.values()}) == len(MODELS)
-    assert not set(QWEN) & set(models.BOOK_MODELS)
+    assert set(QWEN) & set(models.BOOK_MODELS) == {"qwen2.5-coder-0.5b-instruct"}  # the 1.5B is the scale reference
 
 
 def test_tokenizer_without_bos_replaces_transformer_lens_one(tiny_tokenizer):
@@ -327,7 +327,7 @@ def qwen(request):
     n_params = sum(p.numel() for p in hf_model.parameters())
     del hf_model, outputs
     gc.collect()
-    lm = load_model(name)
+    lm = load_model(name, precision="float32")  # the conversion, not the precision (test_precision)
     yield name, lm, hf_tokenizer, prompts, reference, layer, n_params
     del lm
     gc.collect()

@@ -264,7 +264,7 @@ def real(request, tmp_path_factory):
     scratch = tmp_path_factory.mktemp(f"tmp-{name}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tempfile, "tempdir", str(scratch))
-        lm = load_model(name)
+        lm = load_model(name, precision="float32")  # the conversion, not the precision (test_precision)
         leftovers = sorted(p.name for p in scratch.iterdir())
     hf_model, hf_tokenizer = models.load_hf_model(name)
     return name, lm, hf_model, hf_tokenizer, leftovers

@@ -344,7 +344,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 #: The models every chapter runs by default (a chapter's `models` parameter overrides it): registered models only.
-BOOK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m")
+BOOK_MODELS: tuple[str, ...] = ("smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct")
 #: Larger models the setup chapter evaluates on ISEAR only, as the scale reference for the book models (their SAE
 #: stage does not fit the build's budget).
 SCALE_REFERENCE_MODELS: tuple[str, ...] = ("qwen2.5-coder-1.5b-instruct",)
