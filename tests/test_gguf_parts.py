@@ -218,7 +218,9 @@ def test_qwen_registry_entries():
         assert spec.gguf_package == parts.requirement()
         assert not spec.prepends_bos  # Qwen adds no BOS (its GGUF names one)
     assert len({spec.colour for spec in MODELS.values()}) == len(MODELS)
-    assert set(QWEN) & set(models.BOOK_MODELS) == {"qwen2.5-coder-0.5b-instruct"}  # the 1.5B is the scale reference
+    assert set(QWEN) & set(models.BOOK_MODELS) == {
+        "qwen2.5-coder-0.5b-instruct"
+    }  # the 1.5B is the scale reference
 
 
 def test_tokenizer_without_bos_replaces_transformer_lens_one(tiny_tokenizer):
