@@ -188,6 +188,17 @@ def offline_hub():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_forwards():
+    """Real models load in float32 in every test, so a test gives the same numbers on a CPU with bfloat16 units
+    (where "auto" picks bfloat16) as on one without; tests of the precision choice set it themselves."""
+    from emolib.lm.precision import PRECISION_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PRECISION_ENV, "float32")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def threads(request):
     """One thread for fast tests: the tiny models' matrices are so small that thread hand-offs dominate a forward
