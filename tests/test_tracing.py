@@ -9,6 +9,8 @@ sae-lens' own error-term splice, with manual hooks on full unpadded sequences, a
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -177,6 +179,7 @@ def test_ablating_the_planted_feature_removes_joy_and_random_features_do_nothing
     for phase in ("late", "all"):
         top1 = joy.loc[(phase, "zero", "top", 1)]
         assert top1["drop_prob"] > 0.5 and top1["drop_accuracy"] == 1.0 and top1["drop_margin"] > 3
+        assert top1["drop_gap"] > 3 and top1["drop_gap"] > 0.5 * top1["clean_gap"]
         assert top1["drop_prob_low"] > 0.5
         whole = joy.loc[(phase, "zero", "whole")].iloc[0]
         assert whole["drop_prob"] == pytest.approx(top1["drop_prob"], abs=0.05)
@@ -197,17 +200,21 @@ def test_ablating_the_planted_feature_removes_joy_and_random_features_do_nothing
 
 def test_k50_is_one_for_the_planted_emotion(traced):
     *_, curves, _ = traced
-    table = k50_table(curves, n_boot=200, min_effect=MIN_EFFECT).set_index(
-        ["emotion", "phase", "ablation", "metric"]
-    )
+    keys = ["emotion", "phase", "ablation", "metric"]
+    table = k50_table(curves, n_boot=200, min_effect=MIN_EFFECT, reference="whole").set_index(keys)
     for phase in ("late", "all"):
         for metric in ("prob", "margin", "accuracy"):
             row = table.loc[("joy", phase, "zero", metric)]
             assert (row["k50"], row["k50_low"], row["k50_high"]) == (1.0, 1.0, 1.0)
             assert row["whole_effect"] > 0 and row["undefined_share"] == 0
-    # no effect to halve: undefined
+    # no whole-phase effect to halve: undefined
     assert np.isnan(table.loc[("joy", "early", "zero", "prob"), "k50"])
     assert np.isnan(table.loc[("joy", "late", "mean", "prob"), "k50"])
+    # against the clean gap: one feature removes over half of joy's; layer 0 never does (not reached, not undefined)
+    clean = k50_table(curves, n_boot=200).set_index(keys)
+    assert clean.loc[("joy", "late", "zero", "gap"), "k50"] == 1.0
+    assert clean.loc[("joy", "late", "zero", "gap"), "reference_value"] > 0
+    assert clean.loc[("joy", "early", "zero", "gap"), "k50"] == np.inf
 
 
 def test_cross_emotion_ablating_joy_features_moves_every_item_away_from_joy(traced):
@@ -354,8 +361,9 @@ def test_feature_means_are_mean_activations_at_the_last_position(planted):
 # ------------------------------------------------------------------------------------------ attributions
 
 
-def margin_with_scaled_feature(classifier, sae, text, feature, scale, gold, positions="last") -> float:
-    """Gold margin when feature `feature`'s decoder contribution at the traced positions is multiplied by `scale`."""
+def gap_with_scaled_feature(classifier, sae, text, feature, scale, gold, positions="last") -> float:
+    """Gold gap (gold score minus the mean of the others) when feature `feature`'s decoder contribution at the
+    traced positions is multiplied by `scale`."""
     tokens, n_prefix = full_tokens(classifier, text)
     where = slice(-1, None) if positions == "last" else slice(n_prefix, None)
 
@@ -369,12 +377,12 @@ def margin_with_scaled_feature(classifier, sae, text, feature, scale, gold, posi
         logits = classifier.model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.metadata.hook_name, hook)])
     scores = label_scores(classifier, logits)
     j = classifier.parts.labels.index(gold)
-    return scores[j] - np.delete(scores, j).max()
+    return scores[j] - np.delete(scores, j).mean()
 
 
 @pytest.mark.parametrize("positions", ["last", "suffix"])
 def test_attribution_is_activation_times_gradient_of_the_true_model(tiny_model, tiny_tokenizer, positions):
-    """Finite differences of the margin in a feature's scale equal its attribution, with both layers spliced: the
+    """Finite differences of the gold gap in a feature's scale equal its attribution, with both layers spliced: the
     gradient reaches layer 0 through the identity of layer 1's splice (sae-lens' detached error term would route
     it through layer 1's reconstruction instead). A tracer holding layer 0's SAE alone agrees."""
     classifier = make_classifier(tiny_model, tiny_tokenizer)
@@ -384,27 +392,30 @@ def test_attribution_is_activation_times_gradient_of_the_true_model(tiny_model, 
     attributions = FeatureTracer(classifier, saes, config).attribute(texts, gold)
     alone = FeatureTracer(classifier, {0: saes["blocks.0.hook_resid_post"]}, config).attribute(texts, gold)
     np.testing.assert_allclose(alone.values[0], attributions.values[0], atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(attributions.margin, _clean_margins(classifier, texts, gold), atol=1e-5)
+    margins, gaps = _clean_margins_and_gaps(classifier, texts, gold)
+    np.testing.assert_allclose(attributions.margin, margins, atol=1e-5)
+    np.testing.assert_allclose(attributions.gap, gaps, atol=1e-5)
     eps = 1e-2
     for layer in (0, 1):
         sae = saes[f"blocks.{layer}.hook_resid_post"]
         for i, text in enumerate(texts):
             feature = int(np.abs(attributions.values[layer][i]).argmax())
-            up = margin_with_scaled_feature(classifier, sae, text, feature, 1 + eps, gold[i], positions)
-            down = margin_with_scaled_feature(classifier, sae, text, feature, 1 - eps, gold[i], positions)
+            up = gap_with_scaled_feature(classifier, sae, text, feature, 1 + eps, gold[i], positions)
+            down = gap_with_scaled_feature(classifier, sae, text, feature, 1 - eps, gold[i], positions)
             expected = (up - down) / (2 * eps)
             assert abs(expected) > 1e-3  # a feature that matters
             assert attributions.values[layer][i, feature] == pytest.approx(expected, rel=2e-2, abs=2e-4)
     assert no_hooks_left(tiny_model)
 
 
-def _clean_margins(classifier, texts, gold) -> np.ndarray:
+def _clean_margins_and_gaps(classifier, texts, gold) -> tuple[np.ndarray, np.ndarray]:
     scores = classifier.predict(texts).label_logprobs
-    out = []
+    margins, gaps = [], []
     for s, g in zip(scores, gold, strict=True):
         j = classifier.parts.labels.index(g)
-        out.append(s[j] - np.delete(s, j).max())
-    return np.array(out)
+        margins.append(s[j] - np.delete(s, j).max())
+        gaps.append(s[j] - np.delete(s, j).mean())
+    return np.array(margins), np.array(gaps)
 
 
 @pytest.mark.parametrize("positions", ["last", "suffix"])
@@ -438,17 +449,23 @@ def test_reusing_cached_context_and_batching_change_nothing(any_tiny_model, tiny
 # ----------------------------------------------------------------------------------------------- summaries
 
 
-def curve_row(emotion: str, condition: str, k: int, seed: int, item, drop: float) -> dict:
-    """One per-item row as `ablation_curves` writes it (phase "p", zero-ablation), every metric dropping `drop`."""
-    return {"emotion": emotion, "phase": "p", "ablation": "zero", "condition": condition, "k": k, "seed": seed,
-            "n_features": k, "item": item, "drop_prob": drop, "drop_margin": drop, "drop_correct": drop}  # fmt: skip
+def curve_row(emotion: str, condition: str, k: int, seed: int, item, drop: float, clean: float = 1.0) -> dict:
+    """One per-item row as `ablation_curves` writes it (phase "p", zero-ablation), every metric dropping `drop`
+    from the clean value `clean`."""
+    row = {"emotion": emotion, "phase": "p", "ablation": "zero", "condition": condition, "k": k, "seed": seed,
+           "n_features": k, "item": item}  # fmt: skip
+    for name in ("gap", "prob", "margin", "correct"):
+        row |= {f"clean_{name}": clean, f"drop_{name}": drop}
+    return row
 
 
-def synthetic_curves(top: dict[int, list[float]], whole: list[float], emotion="joy") -> pd.DataFrame:
-    """Per-item rows with given drops per k (all metrics equal) and the whole-phase drops."""
+def synthetic_curves(
+    top: dict[int, list[float]], whole: list[float], emotion="joy", clean: float = 1.0
+) -> pd.DataFrame:
+    """Per-item rows with given drops per k (all metrics equal), the whole-phase drops and one clean value."""
     return pd.DataFrame(
         [
-            curve_row(emotion, condition, k, -1, item, drop)
+            curve_row(emotion, condition, k, -1, item, drop, clean)
             for condition, per_k in [("top", top), ("whole", {99: whole})]
             for k, drops in per_k.items()
             for item, drop in enumerate(drops)
@@ -457,17 +474,33 @@ def synthetic_curves(top: dict[int, list[float]], whole: list[float], emotion="j
 
 
 def test_k50_known_values():
-    # means: k=1 0.2, k=2 0.5, k=4 0.9; whole 1.0 -> k50 = 2
+    # against the whole phase: means k=1 0.2, k=2 0.5, k=4 0.9; whole 1.0 -> k50 = 2
     curves = synthetic_curves({1: [0.2, 0.2], 2: [0.5, 0.5], 4: [0.9, 0.9]}, [1.0, 1.0])
-    row = k50_table(curves, metrics=("prob",), n_boot=50).iloc[0]
+    whole = functools.partial(k50_table, metrics=("prob",), reference="whole")
+    row = whole(curves, n_boot=50).iloc[0]
     assert (row["k50"], row["k50_low"], row["k50_high"], row["n_items"]) == (2.0, 2.0, 2.0, 2)
     assert row["effect_at_k50"] == pytest.approx(0.5) and row["whole_effect"] == pytest.approx(1.0)
-    never = k50_table(synthetic_curves({1: [0.1], 2: [0.2]}, [1.0]), metrics=("prob",), n_boot=20).iloc[0]
+    never = whole(synthetic_curves({1: [0.1], 2: [0.2]}, [1.0]), n_boot=20).iloc[0]
     assert never["k50"] == np.inf and np.isnan(never["effect_at_k50"])
-    none = k50_table(synthetic_curves({1: [0.1], 2: [0.2]}, [-0.3]), metrics=("prob",), n_boot=20).iloc[0]
+    none = whole(synthetic_curves({1: [0.1], 2: [0.2]}, [-0.3]), n_boot=20).iloc[0]
     assert np.isnan(none["k50"]) and none["undefined_share"] == 1.0
-    floor = k50_table(synthetic_curves({1: [0.01]}, [0.02]), metrics=("prob",), n_boot=20, min_effect=0.05)
+    floor = whole(synthetic_curves({1: [0.01]}, [0.02]), n_boot=20, min_effect=0.05)
     assert np.isnan(floor.iloc[0]["k50"])
+
+
+def test_k50_against_the_clean_value_is_defined_whatever_the_whole_phase_does():
+    # clean gap 2.0: half is 1.0, first reached at k=4 (mean 1.1), though the whole phase removes almost nothing
+    curves = synthetic_curves({1: [0.2, 0.2], 2: [0.5, 0.5], 4: [1.1, 1.1]}, [0.01, 0.01], clean=2.0)
+    row = k50_table(curves, metrics=("gap",), n_boot=50).iloc[0]
+    assert (row["reference"], row["reference_value"], row["k50"]) == ("clean", pytest.approx(2.0), 4.0)
+    assert row["whole_effect"] == pytest.approx(0.01)
+    # a model with no clean preference for the gold label: nothing to halve, k50 undefined
+    against = k50_table(synthetic_curves({1: [0.5]}, [1.0], clean=-0.4), metrics=("gap",), n_boot=20)
+    assert np.isnan(against.iloc[0]["k50"]) and against.iloc[0]["undefined_share"] == 1.0
+    with pytest.raises(TracingError, match="reference must be one of"):
+        k50_table(curves, reference="half")
+    with pytest.raises(TracingError, match="'clean_prob' column"):
+        k50_table(curves.drop(columns="clean_prob"), metrics=("prob",))
     # items disagree: one item needs k=1, the other k=4; the interval spans both
     mixed = synthetic_curves({1: [1.0, 0.0], 4: [1.0, 1.0]}, [1.0, 1.0])
     row = k50_table(mixed, metrics=("prob",), n_boot=500).iloc[0]

@@ -38,7 +38,7 @@ from emolib.studies.tracing import (
     varies_verdict,
     weaker_diffuse_verdict,
 )
-from emolib.verdicts import findings_markdown
+from emolib.verdicts import Verdict, findings_markdown
 
 matplotlib.use("Agg")
 
@@ -56,12 +56,14 @@ def study(planted):  # noqa: F811 (the fixture imported above)
 def test_study_finds_the_planted_feature_and_calls_it_a_small_set(study):
     _, result = study
     k50 = result.k50.set_index(["emotion", "phase", "ablation", "metric"])
-    assert k50.loc[("joy", "late", "zero", "prob"), "k50"] == 1.0
-    # the model answers joy on every item, so anger and fear have no gold probability to lose
-    assert np.isnan(k50.loc[("anger", "late", "zero", "prob"), "k50"])
+    assert k50.loc[("joy", "late", "zero", "gap"), "k50"] == 1.0
+    # the model answers joy on every item: anger and fear items prefer joy, so they have no gold gap to lose
+    assert np.isnan(k50.loc[("anger", "late", "zero", "gap"), "k50"])
     versus = top_vs_random(result.curves, n_boot=50)
     verdict = small_set_verdict(result.k50, versus, "late", RULE)
-    assert verdict.verdict == "holds" and "1 of 1" in verdict.reason and "joy (k50 1)" in verdict.reason
+    # the two emotions the model does not prefer count against the claim: one of three is not "most"
+    assert verdict.verdict == "partly" and "1 of 3" in verdict.reason and "joy (k50 1)" in verdict.reason
+    assert verdict.numbers["n_undefined"] == 2 and "count against" in verdict.reason
     top = result.top_features[
         (result.top_features["emotion"] == "joy") & (result.top_features["phase"] == "late")
     ]
@@ -98,8 +100,8 @@ def test_cached_study_reuses_and_rebuilds_a_corrupt_entry(study, tmp_path, monke
 
 
 def curves(spec: dict[str, dict], n_items: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Per-item rows: `spec[emotion]` has "top" {k: mean drop}, "random" {k: mean drop}, "whole" (drop); items
-    scatter around the means by a small noise."""
+    """Per-item rows: `spec[emotion]` has "top" {k: mean drop}, "random" {k: mean drop}, "whole" (drop) and
+    optionally "clean" (the clean value, default 0.8); items scatter around the means by a small noise."""
     rng = np.random.default_rng(seed)
     rows = []
     for emotion, parts in spec.items():
@@ -108,8 +110,9 @@ def curves(spec: dict[str, dict], n_items: int = 20, seed: int = 0) -> pd.DataFr
         plans += [("whole", 99, -1, parts["whole"])]
         for condition, k, seed_, mean in plans:
             for item in range(n_items):
+                drop = mean + rng.normal(0, 0.01)
                 rows.append(
-                    curve_row(emotion, condition, k, seed_, f"{emotion}{item}", mean + rng.normal(0, 0.01))
+                    curve_row(emotion, condition, k, seed_, f"{emotion}{item}", drop, parts.get("clean", 0.8))
                 )
     return pd.DataFrame(rows)
 
@@ -126,12 +129,15 @@ def test_top_vs_random_is_the_paired_excess():
 
 
 def test_verdicts_on_known_curves():
+    # clean value 0.8 everywhere: k50 is the first k whose drop reaches 0.4 (2 concentrated; never for the diffuse)
     frame = curves({"joy": CONCENTRATED, "anger": CONCENTRATED, "disgust": DIFFUSE_WEAK})
-    k50 = ablation.k50_table(frame, metrics=("prob",), n_boot=100, min_effect=0.01)
+    k50 = ablation.k50_table(frame, metrics=("gap",), n_boot=100)
+    assert list(k50.set_index("emotion")["k50"]) == [2.0, 2.0, np.inf]
     versus = top_vs_random(frame, n_boot=100)
     small = small_set_verdict(k50, versus, "p", RULE)
     assert small.verdict == "holds" and "2 of 3" in small.reason
-    assert small.rule == "small_set_verdict" and small.numbers == {"n_small": 2, "n_defined": 3, "small_k": 2}
+    assert small.rule == "small_set_verdict"
+    assert small.numbers == {"n_small": 2, "n_emotions": 3, "n_undefined": 0, "small_k": 2}
     varies = varies_verdict(frame, k50, "p", RULE)
     assert varies.rule == "varies_verdict" and varies.numbers["kruskal_p"] < RULE.alpha
     weaker = weaker_diffuse_verdict(frame, k50, "p", RULE)
@@ -142,23 +148,36 @@ def test_verdicts_on_known_curves():
     assert varies_verdict(frame, k50, "p", RULE).verdict == "holds"
     assert weaker_diffuse_verdict(frame, k50, "p", RULE).verdict == "holds"
     same = curves({"joy": CONCENTRATED, "anger": CONCENTRATED, "disgust": CONCENTRATED})
-    same_k50 = ablation.k50_table(same, metrics=("prob",), n_boot=100, min_effect=0.01)
+    same_k50 = ablation.k50_table(same, metrics=("gap",), n_boot=100)
     assert weaker_diffuse_verdict(same, same_k50, "p", RULE).verdict == "does not hold"
     assert varies_verdict(same, same_k50, "p", RULE).verdict == "does not hold"
     without = curves({"joy": CONCENTRATED, "anger": CONCENTRATED})
     assert weaker_diffuse_verdict(without, same_k50, "p", RULE).verdict == "inconclusive"
+    # impact measured as excess over random features: large raw drops that random features match do not vary
+    matched = {"top": {1: 0.0, 2: 0.0, 16: 0.7}, "random": {1: 0.0, 2: 0.0, 16: 0.6}, "whole": 0.7}
+    loud = {"top": {1: 0.0, 2: 0.0, 16: 0.2}, "random": {1: 0.0, 2: 0.0, 16: 0.1}, "whole": 0.2}
+    raw_differs = curves({"joy": matched, "anger": loud})
+    raw_k50 = ablation.k50_table(raw_differs, metrics=("gap",), n_boot=100)
+    assert varies_verdict(raw_differs, raw_k50, "p", RULE).numbers["kruskal_p"] > RULE.alpha
     # top features that do no better than random ones: no small set (partly when one emotion has one)
     no_better = {**CONCENTRATED, "random": CONCENTRATED["top"]}
     plain = curves({"joy": no_better, "anger": no_better, "disgust": no_better})
-    plain_k50 = ablation.k50_table(plain, metrics=("prob",), n_boot=100, min_effect=0.01)
+    plain_k50 = ablation.k50_table(plain, metrics=("gap",), n_boot=100)
     assert small_set_verdict(plain_k50, top_vs_random(plain), "p", RULE).verdict == "does not hold"
     one = curves({"joy": CONCENTRATED, "anger": no_better, "disgust": no_better})
-    one_k50 = ablation.k50_table(one, metrics=("prob",), n_boot=100, min_effect=0.01)
+    one_k50 = ablation.k50_table(one, metrics=("gap",), n_boot=100)
     partly = small_set_verdict(one_k50, top_vs_random(one), "p", RULE)
     assert partly.verdict == "partly" and "1 of 3" in partly.reason
-    nothing = curves({"joy": {**CONCENTRATED, "whole": -0.2}})
-    none_k50 = ablation.k50_table(nothing, metrics=("prob",), n_boot=50, min_effect=0.01)
-    assert small_set_verdict(none_k50, top_vs_random(nothing), "p", RULE).verdict == "inconclusive"
+    # emotions the model does not prefer have no k50 and count against the claim, not out of it
+    unpreferred = {**CONCENTRATED, "clean": -0.5}
+    mostly = curves({"joy": CONCENTRATED, "anger": unpreferred, "disgust": unpreferred})
+    mostly_k50 = ablation.k50_table(mostly, metrics=("gap",), n_boot=100)
+    against = small_set_verdict(mostly_k50, top_vs_random(mostly), "p", RULE)
+    assert against.verdict == "partly" and against.numbers["n_undefined"] == 2
+    nothing = curves({"joy": unpreferred})
+    none_k50 = ablation.k50_table(nothing, metrics=("gap",), n_boot=50)
+    assert small_set_verdict(none_k50, top_vs_random(nothing), "p", RULE).verdict == "does not hold"
+    assert small_set_verdict(none_k50.iloc[:0], top_vs_random(nothing), "p", RULE).verdict == "inconclusive"
 
 
 class Cuts:
@@ -305,3 +324,26 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
     assert_same_result(run_tracing(lm, config, flow), result)
     with pytest.raises(AssertionError, match="rebuilt"):
         run_tracing(lm, config, {"both": [0, 1]})
+
+
+def test_an_unreliable_ranking_turns_negative_verdicts_inconclusive():
+    """Where attribution does not predict single-feature ablation, "does not hold" may be the ranking's failure."""
+    agree = pd.DataFrame({"phase": "p", "predicted": np.arange(8.0), "measured": np.arange(8.0) ** 2})
+    disagree = agree.assign(measured=agree["measured"].to_numpy()[::-1])
+    negative = Verdict("does not hold", "no emotion has a small set", {"n_small": 0}, "small_set_verdict")
+    positive = Verdict("holds", "all emotions do", {"n_small": 3}, "small_set_verdict")
+    rho, p_value, n = tracing.ranking_agreement(agree, "p")
+    assert rho == pytest.approx(1.0) and p_value < 0.05 and n == 8
+    kept = tracing.gated(negative, rho, p_value, n, RULE)
+    assert kept.verdict == "does not hold" and kept.numbers["ranking_spearman"] == pytest.approx(1.0)
+    unreliable = tracing.ranking_agreement(disagree, "p")
+    assert unreliable[0] == pytest.approx(-1.0)
+    downgraded = tracing.gated(negative, *unreliable, RULE)
+    assert downgraded.verdict == "inconclusive" and "ranking is unreliable" in downgraded.reason
+    stands = tracing.gated(positive, *unreliable, RULE)
+    assert stands.verdict == "holds" and "ranking is unreliable" in stands.reason
+    # too few features to judge the ranking: not reliable either
+    assert (
+        tracing.gated(negative, *tracing.ranking_agreement(agree.iloc[:2], "p"), RULE).verdict
+        == "inconclusive"
+    )

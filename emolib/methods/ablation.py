@@ -23,8 +23,10 @@ def summarize_effects(
 ) -> pd.DataFrame:
     """Mean effects per emotion, phase, ablation, condition and k, with percentile-bootstrap intervals over items.
 
-    Columns: the group keys, n_items, n_features (mean over seeds for random), and per metric (`prob`, `margin`,
-    `accuracy`) the mean drop with `_low` / `_high` bounds. Random controls are averaged over seeds per item.
+    Columns: the group keys, n_items, n_features (mean over seeds for random), and per metric (`gap`, `prob`,
+    `margin`, `accuracy`) the mean drop with `_low` / `_high` bounds and the mean clean value `clean_<metric>` (the
+    drop's share of it is the share of the model's preference removed). Random controls are averaged over seeds
+    per item.
     """
     rows = []
     rng = np.random.default_rng(seed)
@@ -35,27 +37,44 @@ def summarize_effects(
         row["n_items"] = n
         row["n_features"] = float(group["n_features"].mean())
         for metric, column in METRICS.items():
+            if column not in group.columns:
+                continue
             values = _per_item(group, column).to_numpy()
             estimate = interval_from_draws(values.mean(), values[samples].mean(axis=1), level)
             row[f"drop_{metric}"] = estimate.value
             row[f"drop_{metric}_low"] = estimate.low
             row[f"drop_{metric}_high"] = estimate.high
+            if (
+                _clean_column(column) in group.columns
+            ):  # the drop as a share of the clean value reads off this
+                row[f"clean_{metric}"] = float(_per_item(group, _clean_column(column)).mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _k50(curves: np.ndarray, whole: np.ndarray, ks: np.ndarray, min_effect: float = 0.0) -> np.ndarray:
-    """Smallest k with curve >= whole / 2, per row (`curves [m, n_k]`, `whole [m]`); inf if none, NaN if the
-    whole-phase effect is not above `min_effect`."""
-    reached = curves >= 0.5 * whole[:, None]
+#: What k50 is half of: the emotion's mean clean value of the metric (its clean gap, p(gold), margin or accuracy),
+#: or the whole-phase drop.
+K50_REFERENCES = ("clean", "whole")
+
+
+def _k50(curves: np.ndarray, reference: np.ndarray, ks: np.ndarray, min_effect: float = 0.0) -> np.ndarray:
+    """Smallest k with curve >= reference / 2, per row (`curves [m, n_k]`, `reference [m]`); inf if none, NaN if
+    the reference is not above `min_effect`."""
+    reached = curves >= 0.5 * reference[:, None]
     first = np.where(reached.any(axis=1), ks[reached.argmax(axis=1)].astype(float), np.inf)
-    return np.where(whole > min_effect, first, np.nan)
+    return np.where(reference > min_effect, first, np.nan)
+
+
+def _clean_column(column: str) -> str:
+    """The clean-value column of a drop column (`drop_gap` -> `clean_gap`)."""
+    return "clean_" + column.removeprefix("drop_")
 
 
 def k50_table(
     per_item: pd.DataFrame,
     *,
-    metrics: Sequence[str] = ("prob", "margin", "accuracy"),
+    metrics: Sequence[str] = ("gap", "prob", "margin", "accuracy"),
+    reference: str = "clean",
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
@@ -63,17 +82,21 @@ def k50_table(
 ) -> pd.DataFrame:
     """k50 per emotion, phase, ablation and metric from `ablation_curves` rows, with bootstrap intervals.
 
-    k50 is the smallest k in the curve whose mean drop reaches half of the whole-phase drop: `inf` if no k does,
-    NaN if the whole-phase drop is not above `min_effect` (one value, or one per metric: half of a negligible
-    effect is reached by chance, so set e.g. {"prob": 0.01, "margin": 0.05, "accuracy": 0.0}). Items are resampled with the same resamples for every k and the
-    whole phase; the interval takes the lower / upper order statistics of the resampled k50s (discrete values),
-    over resamples where the whole-phase effect exceeds `min_effect` (`undefined_share` is the share where not).
-    Columns: emotion, phase, ablation, metric, n_items, whole_effect (+ `_low`, `_high`), k50, k50_low, k50_high,
-    undefined_share, effect_at_k50 (the mean drop at k50, NaN if none).
+    k50 is the smallest k in the curve whose mean drop reaches half of the `reference`: "clean" (default) the mean
+    clean value of the emotion's items (half of its clean gap: defined for every emotion the model prefers at all,
+    whatever the whole phase does), "whole" the whole-phase drop. `inf` if no k does, NaN if the reference is not
+    above `min_effect` (one value, or one per metric). Items are resampled with the same resamples for every k and
+    the reference; the interval takes the lower / upper order statistics of the resampled k50s (discrete values),
+    over resamples where the reference exceeds `min_effect` (`undefined_share` is the share where not).
+    Columns: emotion, phase, ablation, metric, reference (its kind), n_items, reference_value (+ `_low`, `_high`),
+    whole_effect (+ `_low`, `_high`), k50, k50_low, k50_high, undefined_share, effect_at_k50 (the mean drop at k50,
+    NaN if none).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise TracingError(f"metrics must be among {list(METRICS)}, not {unknown}")
+    if reference not in K50_REFERENCES:
+        raise TracingError(f"reference must be one of {K50_REFERENCES}, not {reference!r}")
     tail = (1 - level) / 2
     rows = []
     for (emotion, phase, ablation), group in per_item.groupby(["emotion", "phase", "ablation"], sort=False):
@@ -86,19 +109,27 @@ def k50_table(
             column = METRICS[metric]
             curve = top.pivot_table(index="item", columns="k", values=column, aggfunc="mean").sort_index()
             full = _per_item(whole, column).reindex(curve.index).to_numpy()
+            if reference == "clean":
+                clean = _clean_column(column)
+                if clean not in top.columns:
+                    raise TracingError(f"k50 against the clean value needs a {clean!r} column")
+                base = _per_item(top, clean).reindex(curve.index).to_numpy()
+            else:
+                base = full
             ks = curve.columns.to_numpy()
             values = curve.to_numpy()
             n = len(values)
             samples = rng.integers(0, n, size=(n_boot, n))
             floor = float(min_effect.get(metric, 0.0) if isinstance(min_effect, Mapping) else min_effect)
-            point = _k50(values.mean(0)[None], np.array([full.mean()]), ks, floor)[0]
-            boot = _k50(values[samples].mean(1), full[samples].mean(1), ks, floor)
+            point = _k50(values.mean(0)[None], np.array([base.mean()]), ks, floor)[0]
+            boot = _k50(values[samples].mean(1), base[samples].mean(1), ks, floor)
             defined = boot[~np.isnan(boot)]
             if len(defined):
                 low = float(np.quantile(defined, tail, method="lower"))
                 high = float(np.quantile(defined, 1 - tail, method="higher"))
             else:
                 low = high = float("nan")
+            base_estimate = interval_from_draws(base.mean(), base[samples].mean(1), level)
             whole_estimate = interval_from_draws(full.mean(), full[samples].mean(1), level)
             at = values.mean(0)[list(ks).index(point)] if np.isfinite(point) else float("nan")
             rows.append(
@@ -107,7 +138,11 @@ def k50_table(
                     "phase": phase,
                     "ablation": ablation,
                     "metric": metric,
+                    "reference": reference,
                     "n_items": n,
+                    "reference_value": base_estimate.value,
+                    "reference_value_low": base_estimate.low,
+                    "reference_value_high": base_estimate.high,
                     "whole_effect": whole_estimate.value,
                     "whole_effect_low": whole_estimate.low,
                     "whole_effect_high": whole_estimate.high,

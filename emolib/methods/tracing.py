@@ -19,15 +19,18 @@ are never traced. A feature that encodes emotion on the text's tokens is seen by
 arrives at the answer position (in later layers' residual there), by "suffix" also where it originates.
 
 *Label scores and margin.* As the classifier's first-token scoring: `score_j = log sum over label j's verbalisers
-of P(first token)` right after the prompt (log-softmax over the whole vocabulary). The gold margin is
-`score_gold - max_{j != gold} score_j`; the gold probability is `softmax(score)[gold]`, renormalised over labels.
+of P(first token)` right after the prompt (log-softmax over the whole vocabulary). The gold gap is
+`score_gold - mean_{j != gold} score_j`: linear in the scores, so an intervention that only shifts every item's
+label scores by one vector (a label prior) moves the mean gap of a label-balanced item set by exactly zero; it is
+the primary measure. The gold margin is `score_gold - max_{j != gold} score_j`; the gold probability is
+`softmax(score)[gold]`, renormalised over labels (both move with a label prior).
 Sequence scoring (labels sharing first tokens) is not supported: the classifier must use first-token scoring.
 
-*Attribution.* For item i, layer l and feature f: `attr = a_f * d margin / d a_f`, summed over the traced
+*Attribution.* For item i, layer l and feature f: `attr = a_f * d gap / d a_f`, summed over the traced
 positions, from one forward and one backward pass per batch (rows are independent, so the backward of the summed
-margins gives every row's gradients). It is the first-order estimate of the margin lost by zero-ablating the
+gaps gives every row's gradients). It is the first-order estimate of the gap lost by zero-ablating the
 feature; positive values support the gold label. Ranking a set of layers (a phase) sorts all their features by the
-mean attribution over one emotion's items (training items), jointly across layers: attributions are in margin units,
+mean attribution over one emotion's items (training items), jointly across layers: attributions are in gap units,
 so they compare across layers.
 
 *Ablation.* Inside one phase (a contiguous range of layers) the top-k features of an emotion's ranking are set to
@@ -37,18 +40,19 @@ k random features of the same layers, several seeds (drawn among features active
 unless `random_pool="all"`, never among the top k being compared; all of the pool when it has fewer than k, see
 `n_features`), and the whole phase (every feature of every layer of the phase set to the reference: zero-ablation
 leaves error term plus decoder bias, mean-ablation sets inactive features to their means too).
-Effects per item are drops, clean minus ablated: of the gold probability, of the margin, and of correctness
-(their mean is the drop in accuracy).
+Effects per item are drops, clean minus ablated: of the gap, of the gold probability, of the margin, and of
+correctness (their mean is the drop in accuracy).
 
-*k50.* For one emotion, phase and ablation, the smallest k whose mean effect reaches half of the whole-phase effect
-(`inf` when no k does, NaN when the whole-phase effect is not above a floor, default 0), with a bootstrap
-interval over items (the same resamples for every k and the whole phase).
+*k50.* For one emotion, phase and ablation, the smallest k whose mean drop reaches half of the emotion's mean clean
+value (e.g. half of its clean gap: reference "clean"), or half of the whole-phase drop (reference "whole"); `inf`
+when no k does, NaN when the reference is not above a floor (a model that does not prefer the gold label on average
+has no gap to explain). A bootstrap interval over items uses the same resamples for every k and the reference.
 
 *Cross-emotion effects.* Ablating emotion A's top-k features on held-out items of every emotion B: how B's
 predicted label distribution moves (confusion shift), and how much B's gold probability drops.
 
 *Verification.* For the top features of each emotion and phase, the Spearman correlation between the predicted
-effect of zero-ablating each single feature (its mean attribution on the held-out items) and the measured margin
+effect of zero-ablating each single feature (its mean attribution on the held-out items) and the measured gap
 drop when that one feature is ablated.
 
 Efficiency: batches are laid out as the classifier's (`[prefix][pad][suffix]`). Interventions happen only at
@@ -112,7 +116,7 @@ PerItem = Float[np.ndarray, "items d_sae"]
 FeatureMeans = Mapping[int, Float[Tensor, " d_sae"]]
 
 #: Effect metrics: name -> column of the per-item table (drops, clean minus ablated).
-METRICS = {"prob": "drop_prob", "margin": "drop_margin", "accuracy": "drop_correct"}
+METRICS = {"gap": "drop_gap", "prob": "drop_prob", "margin": "drop_margin", "accuracy": "drop_correct"}
 
 
 #: SAE input normalisations whose decoder is stateless (others keep per-call state that a second decode breaks).
@@ -162,7 +166,7 @@ class TracerConfig:
 class Attributions:
     """Per-item attributions of every traced feature, from `FeatureTracer.attribute`.
 
-    `values[layer][i, f]` is activation x gradient of item i's gold margin for feature f (summed over the traced
+    `values[layer][i, f]` is activation x gradient of item i's gold gap for feature f (summed over the traced
     positions), `activations[layer][i, f]` the feature's activation (summed likewise), `label_logprobs` the clean
     label scores. Means over one emotion's items rank features (`ranking`).
     """
@@ -181,6 +185,11 @@ class Attributions:
     def margin(self) -> np.ndarray:
         """Clean gold margin per item."""
         return _margins(self.label_logprobs, _label_indices(self.gold, self.labels))
+
+    @property
+    def gap(self) -> np.ndarray:
+        """Clean gold gap per item (the attributed quantity)."""
+        return _gaps(self.label_logprobs, _label_indices(self.gold, self.labels))
 
     def items(self, emotion: str) -> np.ndarray:
         """Indices of the items whose gold label is `emotion`."""
@@ -294,11 +303,20 @@ def _margins(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
     return scores[rows, gold] - others.max(axis=1)
 
 
+def _gaps(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """Gold score minus the mean of the other labels' scores, per item (the bias-invariant measure)."""
+    rows = np.arange(len(gold))
+    scores = scores.astype(np.float64)
+    others = (scores.sum(axis=1) - scores[rows, gold]) / (scores.shape[1] - 1)
+    return scores[rows, gold] - others
+
+
 def _metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
-    """Gold probability (renormalised over labels), gold margin and correctness per item."""
+    """Gold gap, gold probability (renormalised over labels), gold margin and correctness per item."""
     probs = softmax(scores, axis=1)
     rows = np.arange(len(gold))
     return {
+        "gap": _gaps(scores, gold),
         "prob": probs[rows, gold],
         "margin": _margins(scores, gold),
         "correct": (scores.argmax(axis=1) == gold).astype(np.float64),
@@ -688,7 +706,7 @@ class FeatureTracer:
         return {layer: (total / count).float() for layer, total in sums.items()}
 
     def attribute(self, texts: Sequence[str], gold: Sequence[str]) -> Attributions:
-        """Activation x gradient of each item's gold margin for every feature of every traced layer.
+        """Activation x gradient of each item's gold gap for every feature of every traced layer.
 
         One forward and one backward pass per batch for all layers together.
         """
@@ -708,12 +726,10 @@ class FeatureTracer:
                 scores = self._scores(layout, self._hooks(layout, self.layers, leaves=leaves))
                 target = torch.as_tensor(gold_index[batch])
                 rows = torch.arange(len(batch))
-                others = scores.detach().clone()
-                others[rows, target] = -torch.inf
-                competitor = others.argmax(dim=1)
-                margin = scores[rows, target] - scores[rows, competitor]
+                own = scores[rows, target]
+                gap = own - (scores.sum(dim=1) - own) / (scores.shape[1] - 1)
                 grads = torch.autograd.grad(
-                    margin.sum(), [leaves[layer] for layer in self.layers], allow_unused=True
+                    gap.sum(), [leaves[layer] for layer in self.layers], allow_unused=True
                 )
             item = layout.index[0]
             for layer, grad in zip(self.layers, grads, strict=True):
@@ -823,8 +839,8 @@ class FeatureTracer:
         Each emotion's held-out items (`texts` with that `gold` label) are run with, per phase and ablation, the
         top-k features for every k in `config.ks`, k random features per seed, and the whole phase ablated.
         Returns one row per item and condition: emotion, phase, ablation, condition ("top", "random", "whole"), k,
-        seed (-1 unless random), n_features, item (index into `texts`), clean_/ablated `prob`, `margin`,
-        `correct`, and the drops `drop_prob`, `drop_margin`, `drop_correct` (clean minus ablated).
+        seed (-1 unless random), n_features, item (index into `texts`), clean_/ablated `gap`, `prob`, `margin`,
+        `correct`, and the drops `drop_gap`, `drop_prob`, `drop_margin`, `drop_correct` (clean minus ablated).
         Summarise with `summarize_effects` and `k50_table`.
         """
         gold_index, phases, emotions, means = self._prepare(
@@ -856,7 +872,7 @@ class FeatureTracer:
             for (labels, _), scores in zip(plans, ablated, strict=True):
                 after = _metrics(scores[items], gold_index[items])
                 frame = pd.DataFrame({**labels, "item": items})
-                for name in ("prob", "margin", "correct"):
+                for name in ("gap", "prob", "margin", "correct"):
                     frame[f"clean_{name}"] = before[name]
                     frame[name] = after[name]
                     frame[f"drop_{name}"] = before[name] - after[name]
@@ -968,7 +984,7 @@ class FeatureTracer:
         a time on `held_out`'s items of that emotion.
 
         Returns (per-feature table: emotion, phase, rank, layer, feature, predicted = mean attribution on the
-        held-out items, measured = mean margin drop, measured_prob = mean gold-probability drop; summary: emotion,
+        held-out items, measured = mean gap drop, measured_prob = mean gold-probability drop; summary: emotion,
         phase, n_features, spearman, p_value, sign_agreement).
         """
         n_top = n_top or self.config.n_verify
@@ -1015,7 +1031,7 @@ class FeatureTracer:
                         "layer": layer,
                         "feature": feature,
                         "predicted": predicted,
-                        "measured": float((before["margin"] - after["margin"]).mean()),
+                        "measured": float((before["gap"] - after["gap"]).mean()),
                         "measured_prob": float((before["prob"] - after["prob"]).mean()),
                     }
                 )

@@ -12,9 +12,7 @@ from matplotlib.figure import Figure
 from emolib.plots.style import GROUP_COLOURS
 
 
-def effect_curves(
-    effects: Mapping[str, pd.DataFrame], metric: str = "prob", ablation: str = "zero"
-) -> Figure:
+def effect_curves(effects: Mapping[str, pd.DataFrame], metric: str = "gap", ablation: str = "zero") -> Figure:
     """One panel per model (side by side), each small multiples of emotions (rows) x phases (columns): the drop
     when the top-k attributed features are ablated (solid, 95% band) against k random features (grey, dashed), and
     the whole phase (dotted line).
@@ -121,7 +119,7 @@ def matrix_heatmap(
 
 
 def predicted_vs_measured(tables: dict[str, pd.DataFrame]) -> Figure:
-    """Attribution-predicted vs measured margin drop of single-feature ablations, per model, coloured by phase."""
+    """Attribution-predicted vs measured gap drop of single-feature ablations, per model, coloured by phase."""
     fig, axes = plt.subplots(1, len(tables), figsize=(4.8 * len(tables), 4.0), squeeze=False)
     for ax, (model, table) in zip(axes[0], tables.items(), strict=True):
         for p, (phase, group) in enumerate(table.groupby("phase", sort=False)):
@@ -132,7 +130,7 @@ def predicted_vs_measured(tables: dict[str, pd.DataFrame]) -> Figure:
             hi = float(max(table["predicted"].max(), table["measured"].max()))
             ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
         ax.set_xlabel("predicted drop (activation x gradient)")
-        ax.set_ylabel("measured margin drop")
+        ax.set_ylabel("measured gap drop")
         ax.set_title(model)
         ax.legend(fontsize=8)
     return fig

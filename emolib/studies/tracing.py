@@ -48,7 +48,7 @@ from emolib.studies.items import AnalysisConfig, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when the per-item study's computation changes, so cached studies are rebuilt.
-STUDY_VERSION = "1"
+STUDY_VERSION = "2"  # 2: gap metric, attributions of the gap, k50 against the clean value
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt.
 TRACING_VERSION = "1"
@@ -75,9 +75,10 @@ _STUDY_TABLES = (
 @dataclass(frozen=True)
 class TracingRule:
     """How the chapter's verdicts read the study: effects in `metric` units under `ablation`; a set of features is
-    "small" when its k50 is at most `small_k`; tests at level `alpha`."""
+    "small" when its k50 is at most `small_k`; tests at level `alpha`. The default metric, the gold gap, is the
+    one a label prior cannot move (`emolib.methods.tracing`)."""
 
-    metric: str = "prob"
+    metric: str = "gap"
     ablation: str = "zero"
     small_k: int = 16
     alpha: float = 0.05
@@ -96,8 +97,9 @@ class TracingConfig:
     (the held-out items' settings otherwise) rank the features and give the mean-ablation reference; a seeded
     sample of `held_out_per_label` held-out items per label (None: all) is ablated. Single-token ablations cost
     about the same per item from batch 32 up, so batches are large. `cross_k` top features of each source emotion
-    are ablated in the cross-emotion run. `min_effect` is the whole-phase drop (per metric) below which k50 is
-    undefined: half of a negligible effect is reached by chance. `top` features per emotion and phase are ranked
+    are ablated in the cross-emotion run. k50 is half of `k50_reference` ("clean": the emotion's mean clean value,
+    "whole": the whole-phase drop); `min_effect` is the reference (per metric) at or below which k50 is undefined:
+    a model with no clean preference for the gold label has nothing to explain. `top` features per emotion and phase are ranked
     in the study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
     names the emotion of the "weaker and more diffuse" claim.
     """
@@ -114,7 +116,13 @@ class TracingConfig:
     cross_k: int = 16
     n_boot: int = 1000
     level: float = 0.95
-    min_effect: tuple[tuple[str, float], ...] = (("prob", 0.01), ("margin", 0.05), ("accuracy", 0.0))
+    k50_reference: str = "clean"
+    min_effect: tuple[tuple[str, float], ...] = (
+        ("gap", 0.0),
+        ("prob", 0.0),
+        ("margin", 0.0),
+        ("accuracy", 0.0),
+    )
     top: int = 20
     seed: int = 0
     rule: TracingRule = field(default_factory=TracingRule)
@@ -186,7 +194,7 @@ def run_study(
     return Study(
         curves=curves,
         effects=summarize_effects(curves, **boot),
-        k50=k50_table(curves, min_effect=dict(config.min_effect), **boot),
+        k50=k50_table(curves, reference=config.k50_reference, min_effect=dict(config.min_effect), **boot),
         cross=cross,
         verification=verification,
         verification_summary=summary,
@@ -254,43 +262,48 @@ def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule:
     """Does a small set of features drive each emotion's prediction in `phase`?
 
     An emotion is driven by a small set when its k50 is at most `rule.small_k` and, at that k, the top features'
-    drop beats random features' (paired interval above zero). Holds for at least half of the emotions whose
-    whole-phase ablation has an effect (k50 defined), partly for at least one, does not hold for none;
-    inconclusive when no emotion's whole-phase ablation has an effect.
+    drop beats random features' (paired interval above zero). Every traced emotion is in the denominator: one whose
+    k50 is undefined (the model does not prefer its gold label) or not reached counts against the claim. Holds for
+    at least half of the emotions, partly for at least one, does not hold for none; inconclusive only when no
+    emotion was traced.
     """
     name = "small_set_verdict"
     table = _rows(k50, phase, rule, metric=rule.metric)
-    defined = table[table["k50"].notna()]
-    if defined.empty:
-        return Verdict(
-            "inconclusive",
-            f"no emotion's whole-{phase} ablation has an effect to explain",
-            {"n_defined": 0, "small_k": rule.small_k},
-            name,
-        )
+    if table.empty:
+        return Verdict("inconclusive", f"no emotion was traced in {phase}", {"n_emotions": 0}, name)
     small = []
-    for row in defined.itertuples():
+    for row in table.itertuples():
         if not np.isfinite(row.k50) or row.k50 > rule.small_k:
             continue
         beat = _rows(versus, phase, rule, emotion=row.emotion, k=int(row.k50))
         if not beat.empty and beat["excess_low"].iloc[0] > 0:
             small.append(f"{row.emotion} (k50 {int(row.k50)})")
-    n, m = len(small), len(defined)
+    n, m = len(small), len(table)
+    undefined = int(table["k50"].isna().sum())
     reason = (
-        f"in {phase}, {n} of {m} emotions with a whole-phase effect reach half of it with at most "
-        f"{rule.small_k} features that beat random ones" + (f": {', '.join(small)}" if small else "")
+        f"in {phase}, {n} of {m} emotions lose half of their clean {rule.metric} with at most {rule.small_k} "
+        f"features that beat random ones"
+        + (f": {', '.join(small)}" if small else "")
+        + (f"; {undefined} with no clean preference for the gold label count against" if undefined else "")
     )
     verdict = "holds" if n >= math.ceil(m / 2) else "partly" if n else "does not hold"
-    return Verdict(verdict, reason, {"n_small": n, "n_defined": m, "small_k": rule.small_k}, name)
+    numbers = {"n_small": n, "n_emotions": m, "n_undefined": undefined, "small_k": rule.small_k}
+    return Verdict(verdict, reason, numbers, name)
 
 
-def _final_drops(curves: pd.DataFrame, phase: str, rule: TracingRule) -> dict[str, np.ndarray]:
-    """Per emotion, the per-item drop when its top-max(k) features of `phase` are ablated."""
-    top = _rows(curves, phase, rule, condition="top")
-    k_max = top["k"].max()
-    top = top[top["k"] == k_max]
+def _final_excess(curves: pd.DataFrame, phase: str, rule: TracingRule) -> dict[str, np.ndarray]:
+    """Per emotion, the per-item excess drop at the largest k: its top features' drop minus the same item's drop
+    under as many random features (mean over seeds), so that what any k features would do is not counted."""
+    rows = _rows(curves, phase, rule)
+    k_max = rows.loc[rows["condition"] == "top", "k"].max()
+    rows = rows[rows["k"] == k_max]
     column = METRICS[rule.metric]
-    return {emotion: group[column].to_numpy() for emotion, group in top.groupby("emotion", sort=False)}
+    out = {}
+    for emotion, group in rows.groupby("emotion", sort=False):
+        top = group[group["condition"] == "top"].groupby("item")[column].mean()
+        rand = group[group["condition"] == "random"].groupby("item")[column].mean()
+        out[emotion] = (top - rand.reindex(top.index)).dropna().to_numpy()
+    return out
 
 
 def _overlap_free_pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
@@ -307,12 +320,12 @@ def _overlap_free_pairs(table: pd.DataFrame) -> list[tuple[str, str]]:
 def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: TracingRule) -> Verdict:
     """Do the number (k50) and impact (drop at the largest k) of the driving features vary by emotion?
 
-    Impact varies when a Kruskal-Wallis test of the per-item drops at the largest k across emotions gives
-    p < alpha; number varies when some pair of emotions has non-overlapping k50 intervals. Holds when both,
+    Impact varies when a Kruskal-Wallis test of the per-item excess drops at the largest k (top minus random
+    features on the same item) across emotions gives p < alpha; number varies when some pair of emotions has non-overlapping k50 intervals. Holds when both,
     partly when one, does not hold when neither; inconclusive with fewer than two emotions.
     """
     name = "varies_verdict"
-    drops = _final_drops(curves, phase, rule)
+    drops = _final_excess(curves, phase, rule)
     drops = {e: d for e, d in drops.items() if len(d) > 0}
     if len(drops) < 2:
         return Verdict(
@@ -324,7 +337,8 @@ def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: Tr
     pairs = _overlap_free_pairs(table)
     impact, number = p_value < rule.alpha, bool(pairs)
     reason = (
-        f"in {phase}, drops at the largest k differ across emotions with Kruskal-Wallis p = {p_value:.3g}; "
+        f"in {phase}, excess drops over random features at the largest k differ across emotions with "
+        f"Kruskal-Wallis p = {p_value:.3g}; "
         f"{len(pairs)} ordered pairs of emotions have non-overlapping k50 intervals"
     )
     verdict = "holds" if impact and number else "partly" if impact or number else "does not hold"
@@ -335,13 +349,14 @@ def varies_verdict(curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: Tr
 def weaker_diffuse_verdict(
     curves: pd.DataFrame, k50: pd.DataFrame, phase: str, rule: TracingRule, emotion: str = "disgust"
 ) -> Verdict:
-    """Is `emotion` weaker (smaller drop at the largest k than the other emotions' items, one-sided Mann-Whitney
-    p < alpha) and more diffuse (k50 lower bound above the median k50 of the others; inf counts as large)?
+    """Is `emotion` weaker (smaller excess drop over random features at the largest k than the other emotions'
+    items, one-sided Mann-Whitney p < alpha) and more diffuse (k50 lower bound above the median k50 of the others;
+    inf counts as large)?
 
     Holds when both, partly when one, does not hold when neither; inconclusive without items of `emotion`.
     """
     name = "weaker_diffuse_verdict"
-    drops = _final_drops(curves, phase, rule)
+    drops = _final_excess(curves, phase, rule)
     if emotion not in drops or len(drops) < 2:
         return Verdict(
             "inconclusive",
@@ -365,7 +380,7 @@ def weaker_diffuse_verdict(
     if np.isnan(own) or rest.empty:
         diffuse, diffuse_text = (
             False,
-            f"{emotion}'s k50 is undefined (no whole-phase effect) or no other k50 is",
+            f"{emotion}'s k50 is undefined (no clean preference for it) or no other k50 is",
         )
     else:
         median = float(np.median(rest))
@@ -373,22 +388,52 @@ def weaker_diffuse_verdict(
         diffuse = own > median
         diffuse_text = f"{emotion}'s k50 lower bound {own:g} vs the others' median k50 {median:g}"
     reason = (
-        f"in {phase}: {emotion}'s drop at the largest k ({drops[emotion].mean():.3f}) vs the others' "
+        f"in {phase}: {emotion}'s excess drop at the largest k ({drops[emotion].mean():.3f}) vs the others' "
         f"({others.mean():.3f}), one-sided p = {p_value:.3g}; {diffuse_text}"
     )
     verdict = "holds" if weaker and diffuse else "partly" if weaker or diffuse else "does not hold"
     return Verdict(verdict, reason, numbers, name)
 
 
+def ranking_agreement(verification: pd.DataFrame, phase: str) -> tuple[float, float, int]:
+    """Pooled Spearman correlation (rho, p, n) between attribution-predicted and measured single-feature drops
+    in `phase` (NaN with fewer than three features or no spread)."""
+    rows = verification[verification["phase"] == phase]
+    if len(rows) < 3 or rows["predicted"].nunique() < 2 or rows["measured"].nunique() < 2:
+        return float("nan"), float("nan"), len(rows)
+    result = spearmanr(rows["predicted"], rows["measured"])
+    return float(result.statistic), float(result.pvalue), len(rows)
+
+
+def gated(verdict: Verdict, rho: float, p_value: float, n: int, rule: TracingRule) -> Verdict:
+    """`verdict` read through the ranking's reliability: where attribution does not predict single-feature
+    ablation (pooled rho not positive at level alpha), a negative finding ("does not hold", "partly") may be the
+    ranking's failure rather than the claim's, so it becomes "inconclusive"; a positive one stands, since top
+    features were measured against random ones directly. Either way the reason says so."""
+    reliable = bool(np.isfinite(rho) and rho > 0 and p_value < rule.alpha)
+    numbers = {**verdict.numbers, "ranking_spearman": rho, "ranking_p": p_value}
+    if reliable:
+        return dataclasses.replace(verdict, numbers=numbers)
+    note = (
+        f"; the ranking is unreliable here: attribution does not predict single-feature ablation "
+        f"(Spearman {rho:.2f}, p = {p_value:.2g}, {n} features)"
+    )
+    outcome = "inconclusive" if verdict.verdict in ("does not hold", "partly") else verdict.verdict
+    return dataclasses.replace(verdict, verdict=outcome, reason=verdict.reason + note, numbers=numbers)
+
+
 def phase_verdicts(
     study: Study, versus: pd.DataFrame, phase: str, rule: TracingRule, disgust: str
 ) -> dict[str, Verdict]:
-    """The three claims' verdicts in one phase, by claim key (`CLAIMS`)."""
-    return {
+    """The three claims' verdicts in one phase, by claim key (`CLAIMS`), each gated by the ranking's reliability
+    in that phase (`gated`)."""
+    agreement = ranking_agreement(study.verification, phase)
+    verdicts = {
         "small_set": small_set_verdict(study.k50, versus, phase, rule),
         "varies_by_emotion": varies_verdict(study.curves, study.k50, phase, rule),
         "disgust_weaker_diffuse": weaker_diffuse_verdict(study.curves, study.k50, phase, rule, disgust),
     }
+    return {key: gated(verdict, *agreement, rule) for key, verdict in verdicts.items()}
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -618,10 +663,16 @@ class TracingResult:
         ]
         return rows.reset_index(drop=True)
 
+    @property
+    def drop_column(self) -> str:
+        """The effects tables' column of the rule's metric (e.g. `drop_gap`)."""
+        return f"drop_{self.rule.metric}"
+
     def k50_summary(self) -> pd.DataFrame:
-        """Per phase and emotion: clean p(gold), k50, the whole-phase drop and the drop at the largest k, with
-        intervals (the rule's ablation)."""
+        """Per phase and emotion: the clean value of the rule's metric (what k50 halves), k50, the whole-phase
+        drop, the drop at the largest k and its share of the clean value, with intervals (the rule's ablation)."""
         view = self.k50_view()
+        drop = self.drop_column
         effects = self.effects
         largest = effects[
             (effects["condition"] == "top")
@@ -633,6 +684,10 @@ class TracingResult:
                 "emotion": view["emotion"],
                 "phase": view["phase"],
                 "clean p(gold)": view["emotion"].map(self.clean_prob),
+                f"clean {self.rule.metric} [95% CI]": [
+                    format_interval(r.reference_value, r.reference_value_low, r.reference_value_high)
+                    for r in view.itertuples()
+                ],
                 "k50 [95% CI]": [
                     f"{format_k(r.k50)} [{format_k(r.k50_low)}, {format_k(r.k50_high)}]"
                     for r in view.itertuples()
@@ -642,9 +697,13 @@ class TracingResult:
                     for r in view.itertuples()
                 ],
                 f"drop at k={self.k_max} [95% CI]": [
-                    format_interval(
-                        *largest.loc[(r.emotion, r.phase), ["drop_prob", "drop_prob_low", "drop_prob_high"]]
-                    )
+                    format_interval(*largest.loc[(r.emotion, r.phase), [drop, f"{drop}_low", f"{drop}_high"]])
+                    for r in view.itertuples()
+                ],
+                f"share of clean {self.rule.metric} at k={self.k_max}": [
+                    largest.loc[(r.emotion, r.phase), drop] / r.reference_value
+                    if r.reference_value > 0
+                    else np.nan
                     for r in view.itertuples()
                 ],
             }
@@ -681,9 +740,9 @@ class TracingResult:
                 {
                     "model": self.model,
                     "phase": phase,
-                    "whole-phase drop": whole["drop_prob"].mean(),
-                    f"top-{self.k_max} drop": top["drop_prob"].mean(),
-                    f"random-{self.k_max} drop": rnd["drop_prob"].mean(),
+                    "whole-phase drop": whole[self.drop_column].mean(),
+                    f"top-{self.k_max} drop": top[self.drop_column].mean(),
+                    f"random-{self.k_max} drop": rnd[self.drop_column].mean(),
                     "emotions with k50 <= small": int((kk <= self.rule.small_k).sum()),
                     "emotions with k50 defined": int(kk.notna().sum()),
                     "median k50": float(np.median(kk.dropna())) if kk.notna().any() else np.nan,
@@ -693,15 +752,16 @@ class TracingResult:
 
     def regularities(self) -> dict[str, int]:
         """Over (emotion, phase) cells: how often the top-k drop exceeds the whole-phase drop (`above`), and how
-        often k random features raise p(gold) when ablated (`lowered`), at the largest k."""
+        often k random features raise the gold measure when ablated (`lowered`), at the largest k (the rule's
+        metric)."""
         e = self.effects[self.effects["ablation"] == self.rule.ablation].set_index(
             ["emotion", "phase", "condition", "k"]
         )
         cells = above = lowered = 0
         for emotion, phase in e.index.droplevel([2, 3]).unique():
-            top = e.loc[(emotion, phase, "top", self.k_max), "drop_prob"]
-            rnd = e.loc[(emotion, phase, "random", self.k_max), "drop_prob"]
-            whole = e.xs((emotion, phase, "whole"), level=[0, 1, 2])["drop_prob"].iloc[0]
+            top = e.loc[(emotion, phase, "top", self.k_max), self.drop_column]
+            rnd = e.loc[(emotion, phase, "random", self.k_max), self.drop_column]
+            whole = e.xs((emotion, phase, "whole"), level=[0, 1, 2])[self.drop_column].iloc[0]
             cells += 1
             above += bool(top > whole)
             lowered += bool(rnd < 0)
@@ -828,7 +888,10 @@ def settings_table(config: TracingConfig) -> pd.DataFrame:
             "ablations": ", ".join(config.tracing.ablations),
             "ranking items per label": config.rank_per_label,
             "held-out items per label": config.held_out_per_label or "all of chapter 1's",
-            "k50 floor on the whole-phase drop": ", ".join(f"{m} {v:g}" for m, v in config.min_effect),
+            "k50 is half of": {"clean": "the clean value", "whole": "the whole-phase drop"}[
+                config.k50_reference
+            ],
+            "k50 undefined when that is at most": ", ".join(f"{m} {v:g}" for m, v in config.min_effect),
             "features ablated in the cross-emotion run": config.cross_k,
             "single features verified per emotion and phase": config.tracing.n_verify,
             "bootstrap resamples": config.n_boot,
