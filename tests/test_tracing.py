@@ -580,3 +580,26 @@ def test_bad_inputs_raise_clear_errors(planted, traced, tiny_model, tiny_tokeniz
     ):
         FeatureTracer(classifier, saes)
     assert not classifier.model.acts_to_saes
+
+
+def test_matched_random_features_fire_like_the_top_ones():
+    """Top features 0-3 fire often and strongly; of 200 others, twelve (100-111) fire like them and the rest rarely
+    and weakly: matched controls come from those twelve (each draw is among the 8 nearest left)."""
+    from emolib.methods.tracing import _activation_profile, matched_draw
+
+    rng = np.random.default_rng(0)
+    share = np.full(204, 0.02) + rng.uniform(0, 0.01, 204)
+    mean_when_active = np.full(204, 0.1) + rng.uniform(0, 0.05, 204)
+    like_top = np.r_[0:4, 100:112]
+    share[like_top] = 0.9 + rng.uniform(0, 0.05, len(like_top))
+    mean_when_active[like_top] = 5.0 + rng.uniform(0, 1, len(like_top))
+    profile = _activation_profile({"active_share": share, "mean_activation": share * mean_when_active})
+    pool = np.arange(4, 204)
+    for seed in range(5):
+        chosen = matched_draw(profile, 4, pool, np.random.default_rng(seed))
+        assert len(chosen) == 4 == len(set(chosen.tolist())) and set(chosen.tolist()) <= set(range(100, 112))
+    # more top features than matching candidates: still k distinct features from the pool, never a top one
+    wide = matched_draw(profile, 40, np.arange(40, 204), np.random.default_rng(0))
+    assert len(set(wide.tolist())) == 40 and wide.min() >= 40
+    with pytest.raises(TracingError, match="random_pool"):
+        TracerConfig(random_pool="nearby")

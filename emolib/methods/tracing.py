@@ -36,9 +36,9 @@ so they compare across layers.
 *Ablation.* Inside one phase (a contiguous range of layers) the top-k features of an emotion's ranking are set to
 zero ("zero") or to their mean activation over a reference set of items at the traced positions ("mean", see
 `feature_means`), at the traced positions of every held-out item of that emotion, for each k in `ks`. Controls:
-k random features of the same layers, several seeds (drawn among features active on the emotion's ranking items
-unless `random_pool="all"`, never among the top k being compared; all of the pool when it has fewer than k, see
-`n_features`), and the whole phase (every feature of every layer of the phase set to the reference: zero-ablation
+k random features of the same layers, several seeds (by default matched to the top k on activation frequency and
+magnitude on the emotion's ranking items, `matched_draw`; or any active feature, or any feature: `random_pool`;
+never among the top k being compared; all of the pool when it has fewer than k, see `n_features`), and the whole phase (every feature of every layer of the phase set to the reference: zero-ablation
 leaves error term plus decoder bias, mean-ablation sets inactive features to their means too).
 Effects per item are drops, clean minus ablated: of the gap, of the gold probability, of the margin, and of
 correctness (their mean is the drop in accuracy).
@@ -77,7 +77,7 @@ import torch
 from jaxtyping import Float
 from sae_lens import SAE
 from scipy.special import softmax
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -103,7 +103,11 @@ POSITIONS = ("last", "suffix")
 ABLATIONS = ("zero", "mean")
 
 
-RANDOM_POOLS = ("active", "all")
+#: Where random control features come from: "matched" (default) draws, for each of the top k, one of its
+#: `MATCH_NEIGHBOURS` nearest features in (activation frequency, magnitude when active) on the emotion's ranking
+#: items; "active" any feature active on them; "all" any feature of the phase. Never among the top k.
+RANDOM_POOLS = ("matched", "active", "all")
+MATCH_NEIGHBOURS = 8
 
 
 CONDITIONS = ("top", "random", "whole")
@@ -143,7 +147,7 @@ class TracerConfig:
     ks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     ablations: tuple[str, ...] = ("zero", "mean")
     random_seeds: tuple[int, ...] = (0, 1, 2)
-    random_pool: str = "active"
+    random_pool: str = "matched"
     n_verify: int = 16
     seed: int = 0
     progress: bool = False
@@ -286,6 +290,35 @@ class Attributions:
                     share = positive[:k].sum() / total if total > 0 else float("nan")
                     rows.append({"emotion": emotion, "phase": phase, "k": k, "share": share})
         return pd.DataFrame(rows)
+
+
+def _activation_profile(stats: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per feature `[n, 2]`: the rank (0-1) of its activation frequency and of its mean activation when active,
+    the coordinates in which random control features are matched to the top ones."""
+    share = stats["active_share"]
+    magnitude = np.divide(stats["mean_activation"], share, out=np.zeros_like(share), where=share > 0)
+    return np.column_stack([rankdata(share), rankdata(magnitude)]) / len(share)
+
+
+def matched_draw(
+    profile: np.ndarray,
+    k: int,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    neighbours: int = MATCH_NEIGHBOURS,
+) -> np.ndarray:
+    """Sorted indices of k pool features, one per top feature 0..k-1, each drawn among the `neighbours` pool
+    features nearest to it in `profile` (L1 distance; without replacement). A control that matches how often and
+    how strongly the top features fire, so that "top beats random" is not "frequent features beat rare ones"."""
+    available = np.asarray(pool)
+    chosen = []
+    for top in range(min(k, len(available))):
+        distance = np.abs(profile[available] - profile[top]).sum(axis=1)
+        nearest = np.argsort(distance, kind="stable")[:neighbours]
+        pick = int(rng.choice(nearest))
+        chosen.append(int(available[pick]))
+        available = np.delete(available, pick)
+    return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
 def _label_indices(gold: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -767,6 +800,7 @@ class FeatureTracer:
                 active = stats["active_share"] > 0
             else:
                 active = np.ones(len(keys), dtype=bool)
+            profile = _activation_profile(stats)
             for ablation in cfg.ablations:
                 base = {"emotion": emotion, "phase": phase, "ablation": ablation}
                 for k in cfg.ks:
@@ -782,7 +816,10 @@ class FeatureTracer:
                         pool = pool[pool >= k]  # never the top k being compared
                         emotion_index = self.labels.index(emotion)
                         rng = np.random.default_rng([cfg.seed, seed, k, emotion_index, phase_index])
-                        chosen = np.sort(rng.choice(pool, size=min(k, len(pool)), replace=False))
+                        if cfg.random_pool == "matched":
+                            chosen = matched_draw(profile, k, pool, rng)
+                        else:
+                            chosen = np.sort(rng.choice(pool, size=min(k, len(pool)), replace=False))
                         plans.append(
                             (
                                 {
