@@ -122,7 +122,8 @@ def test_one_ranking_gives_scipys_mann_whitney_for_every_class(data, sel):
         y = np.array([emotions.index(v) for v in labels])
         onehot = np.eye(len(emotions))[y]
         keep = codes.max(axis=0) > codes.min(axis=0)
-        u1, p = selectivity._one_vs_rest_tests(codes[:, keep], onehot, onehot.sum(axis=0))
+        ranked = selectivity.RankedCodes.of(codes, selectivity.SelectivityConfig(), keep)
+        u1, p = selectivity._one_vs_rest_tests(ranked, onehot, onehot.sum(axis=0))
         for e in range(len(emotions)):
             expected = mannwhitneyu(
                 codes[y == e][:, keep], codes[y != e][:, keep], axis=0, method="asymptotic"

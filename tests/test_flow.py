@@ -4,7 +4,9 @@ item bootstrap on profiles with planted phases and on pure noise."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,9 @@ import torch
 from emolib.methods import lens, phases, probes, roles, selectivity, similarity
 from emolib.methods.common import FlowError
 from emolib.methods.probes import ProbeConfig
+from emolib.methods.selectivity import SelectivityConfig
 from emolib.studies import flow
+from emolib.studies.flow import FlowConfig
 
 FAST = ProbeConfig(n_boot=300)
 
@@ -467,6 +471,49 @@ def test_selective_with_null_finds_the_planted_feature_and_the_null_does_not():
     np.testing.assert_array_equal(result.null_counts, again.null_counts)
     with pytest.raises(FlowError, match="non-negative"):
         selectivity.selective_with_null(-codes, y, ("joy", "fear", "anger"))
+
+
+def test_shuffled_selectivity_reuses_ranks_and_equals_selectivity_of_the_shuffled_labels():
+    """The permutation path ranks the codes once; each permutation gives what `selectivity` gives on it."""
+    codes, y = coded_items(n_per=20, d=30, seed=2)
+    emotions = ("joy", "fear", "anger")
+    _, results = selectivity.permuted_selectivities(
+        codes, y, emotions, SelectivityConfig(min_items=5), 4, seed=7
+    )
+    rng = np.random.default_rng(7)
+    for result in results:
+        direct = selectivity.selectivity(codes, rng.permutation(y), emotions, SelectivityConfig(min_items=5))
+        for name in ("auroc", "p_value", "q_value", "mean_in", "rate_in", "selective"):
+            np.testing.assert_allclose(
+                getattr(result, name), getattr(direct, name), rtol=1e-12, equal_nan=True
+            )
+
+
+def test_selective_with_null_stops_early_where_the_null_reaches_the_count():
+    """Besag-Clifford: a layer whose count the permutations reach stops after `stop_after` of them; a layer with a
+    planted feature the null never reaches runs them all, and its p-value is 1 / (1 + n)."""
+    rng = np.random.default_rng(3)
+    noise = np.maximum(rng.normal(size=(45, 20)), 0)
+    y = np.repeat(["joy", "fear", "anger"], 15)
+    emotions = ("joy", "fear", "anger")
+    stopped = selectivity.selective_with_null(noise, y, emotions, n_shuffles=500, stop_after=4)
+    assert stopped.count == 0 and len(stopped.null_counts) == 4 and stopped.p_value == 1.0
+    codes, y = coded_items()
+    full = selectivity.selective_with_null(codes, y, emotions, n_shuffles=60, stop_after=4)
+    assert len(full.null_counts) == 60 and full.p_value == pytest.approx(1 / 61)
+
+
+def test_enough_shuffles_for_a_holm_correction_across_layers():
+    config = FlowConfig()
+    for n_layers in (18, 24, 30):
+        n = config.shuffles_for(n_layers)
+        threshold = Fraction(str(config.layer_alpha)) / n_layers  # Holm's first (strictest) threshold
+        assert (
+            Fraction(1, 1 + n) < threshold <= Fraction(1, n)
+        )  # the smallest p passes it; one fewer would not
+    assert dataclasses.replace(config, n_shuffles=7).shuffles_for(30) == 7
+    with pytest.raises(FlowError, match="layer_alpha"):
+        FlowConfig(layer_alpha=1.5)
 
 
 def test_selective_with_null_on_noise_does_not_exceed_its_null():

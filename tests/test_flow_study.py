@@ -186,6 +186,9 @@ def test_quick_study_on_a_tiny_model(result, lm):
         part.per_layer.columns
     )
     assert np.isnan(part.per_layer.loc[0, "cka"]) and part.per_layer["cka"].iloc[1:].between(0, 1).all()
+    layers = part.per_layer  # Holm across layers: adjusted p-values never below the raw ones
+    assert (layers["selective_p_holm"] >= layers["selective_p"]).all()
+    assert (layers["selective_beyond_control"] == (layers["selective_p_holm"] < CONFIG.layer_alpha)).all()
     assert part.n_items == result.facts["items"] and part.chance == pytest.approx(1 / len(result.labels))
     assert set(part.per_emotion.columns) == {*result.labels, "any", "specific", "shared"}
     assert part.test.index.tolist() == list(CONFIG.candidates) and part.chosen in CONFIG.candidates
@@ -293,6 +296,8 @@ def test_the_earlier_results_layout_is_read(result):
             "role_counts_per_phase",
         ):
             part.pop(key, None)
+        for row in part.get("per_layer", []):  # before the Holm-corrected test
+            row.pop("selective_beyond_control")
         for key in ("final_agreement", "chance", "n_items", "labels"):
             if "not_analysed" in part or key in ("final_agreement", "chance"):
                 part.pop(key, None)
@@ -345,7 +350,7 @@ def test_presets_and_config_checks():
         full.role_prompts,
         full.selectivity.min_items,
     ) == (
-        10,
+        None,
         200,
         1000,
         40,
@@ -394,7 +399,7 @@ def test_the_lens_is_above_chance_beyond_two_standard_errors():
 def per_layer_table(**columns) -> pd.DataFrame:
     base = {
         "selective": [0, 0, 1, 4, 9, 12],
-        "selective_exceeds_null": [False, False, False, True, True, True],
+        "selective_beyond_control": [False, False, False, True, True, True],
         "probe_resid_low": [0.1, 0.3, 0.5, 0.6, 0.7, 0.8],
         "probe_resid_control_high": [0.3] * 6,
         "probe_sae_low": [0.1, 0.1, 0.1, 0.2, 0.5, 0.7],
@@ -419,7 +424,7 @@ def test_emergence_row_on_a_hand_made_profile():
         "first layer, lens above chance (phase)": "3 (2)",  # 0.29 > 0.2 + 2 x 0.04; 0.25 is not
     }
     never = emergence_row(
-        per_layer_table(selective_exceeds_null=[False] * 6, lens_chance=[0.9] * 6), cut, 100
+        per_layer_table(selective_beyond_control=[False] * 6, lens_chance=[0.9] * 6), cut, 100
     )
     assert never["first such layer (phase)"] == "none" and never["SAE misses there"] == ""
     assert never["first layer, lens above chance (phase)"] == "none"

@@ -74,12 +74,16 @@ def selective_with_null(
     *,
     n_shuffles: int = 20,
     seed: int = 0,
+    stop_after: int | None = None,
 ) -> SelectiveCount:
-    """`features.selectivity` of SAE codes `[n_items, d_sae]` and, on `n_shuffles` seeded label permutations, how
-    many features the same rule finds by chance and how much activation they carry.
+    """`features.selectivity` of SAE codes `[n_items, d_sae]` and, on up to `n_shuffles` seeded label
+    permutations, how many features the same rule finds by chance and how much activation they carry.
 
     Permuting keeps the codes, class sizes and the label-blind feature filter, as `features.shuffled_control`
     does; this also returns each permutation's selective set's mass share, so the share has a control too.
+    `stop_after` h stops once h permutations have found at least as many features as observed (Besag and
+    Clifford's sequential test): the p-value is then large anyway, and only layers whose count the null does not
+    reach pay for every permutation. `SelectiveCount.p_value` stays valid (conservative) either way.
     """
     config = config or SelectivityConfig()
     if n_shuffles < 1:
@@ -90,12 +94,15 @@ def selective_with_null(
     labels = np.asarray(labels).astype(str)
     observed = selectivity(codes, labels, emotions, config)
     chosen = observed.selective.any(axis=1)
-    rng = np.random.default_rng(seed)
     counts, shares = [], []
-    for _ in range(n_shuffles):
-        null = selectivity(codes, rng.permutation(labels), emotions, config).selective.any(axis=1)
+    reached = 0
+    for result in permuted_selectivities(codes, labels, emotions, config, n_shuffles, seed)[1]:
+        null = result.selective.any(axis=1)
         counts.append(int(null.sum()))
         shares.append(_mass_share(codes, null))
+        reached += counts[-1] >= int(chosen.sum())
+        if stop_after is not None and reached >= stop_after:
+            break
     return SelectiveCount(
         selectivity=observed,
         count=int(chosen.sum()),
@@ -310,20 +317,56 @@ def _tie_term(acts: np.ndarray, chunk: int = 4096) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class RankedCodes:
+    """The label-blind half of `compute_selectivity` for one code matrix: which features are tested, each
+    feature's active indicator `[n, d]` and frequency, and the tested columns' midranks and tie terms.
+
+    None of it depends on the labels, so every label permutation of the same codes reuses it (what makes
+    hundreds of shuffles per layer affordable)."""
+
+    tested: FeatureMask
+    active: np.ndarray
+    frequency: np.ndarray
+    cols: np.ndarray
+    ranks: np.ndarray
+    tie: np.ndarray
+
+    @classmethod
+    def of(
+        cls, acts: np.ndarray, config: SelectivityConfig, allowed: FeatureMask | None = None
+    ) -> RankedCodes:
+        """From codes `[n, d]`: tested are `allowed` (default: `testable_features`) features that are not
+        constant."""
+        nonconstant = acts.max(axis=0) > acts.min(axis=0)
+        tested = testable_features(acts, config) if allowed is None else allowed & nonconstant
+        active = (acts > config.active_threshold).astype(acts.dtype)
+        cols = np.flatnonzero(tested)
+        chosen = acts[:, cols]
+        return cls(
+            tested=tested,
+            active=active,
+            frequency=active.mean(axis=0, dtype=np.float64),
+            cols=cols,
+            ranks=rankdata(chosen, axis=0),
+            tie=_tie_term(chosen),
+        )
+
+
 def _one_vs_rest_tests(
-    acts: np.ndarray, onehot: np.ndarray, sizes: np.ndarray
+    ranked: RankedCodes, onehot: np.ndarray, sizes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mann-Whitney U of each class against all other items, and its two-sided p-value, for every column.
+    """Mann-Whitney U of each class against all other items, and its two-sided p-value, for every ranked column.
 
     The same numbers as `scipy.stats.mannwhitneyu(inside, outside, method="asymptotic")` (tie-corrected normal
     approximation with continuity correction) class by class, from a single ranking of all items: one-vs-rest
     always ranks the same pooled sample, so ranks and ties are shared by every class. Returns `[d, E]` arrays.
     """
-    n = acts.shape[0]
-    u1 = rankdata(acts, axis=0).T @ onehot - sizes * (sizes + 1) / 2
+    n = ranked.ranks.shape[0]
+    u1 = (onehot.T @ ranked.ranks).T - sizes * (sizes + 1) / 2  # class-major: the fast product order
     n1, n2 = sizes, n - sizes
     u = np.maximum(u1, n1 * n2 - u1)
-    spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - _tie_term(acts)[:, None] / (n * (n - 1))))
+    spread = np.sqrt(n1 * n2 / 12 * ((n + 1) - ranked.tie[:, None] / (n * (n - 1))))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (u - n1 * n2 / 2 - 0.5) / spread
     return u1, np.clip(2 * ndtr(-z), 0.0, 1.0)
@@ -335,28 +378,30 @@ def compute_selectivity(
     emotions: tuple[str, ...],
     config: SelectivityConfig,
     allowed: FeatureMask | None,
+    ranked: RankedCodes | None = None,
 ) -> Selectivity:
+    """`selectivity` of encoded labels `y`; `allowed` replaces the label-blind filter, `ranked` (made from the
+    same `acts` and filter) skips ranking (label permutations share it)."""
     n, d = acts.shape
     n_emotions = len(emotions)
-    onehot = np.eye(n_emotions)[y]
-    sizes = onehot.sum(axis=0)
-    active = acts > config.active_threshold
-    sums = acts.T @ onehot
+    if ranked is None:
+        ranked = RankedCodes.of(acts, config, allowed)
+    elif ranked.active.shape != acts.shape:
+        raise FeatureError(f"ranked codes of shape {ranked.active.shape} for codes of shape {acts.shape}")
+    tested = ranked.tested
+    onehot = np.eye(n_emotions, dtype=acts.dtype)[y]
+    sizes = onehot.sum(axis=0, dtype=np.float64)
+    sums = (onehot.T @ acts).T.astype(np.float64)
     mean_in = sums / sizes
     mean_out = (sums.sum(axis=1, keepdims=True) - sums) / (n - sizes)
-    rate_in = active.T.astype(np.float64) @ onehot / sizes
-    tested = (
-        testable_features(acts, config)
-        if allowed is None
-        else allowed & (acts.max(axis=0) > acts.min(axis=0))
-    )
+    rate_in = (onehot.T @ ranked.active).T.astype(np.float64) / sizes
     auroc = np.full((d, n_emotions), np.nan)
     p_value = np.full((d, n_emotions), np.nan)
     q_value = np.full((d, n_emotions), np.nan)
-    cols = np.flatnonzero(tested)
+    cols = ranked.cols
     if cols.size:
         # U of each emotion's items; midranks handle the many ties at zero; AUROC = U / (n_pos n_neg).
-        u1, p = _one_vs_rest_tests(acts[:, cols], onehot, sizes)
+        u1, p = _one_vs_rest_tests(ranked, onehot, sizes)
         auroc[cols] = u1 / (sizes * (n - sizes))
         p_value[cols] = p
         q_value[cols] = false_discovery_control(p_value[cols].ravel(), method="bh").reshape(-1, n_emotions)
@@ -373,7 +418,7 @@ def compute_selectivity(
         mean_in=mean_in,
         mean_out=mean_out,
         rate_in=rate_in,
-        frequency=active.mean(axis=0),
+        frequency=ranked.frequency,
         tested=tested,
         selective=selective,
     )
@@ -520,10 +565,11 @@ def permuted_selectivities(
     if n_shuffles < 1:
         raise FeatureError(f"n_shuffles must be at least 1, not {n_shuffles}")
     acts, y, emotions = prepare_codes(codes, labels, emotions, config)
-    allowed = testable_features(acts, config)
+    ranked = RankedCodes.of(acts, config)
     rng = np.random.default_rng(seed)
     results = (
-        compute_selectivity(acts, rng.permutation(y), emotions, config, allowed) for _ in range(n_shuffles)
+        compute_selectivity(acts, rng.permutation(y), emotions, config, ranked.tested, ranked)
+        for _ in range(n_shuffles)
     )
     return emotions, results
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
+from statsmodels.stats.multitest import multipletests
 
 from emolib.lm.models import LoadedModel, load_model
 from emolib.methods.cards import promoted_tokens, top_activating
@@ -61,7 +64,7 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
-STUDY_VERSION = "1"
+STUDY_VERSION = "2"  # 2: enough shuffles per layer for a Holm correction across layers
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -208,7 +211,9 @@ class FlowConfig:
 
     `preset` keys the items and SAEs the study reads (`items`, `saes`). Per layer: `probe` reads the gold emotion
     from the residual stream and the SAE codes; `selectivity` decides which features are emotion-selective, beside
-    `n_shuffles` label permutations; the phase profile averages `profile_metrics` over items and is cut into
+    label permutations (`n_shuffles`; None: enough that the smallest permutation p-value passes a Holm
+    correction at `layer_alpha` across every layer, stopping a layer's shuffles once `shuffle_stop` of them reach
+    its count); the phase profile averages `profile_metrics` over items and is cut into
     `candidates` phase counts, its boundaries resampled `n_boot` times. Feature roles come from every token of
     `role_prompts` analysis prompts (`roles` thresholds). `subsets` names the item subsets ("all", "correct");
     on correct items an emotion with fewer than `selectivity.min_items` items is left out.
@@ -217,7 +222,9 @@ class FlowConfig:
     preset: str = "full"
     items: AnalysisConfig = field(default_factory=AnalysisConfig)
     saes: SuiteConfig = field(default_factory=SuiteConfig)
-    n_shuffles: int = 10
+    n_shuffles: int | None = None
+    shuffle_stop: int = 10
+    layer_alpha: float = 0.05
     n_boot: int = 200
     role_prompts: int = 40
     probe: ProbeConfig = field(
@@ -239,8 +246,17 @@ class FlowConfig:
             raise FlowError(
                 f"the candidates must include three phases (the claim tested), got {self.candidates}"
             )
-        if min(self.n_shuffles, self.n_boot, self.role_prompts) < 1:
-            raise FlowError("n_shuffles, n_boot and role_prompts must be at least 1")
+        if min(self.n_shuffles or 1, self.shuffle_stop, self.n_boot, self.role_prompts) < 1:
+            raise FlowError("n_shuffles, shuffle_stop, n_boot and role_prompts must be at least 1")
+        if not 0 < self.layer_alpha < 1:
+            raise FlowError(f"layer_alpha must be in (0, 1), not {self.layer_alpha}")
+
+    def shuffles_for(self, n_layers: int) -> int:
+        """Label permutations per layer: `n_shuffles`, or (None) the fewest whose smallest p-value, 1 / (1 + n),
+        is below `layer_alpha / n_layers`, the first threshold of a Holm correction across the layers."""
+        if self.n_shuffles is not None:
+            return self.n_shuffles
+        return math.floor(Fraction(n_layers) / Fraction(str(self.layer_alpha)))  # exact: 18 / 0.05 is 360
 
     def with_overrides(self, **overrides: Any) -> FlowConfig:
         """This config with the given fields replaced, ignoring those given as None (a chapter's optional
@@ -252,6 +268,8 @@ class FlowConfig:
         return {
             "preset": self.preset,
             "n_shuffles": self.n_shuffles,
+            "shuffle_stop": self.shuffle_stop,
+            "layer_alpha": self.layer_alpha,
             "n_boot": self.n_boot,
             "role_prompts": self.role_prompts,
             "probe": {"folds": self.probe.folds, "C": self.probe.C, "n_boot": self.probe.n_boot},
@@ -336,7 +354,15 @@ def _measure_layer(
     probe_h = probe_accuracy(h, gold, config.probe)
     active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
     probe_z = probe_accuracy(z[:, active], gold, config.probe)
-    sel = selective_with_null(z, gold, labels, config.selectivity, n_shuffles=config.n_shuffles, seed=layer)
+    sel = selective_with_null(
+        z,
+        gold,
+        labels,
+        config.selectivity,
+        n_shuffles=config.shuffles_for(len(aset.layers)),
+        seed=layer,
+        stop_after=config.shuffle_stop,
+    )
     lens = logit_lens(lm.model, h, groups)
     lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
     p_gold = at_gold(lens.renormalised, gold, aset.labels)
@@ -389,6 +415,11 @@ def _measure(
         (last.lens_pred == aset.predicted[idx]).mean()
     )  # last layer: the lens is the classifier
     frame = pd.DataFrame([m.row for m in layers.values()]).set_index("layer")
+    frame["selective_p_holm"] = multipletests(frame["selective_p"], method="holm")[1]
+    frame["selective_beyond_control"] = (frame["selective_p_holm"] < config.layer_alpha) & (
+        frame["selective"] > 0
+    )
+    frame["selective_shuffles"] = [len(m.selective.null_counts) for m in layers.values()]
     cka = consecutive_cka({layer: m.resid for layer, m in layers.items()}, seed=0)
     frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
     per_emotion = pd.DataFrame(
@@ -543,7 +574,7 @@ def _verdicts(
 ) -> dict[str, Verdict]:
     t = measured.table
     phase = cut.point.phase_of(t.index.tolist())
-    present = t["selective_exceeds_null"].astype(bool)
+    present = t["selective_beyond_control"].astype(bool)
     excess = t["selective"] - t["selective_null_mean"]
     return {
         "three_phases": three_phase_verdict(test.chosen, test.at_largest, cut.counts.get(3, 0.0)),
@@ -828,7 +859,7 @@ class SubsetFlow:
             items=payload.get("items", SUBSETS.get(subset, subset)),
             n_items=int(payload["n_items"]),
             labels=labels,
-            per_layer=table(payload["per_layer"], "layer"),
+            per_layer=_with_beyond_control(table(payload["per_layer"], "layer")),
             per_emotion=table(payload["selective_per_emotion"], "layer"),
             test=test_table,
             chosen=int(test["chosen"]),
@@ -849,6 +880,14 @@ class SubsetFlow:
         )
 
 
+def _with_beyond_control(per_layer: pd.DataFrame) -> pd.DataFrame:
+    """Results files written before the Holm-corrected test carry only "more than every permutation" (an
+    uncorrected rule): read it as such, so earlier books still render."""
+    if "selective_beyond_control" not in per_layer.columns:
+        per_layer = per_layer.assign(selective_beyond_control=per_layer["selective_exceeds_null"])
+    return per_layer
+
+
 def first_layer(mask: pd.Series) -> int | None:
     """The first layer where `mask` (indexed by layer) is True, or None."""
     hits = mask[mask.astype(bool)].index
@@ -858,14 +897,15 @@ def first_layer(mask: pd.Series) -> int | None:
 def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[str, Any]:
     """Where emotion information first appears in one subset's per-layer table, and in which phase of `cut`.
 
-    Selective features: the first layer whose count exceeds every label permutation's. A probe is above its
+    Selective features: the first layer whose count beats the label permutations (Holm-corrected across layers,
+    `selective_beyond_control`). A probe is above its
     control where the lower end of its accuracy interval lies above the upper end of the shuffled-label control's;
     the lens is above chance where its accuracy exceeds the permutation chance by more than two binomial standard
     errors (`emolib.methods.lens.above_permutation_chance`).
     """
     t = per_layer
     phase = cut.phase_of(t.index.tolist())
-    first_sel = first_layer(t["selective_exceeds_null"].astype(bool))
+    first_sel = first_layer(t["selective_beyond_control"].astype(bool))
     first_probe = first_layer(t["probe_resid_low"] > t["probe_resid_control_high"])
     first_probe_sae = first_layer(t["probe_sae_low"] > t["probe_sae_control_high"])
     first_lens = first_layer(above_permutation_chance(t["lens_accuracy"], t["lens_chance"], n_items))
@@ -874,7 +914,7 @@ def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[
         return "none" if layer is None else f"{layer} ({phase[layer]})"
 
     return {
-        "layers with features beyond control": int(t["selective_exceeds_null"].astype(bool).sum()),
+        "layers with features beyond control": int(t["selective_beyond_control"].astype(bool).sum()),
         "first such layer (phase)": where(first_sel),
         "SAE misses there": "" if first_sel is None else t.loc[first_sel, "sae_misses"],
         "peak count (layer)": f"{t['selective'].max()} ({t['selective'].idxmax()})",
