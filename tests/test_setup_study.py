@@ -16,7 +16,7 @@ from emolib.lm.models import BOOK_MODELS, MODELS
 from emolib.pipeline.book import PRESETS as BOOK_PRESETS
 from emolib.sae.suite import SuiteConfig
 from emolib.studies import setup as setup_study
-from emolib.studies.base import combined, plain
+from emolib.studies.base import combined, plain, write_study_results
 from emolib.studies.features import FeaturesConfig
 from emolib.studies.flow import FlowConfig
 from emolib.studies.items import AnalysisConfig
@@ -254,3 +254,26 @@ def test_setup_calibrates_every_dataset_without_labels(tiny_lm, tmp_cache, built
     assert row["macro-F1, contextual calibration"].count("[") == 1 and row["recognised (zero-shot)"].endswith(
         "of 7"
     )
+
+
+def test_later_chapters_say_how_many_of_their_emotions_the_model_recognises(
+    tiny_lm, tmp_cache, builtin_only, tmp_path, monkeypatch
+):
+    """Each model's verdict notes count the recognised emotions from chapter 0's results file; a model or file
+    chapter 0 did not produce is said to be unknown, never left out."""
+    monkeypatch.setenv("EMOLIB_BUILD_DIR", str(tmp_path / "build"))
+    missing = setup_study.recognition_notes(["tiny"], "builtin", preset="quick")
+    assert list(missing) == ["tiny"] and "unknown" in missing["tiny"][0]
+    result = run_setup(tiny_lm, TINY_SETUP)
+    write_study_results("00_setup", {"tiny": result}, preset="quick", config={})
+    notes = setup_study.recognition_notes(["tiny", "other"], "builtin", preset="quick")
+    recognised = result.recognised("builtin")
+    assert (
+        f"recognises {len(recognised)} of them" in notes["tiny"][0]
+        and "7 emotions of builtin" in notes["tiny"][0]
+    )
+    for label in result.summaries["builtin"]["summary"]["labels"]:
+        assert label in notes["tiny"][0]  # named as recognised or as not
+    assert "unknown" in notes["other"][0]
+    assert "unknown" in setup_study.recognition_notes(["tiny"], "isear", preset="quick")["tiny"][0]
+    assert "unknown" in setup_study.recognition_notes(["tiny"], "builtin", preset="full")["tiny"][0]

@@ -38,6 +38,10 @@ class AnalysisConfig:
     )
     extraction_batch_size: int = 16
 
+    def dataset_name(self) -> str:
+        """The dataset the items come from (`dataset`, or the default)."""
+        return self.dataset or default_dataset()
+
 
 def default_dataset() -> str:
     """The paper's dataset when it is available, else the built-in one."""
@@ -92,7 +96,7 @@ class AnalysisSet:
 def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig) -> AnalysisSet:
     """Build (or read from the caches) the analysis set of `lm` (`preset` names the cache entry: a preset's
     chapters share one set; configs per preset in `emolib.studies.presets`)."""
-    dataset = config.dataset or default_dataset()
+    dataset = config.dataset_name()
     parts_of_splits = [
         evaluation_items(
             dataset,

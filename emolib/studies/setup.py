@@ -4,7 +4,7 @@ label list moves it."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,8 +24,9 @@ from emolib.lm.baselines import (
 )
 from emolib.lm.calibration import CALIBRATIONS
 from emolib.lm.models import LoadedModel, load_model
+from emolib.pipeline.results import ResultsMissingError, ResultsPresetError
 from emolib.stats import Estimate, confusion, format_interval
-from emolib.studies.base import cached_result, records, table
+from emolib.studies.base import cached_result, read_study_results, records, table
 from emolib.verdicts import preset_note
 
 #: Bump when the setup study's numbers change meaning, so cached results are recomputed.
@@ -435,3 +436,37 @@ def scale_reference_findings(results: Mapping[str, SetupResult], references: lis
 def confusion_matrices(results: Mapping[str, SetupResult]) -> dict[tuple[str, str], pd.DataFrame]:
     """`{(model, dataset): confusion matrix}` for the confusion grid."""
     return {(m, d): matrix for m, r in results.items() for d, matrix in r.confusions.items()}
+
+
+def recognition_note(result: SetupResult | None, dataset: str, method: str = "zero-shot") -> str:
+    """The line every later chapter's verdicts carry for one model: how many of the emotions they cover (those of
+    `dataset`) the model recognises by chapter 0's rule, and which. A model chapter 0 has not evaluated on
+    `dataset` gets a line that says so: its verdicts then rest on emotions not known to be recognised."""
+    if result is None or dataset not in result.calibration:
+        return (
+            f"Chapter 0 has no {method} result for this model on {dataset}: whether it recognises the emotions "
+            "these verdicts cover is unknown"
+        )
+    rows = result.calibration[dataset][method]["recognition"]
+    recognised = [r["label"] for r in rows if r["recognised"]]
+    others = [r["label"] for r in rows if not r["recognised"]]
+    text = (
+        f"These verdicts cover {len(rows)} emotions of {dataset}; the model recognises {len(recognised)} of them "
+        f"{method} (chapter 0: recall above the label's false-answer rate)"
+    )
+    text += f": {', '.join(recognised)}" if recognised else ""
+    if others:
+        text += f". Findings about {', '.join(others)} describe a model that does not recognise them"
+    return text
+
+
+def recognition_notes(
+    models: Sequence[str], dataset: str, preset: str | None = None, method: str = "zero-shot"
+) -> dict[str, list[str]]:
+    """`recognition_note` per model from chapter 0's results file (every model gets a line; a missing file or model
+    is said, not skipped)."""
+    try:
+        results = read_study_results("00_setup", SetupResult, preset=preset)
+    except (ResultsMissingError, ResultsPresetError):  # said in each model's line, not an error
+        results = {}
+    return {model: [recognition_note(results.get(model), dataset, method)] for model in models}
