@@ -588,6 +588,29 @@ def test_role_mass_shares_sum_to_one():
 def test_three_phase_verdict(chosen, at_largest, share, expected):
     verdict = flow.three_phase_verdict(chosen, at_largest, share)
     assert verdict.verdict == expected and verdict.reason and verdict.rule == "three_phase_verdict"
+    # a smooth trend that fits at least as well as three phases overrules whatever the count test chose
+    trend = flow.three_phase_verdict(chosen, at_largest, share, beats_trend=False, r2=(0.80, 0.85))
+    assert trend.verdict == "does not hold" and "smooth trend" in trend.reason and "0.85" in trend.reason
+    assert flow.three_phase_verdict(chosen, at_largest, share, beats_trend=True).verdict == expected
+
+
+def test_a_smooth_trend_beats_three_phases_on_a_ramp_and_loses_on_steps():
+    """The alternative can win: a linear ramp across 24 layers is fitted better by a cubic than by three steps;
+    three clean steps are not."""
+    layers = np.arange(24)
+    rng = np.random.default_rng(0)
+    ramp = phases.layer_profile({m: layers / 23 + rng.normal(0, 0.02, 24) for m in ("a", "b", "c")})
+    steps = phases.layer_profile(
+        {m: np.repeat([0.0, 1.0, 3.0], 8) + rng.normal(0, 0.02, 24) for m in ("a", "b", "c")}
+    )
+    on_ramp = phases.phase_count_test(ramp, (1, 2, 3, 4))
+    on_steps = phases.phase_count_test(steps, (1, 2, 3, 4))
+    assert on_ramp.three_beats_trend is False and on_ramp.trend_r2 > on_ramp.table.loc[3, "r2"]
+    assert on_steps.three_beats_trend is True and on_steps.chosen == 3
+    assert phases.phase_count_test(steps, (1, 2)).three_beats_trend is None
+    assert phases.feasible_candidates(range(1, 9), 13) == (1, 2, 3, 4, 5, 6)
+    with pytest.raises(FlowError, match="degree-3 trend"):
+        phases.trend_cost(steps.iloc[:3])
 
 
 def test_late_emergence_verdict():

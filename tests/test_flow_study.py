@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from emolib.methods.common import FlowError
 from emolib.methods.lens import above_permutation_chance
+from emolib.methods.phases import feasible_candidates
 from emolib.sae.activations import ExtractionConfig
 from emolib.sae.corpus import CorpusConfig
 from emolib.sae.suite import SuiteConfig
@@ -191,7 +192,8 @@ def test_quick_study_on_a_tiny_model(result, lm):
     assert (layers["selective_beyond_control"] == (layers["selective_p_holm"] < CONFIG.layer_alpha)).all()
     assert part.n_items == result.facts["items"] and part.chance == pytest.approx(1 / len(result.labels))
     assert set(part.per_emotion.columns) == {*result.labels, "any", "specific", "shared"}
-    assert part.test.index.tolist() == list(CONFIG.candidates) and part.chosen in CONFIG.candidates
+    feasible = feasible_candidates(CONFIG.candidates, N_LAYERS)  # phases of two layers or more
+    assert part.test.index.tolist() == list(feasible) == [1, 2, 3, 4] and part.chosen in feasible
     assert part.choice_shares.sum() == pytest.approx(1.0)
     three = result.cut(3)
     assert len(three.phases) == 3 and len(three.intervals) == 2
@@ -223,7 +225,7 @@ def test_the_views_cover_every_subset(result):
         flow.SUBSETS[s] for s in result.subsets
     ]
     assert len(result.phase_table()) == len(analysed)
-    assert len(result.test_table()) == len(analysed) * len(CONFIG.candidates)
+    assert len(result.test_table()) == len(analysed) * len(feasible_candidates(CONFIG.candidates, N_LAYERS))
     assert len(result.emergence_table()) == len(analysed)
     assert len(result.role_table()) == 3 * len(analysed)
     layers = result.layer_table("all")
@@ -358,7 +360,7 @@ def test_presets_and_config_checks():
     )
     assert full == flow.FlowConfig() and (quick.probe.C, quick.probe.max_iter) == (0.1, 3000)
     assert quick.with_overrides(n_boot=None, n_shuffles=7).n_shuffles == 7
-    assert quick.summary()["candidates"] == [1, 2, 3, 4]
+    assert quick.summary()["candidates"] == [1, 2, 3, 4, 5, 6, 7, 8]
     with pytest.raises(FlowError, match="profile metrics"):
         flow.FlowConfig(profile_metrics=(("cka", "CKA"),))
     with pytest.raises(FlowError, match="subsets"):
@@ -451,6 +453,7 @@ def test_verdicts_carry_their_rule_and_numbers():
         "chosen": 2,
         "at_largest": False,
         "share_three": 0.1,
+        "three_beats_trend": None,
     }
     assert verdict.reason == "the test chooses 2 phase(s), not three (10% of item resamples choose three)"
     layers = pd.Index(range(6), name="layer")

@@ -195,6 +195,26 @@ def calibrated_penalty(
     return float(np.quantile(ratio, level) * (s**2).sum())
 
 
+def trend_cost(profile: pd.DataFrame, degree: int = 3) -> float:
+    """Residual cost of the smooth alternative to phases: a polynomial of `degree` in layer position fitted to
+    each z-scored metric (least squares), in the units of `Segmentation.cost`.
+
+    A cubic per metric has 4 free values per metric; three phases have 3 means per metric and 2 shared boundary
+    positions, so for more than two metrics the trend has the more parameters: three phases that fit worse than
+    it are not a better description than "a trend"."""
+    signal = standardised(profile)
+    if degree < 0 or degree + 1 > len(signal):
+        raise FlowError(f"a degree-{degree} trend needs more than {degree} layers, got {len(signal)}")
+    basis = np.vander(np.linspace(-1.0, 1.0, len(signal)), degree + 1)
+    coef, *_ = np.linalg.lstsq(basis, signal, rcond=None)
+    return float(((signal - basis @ coef) ** 2).sum())
+
+
+def feasible_candidates(candidates: Sequence[int], n_layers: int, min_size: int = 2) -> tuple[int, ...]:
+    """The candidate phase counts whose phases of at least `min_size` layers fit in `n_layers`."""
+    return tuple(k for k in sorted(set(candidates)) if k * min_size <= n_layers)
+
+
 @dataclass
 class PhaseCountTest:
     """Best segmentation per candidate phase count, and the count the penalised cost prefers.
@@ -210,6 +230,21 @@ class PhaseCountTest:
     chosen: int
     penalty: float
     segmentations: dict[int, Segmentation]
+    trend_cost: float = float("nan")
+    trend_degree: int = 3
+    total_cost: float = float("nan")
+
+    @property
+    def trend_r2(self) -> float:
+        """Share of the z-scored profile's variance the smooth trend explains (comparable with `table["r2"]`)."""
+        return 1 - self.trend_cost / self.total_cost if self.total_cost > 0 else float("nan")
+
+    @property
+    def three_beats_trend(self) -> bool | None:
+        """Three phases leave less residual than the smooth trend (None: three is not a candidate)."""
+        if 3 not in self.table.index or not np.isfinite(self.trend_cost):
+            return None
+        return bool(self.table.loc[3, "cost"] < self.trend_cost)
 
     @property
     def at_largest(self) -> bool:
@@ -227,8 +262,10 @@ def phase_count_test(
     sd: Sequence[float] | None = None,
     min_size: int = 2,
     seed: int = 0,
+    trend_degree: int = 3,
 ) -> PhaseCountTest:
-    """Which number of phases the profile supports, among `candidates`, by penalised least squares.
+    """Which number of phases the profile supports, among `candidates`, by penalised least squares, beside the
+    residual of a smooth trend (`trend_cost` of `trend_degree`) that the phases must beat.
 
     More phases always fit better, so every change point must buy a cost drop larger than `penalty`: a number,
     or "calibrated" (`calibrated_penalty`: about a 5% chance that noise alone adds a phase) or "bic"
@@ -277,8 +314,15 @@ def phase_count_test(
         },
         index=pd.Index(candidates, name="n_phases"),
     )
+    trend = trend_cost(profile, trend_degree) if trend_degree + 1 <= len(signal) else float("nan")
     return PhaseCountTest(
-        table=table, chosen=candidates[chosen_at], penalty=penalty, segmentations=segmentations
+        table=table,
+        chosen=candidates[chosen_at],
+        penalty=penalty,
+        segmentations=segmentations,
+        trend_cost=trend,
+        trend_degree=trend_degree,
+        total_cost=total,
     )
 
 

@@ -40,6 +40,7 @@ from emolib.methods.phases import (
     BoundaryBootstrap,
     PhaseCountTest,
     bootstrap_boundaries,
+    feasible_candidates,
     item_metric_profile,
     phase_count_test,
 )
@@ -91,25 +92,43 @@ CARD_ROLES = ("template", "content", "emotion")
 # ------------------------------------------------------------------------------------------------ verdict rules
 
 
-def three_phase_verdict(chosen: int, at_largest: bool, share_three: float | None) -> Verdict:
-    """Verdict on "three phases" from the phase-count test and its bootstrap.
+def three_phase_verdict(
+    chosen: int,
+    at_largest: bool,
+    share_three: float | None,
+    beats_trend: bool | None = None,
+    r2: tuple[float, float] | None = None,
+) -> Verdict:
+    """Verdict on "three phases" from the phase-count test, its bootstrap and the smooth alternative.
 
-    holds: the test chooses 3 and at least half of the item resamples do too; partly: it chooses 3 but fewer
-    than half of the resamples do, or it chooses another count while at least a quarter of the resamples choose
-    3; inconclusive: the largest candidate wins (a smooth trend or more phases than tested: no count is
-    supported); does not hold: otherwise. `share_three` is the share of resamples choosing 3 (None: no bootstrap).
+    does not hold: a smooth trend (a cubic per metric) fits the profile at least as well as the best three-phase
+    cut (`beats_trend` False; `r2` = (three phases, trend) for the reason); inconclusive: the largest candidate
+    wins (more phases than tested: no count is supported); holds: the test chooses 3 and at least half of the item
+    resamples do too; partly: it chooses 3 but fewer than half of the resamples do, or it chooses another count
+    while at least a quarter of the resamples choose 3; does not hold: otherwise. `share_three` is the share of
+    resamples choosing 3 (None: no bootstrap); `beats_trend` None means no trend was fitted.
     """
     share = np.nan if share_three is None else float(share_three)
     numbers = {
         "chosen": int(chosen),
         "at_largest": bool(at_largest),
         "share_three": None if share_three is None else share,
+        "three_beats_trend": beats_trend,
     }
+    if r2 is not None:
+        numbers |= {"r2_three_phases": float(r2[0]), "r2_trend": float(r2[1])}
 
     def verdict(decision: str, reason: str) -> Verdict:
         return Verdict(decision, reason, numbers, rule="three_phase_verdict")
 
     boot = "no bootstrap" if share_three is None else f"{share:.0%} of item resamples choose three"
+    if beats_trend is False:
+        fit = "" if r2 is None else f" (R^2 {r2[1]:.2f} against {r2[0]:.2f})"
+        return verdict(
+            "does not hold",
+            f"a smooth trend fits the profile at least as well as the best three phases{fit}: the profile is "
+            f"not a few steps; the test chooses {chosen} phase(s), {boot}",
+        )
     if at_largest:
         return verdict(
             "inconclusive",
@@ -231,7 +250,7 @@ class FlowConfig:
         default_factory=lambda: ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=1000, seed=0)
     )
     selectivity: SelectivityConfig = field(default_factory=lambda: SelectivityConfig(min_items=10))
-    candidates: tuple[int, ...] = (1, 2, 3, 4)
+    candidates: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     roles: RoleConfig = field(default_factory=RoleConfig)
     profile_metrics: tuple[tuple[str, str], ...] = tuple(PROFILE_METRICS.items())
     subsets: tuple[tuple[str, str], ...] = tuple(SUBSETS.items())
@@ -445,11 +464,10 @@ def _phases(measured: _Measured, config: FlowConfig) -> tuple[PhaseCountTest, di
     layers = measured.table.index.tolist()
     profile_fn = functools.partial(item_metric_profile, measured.values, layers=layers)
     profile = profile_fn(np.arange(len(measured.idx)))
-    test = phase_count_test(profile, config.candidates, penalty="calibrated", seed=0)
+    candidates = feasible_candidates(config.candidates, len(layers))
+    test = phase_count_test(profile, candidates, penalty="calibrated", seed=0)
     n = len(measured.idx)
-    boots = {
-        3: bootstrap_boundaries(profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=config.candidates)
-    }
+    boots = {3: bootstrap_boundaries(profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=candidates)}
     if test.chosen not in boots and test.chosen > 1:
         boots[test.chosen] = bootstrap_boundaries(profile_fn, n, test.chosen, n_boot=config.n_boot, seed=0)
     return test, boots
@@ -577,10 +595,19 @@ def _verdicts(
     present = t["selective_beyond_control"].astype(bool)
     excess = t["selective"] - t["selective_null_mean"]
     return {
-        "three_phases": three_phase_verdict(test.chosen, test.at_largest, cut.counts.get(3, 0.0)),
+        "three_phases": three_phase_verdict(
+            test.chosen, test.at_largest, cut.counts.get(3, 0.0), test.three_beats_trend, _r2_pair(test)
+        ),
         "late_emotion": late_emergence_verdict(present, excess, phase),
         "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
     }
+
+
+def _r2_pair(test: PhaseCountTest) -> tuple[float, float] | None:
+    """(R^2 of the best three phases, R^2 of the smooth trend) on the z-scored profile."""
+    if test.three_beats_trend is None:
+        return None
+    return float(test.table.loc[3, "r2"]), test.trend_r2
 
 
 def _phase_cut(boot: BoundaryBootstrap) -> PhaseCut:
@@ -629,6 +656,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             test=test.table,
             chosen=test.chosen,
             penalty=test.penalty,
+            trend_r2=test.trend_r2,
             choice_shares=boots[3].counts,
             cuts={k: _phase_cut(boot) for k, boot in boots.items()},
             boundary_frequency=boots[3].boundary_frequency(),
@@ -801,6 +829,7 @@ class SubsetFlow:
     role_counts: pd.DataFrame | None = None
     role_counts_per_phase: pd.DataFrame | None = None
     final_agreement: float | None = None
+    trend_r2: float | None = None  # share of the profile's variance the smooth (cubic) trend explains
 
     @property
     def at_largest(self) -> bool:
@@ -823,6 +852,7 @@ class SubsetFlow:
                 "table": records(self.test),
                 "chosen": self.chosen,
                 "penalty": self.penalty,
+                "trend_r2": self.trend_r2,
                 "bootstrap_choice_shares": {str(k): float(v) for k, v in self.choice_shares.items()},
             },
             "boundaries": {str(k): cut.to_json() for k, cut in self.cuts.items()},
@@ -864,6 +894,7 @@ class SubsetFlow:
             test=test_table,
             chosen=int(test["chosen"]),
             penalty=float(test["penalty"]),
+            trend_r2=test.get("trend_r2"),
             choice_shares=pd.Series(
                 {int(k): float(v) for k, v in shares.items()}, dtype=float, name="proportion"
             ).rename_axis("n_phases"),
@@ -1112,6 +1143,8 @@ class FlowResult:
         tests = []
         for part in self.analysed.values():
             t = part.test.copy()
+            if part.trend_r2 is not None:  # the smooth alternative three phases must beat
+                t.insert(t.columns.get_loc("r2") + 1, "r2 of a cubic trend", part.trend_r2)
             t.insert(0, "items", part.items)
             t.insert(0, "model", self.model)
             tests.append(t.reset_index().set_index(["model", "items", "n_phases"]))
