@@ -17,6 +17,7 @@ from emolib.methods import lens, phases, probes, roles, selectivity, similarity
 from emolib.methods.common import FlowError
 from emolib.methods.probes import ProbeConfig
 from emolib.methods.selectivity import SelectivityConfig
+from emolib.stats import Estimate
 from emolib.studies import flow
 from emolib.studies.flow import FlowConfig
 
@@ -592,6 +593,29 @@ def test_three_phase_verdict(chosen, at_largest, share, expected):
     trend = flow.three_phase_verdict(chosen, at_largest, share, beats_trend=False, r2=(0.80, 0.85))
     assert trend.verdict == "does not hold" and "smooth trend" in trend.reason and "0.85" in trend.reason
     assert flow.three_phase_verdict(chosen, at_largest, share, beats_trend=True).verdict == expected
+
+
+def test_boundaries_that_rest_on_one_metric_make_three_phases_partly():
+    """Three metrics step at layers 8 and 16; a fourth (a lens quantity, say) steps only at 20. The full cut's
+    second boundary sits between 16 and 20; without the odd metric it returns to 16: if that leaves the
+    bootstrap interval, "holds" becomes "partly"."""
+    rng = np.random.default_rng(1)
+    steps = {m: np.repeat([0.0, 1.0, 2.0], 8) + rng.normal(0, 0.01, 24) for m in ("a", "b", "c")}
+    odd = np.r_[np.zeros(20), np.full(4, 8.0)]
+    profile = phases.layer_profile({**steps, "lens": odd})
+    without = phases.leave_one_metric_out(profile, 3)
+    assert without["lens"] == (8, 16) and set(without) == {"a", "b", "c", "lens"}
+    full = phases.segment_phases(profile, 3).boundaries
+    cut = flow.PhaseCut(
+        phases=((0, full[0] - 1), (full[0], full[1] - 1), (full[1], 23)),
+        intervals=tuple(Estimate(float(b), float(b), float(b)) for b in full),
+    )
+    moved = flow.moved_boundaries(cut, without)
+    assert full != (8, 16) and moved and "lens" in moved
+    verdict = flow.three_phase_verdict(3, False, 0.9, beats_trend=True, moved=moved)
+    assert verdict.verdict == "partly" and "lens" in verdict.reason
+    assert flow.three_phase_verdict(3, False, 0.9, beats_trend=True).verdict == "holds"
+    assert phases.leave_one_metric_out(phases.layer_profile({"a": steps["a"]})) == {}
 
 
 def test_a_smooth_trend_beats_three_phases_on_a_ramp_and_loses_on_steps():

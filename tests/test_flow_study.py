@@ -194,6 +194,9 @@ def test_quick_study_on_a_tiny_model(result, lm):
     assert set(part.per_emotion.columns) == {*result.labels, "any", "specific", "shared"}
     feasible = feasible_candidates(CONFIG.candidates, N_LAYERS)  # phases of two layers or more
     assert part.test.index.tolist() == list(feasible) == [1, 2, 3, 4] and part.chosen in feasible
+    assert set(part.boundaries_without) == {m for m, _ in CONFIG.profile_metrics}
+    assert all(len(b) == 2 for b in part.boundaries_without.values())
+    assert len(result.leave_one_out_table()) == len(result.analysed) * (1 + len(CONFIG.profile_metrics))
     assert part.choice_shares.sum() == pytest.approx(1.0)
     three = result.cut(3)
     assert len(three.phases) == 3 and len(three.intervals) == 2
@@ -454,6 +457,7 @@ def test_verdicts_carry_their_rule_and_numbers():
         "at_largest": False,
         "share_three": 0.1,
         "three_beats_trend": None,
+        "boundaries_move_without": "",
     }
     assert verdict.reason == "the test chooses 2 phase(s), not three (10% of item resamples choose three)"
     layers = pd.Index(range(6), name="layer")

@@ -210,6 +210,19 @@ def trend_cost(profile: pd.DataFrame, degree: int = 3) -> float:
     return float(((signal - basis @ coef) ** 2).sum())
 
 
+def leave_one_metric_out(profile: pd.DataFrame, n_phases: int = 3, min_size: int = 2) -> dict[str, tuple]:
+    """The best `n_phases` cut's boundaries when each metric is dropped in turn, by dropped metric: a boundary
+    that only one metric draws (e.g. a logit-lens quantity that rises mechanically at the end) moves or vanishes.
+    """
+    profile = _checked_profile(profile)
+    if profile.shape[1] < 2:
+        return {}
+    return {
+        str(metric): segment_phases(profile.drop(columns=metric), n_phases, min_size=min_size).boundaries
+        for metric in profile.columns
+    }
+
+
 def feasible_candidates(candidates: Sequence[int], n_layers: int, min_size: int = 2) -> tuple[int, ...]:
     """The candidate phase counts whose phases of at least `min_size` layers fit in `n_layers`."""
     return tuple(k for k in sorted(set(candidates)) if k * min_size <= n_layers)

@@ -42,6 +42,7 @@ from emolib.methods.phases import (
     bootstrap_boundaries,
     feasible_candidates,
     item_metric_profile,
+    leave_one_metric_out,
     phase_count_test,
 )
 from emolib.methods.probes import ProbeConfig, probe_accuracy
@@ -92,12 +93,22 @@ CARD_ROLES = ("template", "content", "emotion")
 # ------------------------------------------------------------------------------------------------ verdict rules
 
 
+def moved_boundaries(cut: PhaseCut, without: Mapping[str, Sequence[int]]) -> list[str]:
+    """The dropped metrics whose leave-one-out cut puts a boundary outside the full cut's bootstrap interval."""
+    moved = []
+    for metric, boundaries in without.items():
+        if any(not e.low <= b <= e.high for e, b in zip(cut.intervals, boundaries, strict=True)):
+            moved.append(metric)
+    return moved
+
+
 def three_phase_verdict(
     chosen: int,
     at_largest: bool,
     share_three: float | None,
     beats_trend: bool | None = None,
     r2: tuple[float, float] | None = None,
+    moved: Sequence[str] = (),
 ) -> Verdict:
     """Verdict on "three phases" from the phase-count test, its bootstrap and the smooth alternative.
 
@@ -106,7 +117,9 @@ def three_phase_verdict(
     wins (more phases than tested: no count is supported); holds: the test chooses 3 and at least half of the item
     resamples do too; partly: it chooses 3 but fewer than half of the resamples do, or it chooses another count
     while at least a quarter of the resamples choose 3; does not hold: otherwise. `share_three` is the share of
-    resamples choosing 3 (None: no bootstrap); `beats_trend` None means no trend was fitted.
+    resamples choosing 3 (None: no bootstrap); `beats_trend` None means no trend was fitted. `moved` names the
+    profile metrics without which a boundary leaves its bootstrap interval: a "holds" then becomes "partly" (the
+    phases rest on one metric).
     """
     share = np.nan if share_three is None else float(share_three)
     numbers = {
@@ -114,6 +127,7 @@ def three_phase_verdict(
         "at_largest": bool(at_largest),
         "share_three": None if share_three is None else share,
         "three_beats_trend": beats_trend,
+        "boundaries_move_without": ", ".join(moved),
     }
     if r2 is not None:
         numbers |= {"r2_three_phases": float(r2[0]), "r2_trend": float(r2[1])}
@@ -135,6 +149,12 @@ def three_phase_verdict(
             f"the largest candidate ({chosen} phases) wins: no small phase count fits ({boot})",
         )
     if chosen == 3:
+        if (share_three is None or share >= 0.5) and moved:
+            return verdict(
+                "partly",
+                f"the test chooses three phases ({boot}), but without {', '.join(moved)} a boundary leaves its "
+                "bootstrap interval",
+            )
         if share_three is None or share >= 0.5:
             return verdict("holds", f"the test chooses three phases ({boot})")
         return verdict("partly", f"the test chooses three phases, but only {boot}")
@@ -459,8 +479,11 @@ def _measure(
     )
 
 
-def _phases(measured: _Measured, config: FlowConfig) -> tuple[PhaseCountTest, dict[int, BoundaryBootstrap]]:
-    """Phase-count test, the three-phase cut and the chosen cut, with item-bootstrap intervals."""
+def _phases(
+    measured: _Measured, config: FlowConfig
+) -> tuple[PhaseCountTest, dict[int, BoundaryBootstrap], dict[str, tuple[int, ...]]]:
+    """Phase-count test, the three-phase cut and the chosen cut, with item-bootstrap intervals, and the
+    three-phase boundaries with each profile metric left out."""
     layers = measured.table.index.tolist()
     profile_fn = functools.partial(item_metric_profile, measured.values, layers=layers)
     profile = profile_fn(np.arange(len(measured.idx)))
@@ -470,7 +493,7 @@ def _phases(measured: _Measured, config: FlowConfig) -> tuple[PhaseCountTest, di
     boots = {3: bootstrap_boundaries(profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=candidates)}
     if test.chosen not in boots and test.chosen > 1:
         boots[test.chosen] = bootstrap_boundaries(profile_fn, n, test.chosen, n_boot=config.n_boot, seed=0)
-    return test, boots
+    return test, boots, leave_one_metric_out(profile, 3)
 
 
 @dataclass
@@ -588,7 +611,11 @@ def _cards(
 
 
 def _verdicts(
-    measured: _Measured, test: PhaseCountTest, cut: BoundaryBootstrap, phase_shares: pd.DataFrame
+    measured: _Measured,
+    test: PhaseCountTest,
+    cut: BoundaryBootstrap,
+    phase_shares: pd.DataFrame,
+    without: Mapping[str, Sequence[int]],
 ) -> dict[str, Verdict]:
     t = measured.table
     phase = cut.point.phase_of(t.index.tolist())
@@ -596,7 +623,12 @@ def _verdicts(
     excess = t["selective"] - t["selective_null_mean"]
     return {
         "three_phases": three_phase_verdict(
-            test.chosen, test.at_largest, cut.counts.get(3, 0.0), test.three_beats_trend, _r2_pair(test)
+            test.chosen,
+            test.at_largest,
+            cut.counts.get(3, 0.0),
+            test.three_beats_trend,
+            _r2_pair(test),
+            moved_boundaries(_phase_cut(cut), without),
         ),
         "late_emotion": late_emergence_verdict(present, excess, phase),
         "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
@@ -642,7 +674,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
                 items=names[s], reason=skipped[s], n_items=len(idx), labels=labels, left_out=dropped
             )
             continue
-        m, (test, boots), r = measured[s], phases[s], roles[s]
+        m, (test, boots, without), r = measured[s], phases[s], roles[s]
         phase = boots[3].point.phase_of(r.shares.index.tolist())
         shares_per_phase = r.shares.groupby(phase).mean()
         counts_per_phase = r.counts.groupby(boots[3].point.phase_of(r.counts.index.tolist())).mean()
@@ -666,7 +698,8 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             role_counts_per_phase=counts_per_phase,
             final_agreement=m.final_agreement,
             chance=m.chance,
-            verdicts=_verdicts(m, test, boots[3], shares_per_phase),
+            verdicts=_verdicts(m, test, boots[3], shares_per_phase, without),
+            boundaries_without={k: tuple(v) for k, v in without.items()},
         )
     cards = pd.DataFrame()
     if "all" in measured:
@@ -830,6 +863,9 @@ class SubsetFlow:
     role_counts_per_phase: pd.DataFrame | None = None
     final_agreement: float | None = None
     trend_r2: float | None = None  # share of the profile's variance the smooth (cubic) trend explains
+    boundaries_without: dict[str, tuple[int, ...]] | None = (
+        None  # three-phase boundaries, one metric left out
+    )
 
     @property
     def at_largest(self) -> bool:
@@ -874,6 +910,9 @@ class SubsetFlow:
             if self.role_counts_per_phase is None
             else records(self.role_counts_per_phase),
             "final_agreement": self.final_agreement,
+            "boundaries_without": None
+            if self.boundaries_without is None
+            else {k: list(v) for k, v in self.boundaries_without.items()},
         }
         return out | {k: v for k, v in optional.items() if v is not None}
 
@@ -895,6 +934,7 @@ class SubsetFlow:
             chosen=int(test["chosen"]),
             penalty=float(test["penalty"]),
             trend_r2=test.get("trend_r2"),
+            boundaries_without=_without(payload.get("boundaries_without")),
             choice_shares=pd.Series(
                 {int(k): float(v) for k, v in shares.items()}, dtype=float, name="proportion"
             ).rename_axis("n_phases"),
@@ -909,6 +949,10 @@ class SubsetFlow:
             role_counts_per_phase=_optional_table(payload.get("role_counts_per_phase"), "phase"),
             final_agreement=payload.get("final_agreement"),
         )
+
+
+def _without(payload: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]] | None:
+    return None if payload is None else {k: tuple(int(b) for b in v) for k, v in payload.items()}
 
 
 def _with_beyond_control(per_layer: pd.DataFrame) -> pd.DataFrame:
@@ -1149,6 +1193,28 @@ class FlowResult:
             t.insert(0, "model", self.model)
             tests.append(t.reset_index().set_index(["model", "items", "n_phases"]))
         return pd.concat(tests)
+
+    def leave_one_out_table(self) -> pd.DataFrame:
+        """Per analysed subset: the three-phase boundaries with all profile metrics, then with each left out."""
+        rows = []
+        for part in self.analysed.values():
+            if part.boundaries_without is None:
+                continue
+            cut = part.cut(3)
+            moved = moved_boundaries(cut, part.boundaries_without)
+            rows.append({"model": self.model, "items": part.items, "left out": "none",
+                         "boundaries": ", ".join(map(str, cut.boundaries)), "outside the interval": ""})  # fmt: skip
+            for metric, boundaries in part.boundaries_without.items():
+                rows.append(
+                    {
+                        "model": self.model,
+                        "items": part.items,
+                        "left out": PROFILE_METRICS.get(metric, metric),
+                        "boundaries": ", ".join(map(str, boundaries)),
+                        "outside the interval": "yes" if metric in moved else "",
+                    }
+                )
+        return pd.DataFrame(rows).set_index(["model", "items", "left out"]) if rows else pd.DataFrame()
 
     def emergence_table(self) -> pd.DataFrame:
         """Per analysed subset, where emotion information first appears (`emergence_row`)."""
