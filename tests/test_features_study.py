@@ -88,6 +88,10 @@ def test_the_study_runs_on_the_tiny_model(study):
     assert list(result.coactivation["all"].matrix.index) == [e for e in EMOTIONS if e != "neutral"]
     assert list(result.versus) == list(CONFIG.measures)
     assert len(result.feature_cards) == 2 * len(EMOTIONS)
+    replication = result.replication_table()
+    assert list(replication.index) == [*EMOTIONS, "all"]
+    assert set(replication.columns) == {"selected", "replicated", "rate", "chance_rate"}
+    assert (replication["replicated"] <= replication["selected"]).all()
     # quick preset: 19 shuffles, the fewest that can give p <= 0.05, so the mix rule decides
     assert "cannot give" not in result.verdicts_by_claim["shared_and_specific"].reason
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -666,3 +666,62 @@ def check_draws(sel: Selectivity, draws: SelectivityDraws) -> None:
             f"draws ({draws.emotions}, {draws.auroc.shape[1]} features) do not match the selectivity "
             f"({sel.emotions}, {sel.n_features} features)"
         )
+
+
+def split_halves(labels: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Item indices of two halves, each label's items split as evenly as possible (seeded)."""
+    labels = np.asarray(labels).astype(str)
+    rng = np.random.default_rng(seed)
+    first, second = [], []
+    for label in dict.fromkeys(labels.tolist()):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        first.append(rows[: len(rows) // 2])
+        second.append(rows[len(rows) // 2 :])
+    return np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
+
+
+def split_half_replication(
+    codes: Codes,
+    labels: Sequence[str],
+    emotions: Sequence[str],
+    config: SelectivityConfig = SelectivityConfig(),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Do the selective features found on half of the items replicate on the other half?
+
+    Features are selected on one half by the full rule and checked on the other by its effect-size half (AUROC at
+    least the threshold and more active on the emotion: the other half has half the items, so its q-values say
+    less), in both directions; a label shuffle of the selecting half is the chance rate. Halves split each
+    label's items evenly (seeded); `min_items` is halved with them. Rows per emotion and `all` (every emotion's
+    feature-emotion pairs pooled): selected (both directions summed), replicated, rate, and
+    chance_rate (the same on shuffled selecting labels; NaN when nothing was selected by chance).
+    """
+    acts = as_array(codes, "codes", 2)
+    labels = np.asarray(labels).astype(str)
+    half_rule = replace(config, min_items=max(1, config.min_items // 2))
+    halves = split_halves(labels, seed)
+    rng = np.random.default_rng(seed)
+    totals = {
+        e: np.zeros(4) for e in [*emotions, "all"]
+    }  # selected, replicated, selected by chance, replicated
+    for pick, check in (halves, halves[::-1]):
+        kept = selectivity(acts[check], labels[check], emotions, half_rule).matrix("auroc")
+        for offset, chosen_labels in ((0, labels[pick]), (2, rng.permutation(labels[pick]))):
+            chosen = selectivity(acts[pick], chosen_labels, emotions, half_rule).matrix("full")
+            for j, emotion in enumerate(emotions):
+                totals[emotion][offset] += chosen[:, j].sum()
+                totals[emotion][offset + 1] += (chosen[:, j] & kept[:, j]).sum()
+            totals["all"][offset] += chosen.sum()
+            totals["all"][offset + 1] += (chosen & kept).sum()
+    rows = []
+    for emotion, (n, hit, n_null, hit_null) in totals.items():
+        rows.append(
+            {
+                "emotion": emotion,
+                "selected": int(n),
+                "replicated": int(hit),
+                "rate": hit / n if n else np.nan,
+                "chance_rate": hit_null / n_null if n_null else np.nan,
+            }
+        )
+    return pd.DataFrame(rows).set_index("emotion")

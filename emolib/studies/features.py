@@ -43,6 +43,7 @@ from emolib.methods.selectivity import (
     pool_layers,
     selectivity,
     shuffled_control,
+    split_half_replication,
 )
 from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import format_interval
@@ -52,7 +53,7 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-FEATURES_VERSION = "1"
+FEATURES_VERSION = "2"  # 2: split-half replication
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -354,6 +355,10 @@ def final_phase_of(source: FlowResult | FinalPhase | Sequence[int], model: str, 
 # ------------------------------------------------------------------------------------------------ result
 
 
+def _optional_table(rows: Sequence[Mapping[str, Any]] | None, index: str) -> pd.DataFrame | None:
+    return None if rows is None else table(rows, index)
+
+
 def _flat(summary: pd.DataFrame) -> list[dict[str, Any]]:
     """A null summary with (measure, statistic) columns as flat `measure.statistic` keys, one record per row."""
     frame = summary.copy()
@@ -437,6 +442,7 @@ class FeaturesResult:
     intersections: pd.DataFrame
     verdicts_by_claim: dict[str, Verdict]
     seconds: float = 0.0
+    replication: pd.DataFrame | None = None  # split-half replication of the final phase's selective features
 
     # -------------------------------------------------------------------------------------------- JSON
 
@@ -474,6 +480,7 @@ class FeaturesResult:
                 "set_sizes": dict(self.intersections.attrs.get("set_sizes", {})),
             },
             "seconds": self.seconds,
+            "split_half_replication": None if self.replication is None else records(self.replication),
         }
 
     @classmethod
@@ -517,6 +524,7 @@ class FeaturesResult:
             intersections=combos,
             verdicts_by_claim={k: Verdict.from_dict(v) for k, v in payload["verdicts"].items()},
             seconds=float(payload.get("seconds", 0.0)),
+            replication=_optional_table(payload.get("split_half_replication"), "emotion"),
         )
 
     # -------------------------------------------------------------------------------------------- verdicts
@@ -711,6 +719,11 @@ class FeaturesResult:
             tables.append(frame.set_index(["model", "features", "emotion"]))
         return pd.concat(tables) if tables else pd.DataFrame()
 
+    def replication_table(self) -> pd.DataFrame:
+        """Split-half replication of the final phase's selective features, per emotion (empty for results files
+        written before it was measured)."""
+        return pd.DataFrame() if self.replication is None else self.replication
+
     def cards_table(self) -> pd.DataFrame:
         """The feature cards: per emotion, its strongest specific and shared feature, top texts, promoted tokens."""
         return pd.DataFrame(self.feature_cards).set_index(["model", "emotion", "kind"])
@@ -898,6 +911,7 @@ def _features(
             m: compare_diffuseness(sel, draws, config.diffuse, m, others=others) for m in config.measures
         }
     del draws
+    replication = split_half_replication(pooled.codes, aset.gold, labels, rule, seed=config.seed)
     cards = _card_rows(lm, suite, aset, pooled, sel, config)
 
     # The second dataset: general emotional features (emotional vs neutral) and co-activation.
@@ -951,6 +965,7 @@ def _features(
         intersections=intersections(sel.sets()),
         verdicts_by_claim={k: v.about(k, name) for k, v in verdicts.items()},
         seconds=time.time() - started,
+        replication=replication,
     )
 
 
