@@ -262,7 +262,7 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
     assert result.phases == {"phase 1": (0,), "phase 2": (1,)} and result.final_phase == "phase 2"
     assert result.chosen_phase_count == 2 and result.facts["phases chosen by ch. 1's test"] == 2
     assert set(result.k50["emotion"]) == set(TINY_LABELS)
-    assert set(result.effects["condition"]) == {"top", "random", "whole"}
+    assert set(result.effects["condition"]) == {"top", "random", "shuffled", "whole"}
     assert list(result.gold_drop.index) == list(TINY_LABELS) == list(result.gold_drop.columns)
     assert result.confusion_source == "anger"  # no disgust label: the first source
     assert result.meta["n_held_out"] == 2 * 6 * len(TINY_LABELS)
@@ -347,3 +347,19 @@ def test_an_unreliable_ranking_turns_negative_verdicts_inconclusive():
         tracing.gated(negative, *tracing.ranking_agreement(agree.iloc[:2], "p"), RULE).verdict
         == "inconclusive"
     )
+
+
+def test_the_shuffled_label_ranking_is_a_control_the_planted_feature_does_not_beat(study):
+    """The planted feature pushes every item towards joy, whatever its emotion: a ranking built on shuffled labels
+    finds it too, so it is a joy-answer feature, not joy-specific knowledge, and with the shuffled-label control
+    the small-set rule does not count it."""
+    _, result = study
+    shuffled_rows = result.curves[result.curves["condition"] == "shuffled"]
+    assert set(shuffled_rows["ablation"]) == {"zero"} and len(shuffled_rows)
+    versus = top_vs_random(result.curves, n_boot=50)
+    against_shuffled = top_vs_random(result.curves, n_boot=50, control="shuffled")
+    joy = against_shuffled.set_index(["emotion", "phase", "ablation", "k"]).loc[("joy", "late", "zero", 1)]
+    assert abs(joy["excess"]) < 0.05 and not joy["excess_low"] > 0
+    with_control = small_set_verdict(result.k50, versus, "late", RULE, against_shuffled)
+    assert with_control.verdict == "does not hold" and "shuffled-label" in with_control.reason
+    assert small_set_verdict(result.k50, versus, "late", RULE).verdict == "partly"

@@ -207,12 +207,15 @@ def per_label_sample(gold: Sequence[str], n_per_label: int | None, seed: int = 0
 def top_vs_random(
     curves: pd.DataFrame,
     *,
-    metric: str = "prob",
+    metric: str = "gap",
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    control: str = "random",
 ) -> pd.DataFrame:
-    """Paired per-item excess of the top-k drop over the random-k drop (averaged over seeds), with intervals.
+    """Paired per-item excess of the top-k drop over the `control` condition's k-feature drop ("random": averaged
+    over seeds; "shuffled": the shuffled-label ranking's top k), with intervals. Groups without `control` rows
+    are left out.
 
     Columns: emotion, phase, ablation, k, n_items, excess, excess_low, excess_high (bootstrap over items).
     """
@@ -221,8 +224,10 @@ def top_vs_random(
     rows = []
     keys = ["emotion", "phase", "ablation"]
     for (emotion, phase, ablation), group in curves.groupby(keys, sort=False):
+        if not (group["condition"] == control).any():
+            continue
         top = group[group["condition"] == "top"].pivot_table(index="item", columns="k", values=column)
-        rand = group[group["condition"] == "random"].pivot_table(
+        rand = group[group["condition"] == control].pivot_table(
             index="item", columns="k", values=column, aggfunc="mean"
         )
         diff = (top - rand.reindex(index=top.index, columns=top.columns)).sort_index()

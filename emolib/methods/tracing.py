@@ -110,7 +110,7 @@ RANDOM_POOLS = ("matched", "active", "all")
 MATCH_NEIGHBOURS = 8
 
 
-CONDITIONS = ("top", "random", "whole")
+CONDITIONS = ("top", "random", "shuffled", "whole")
 
 
 # Shapes (aliases, so that linters do not read jaxtyping's shape strings as forward references).
@@ -137,7 +137,8 @@ class TracerConfig:
 
     `positions` is "last" or "suffix" (module docstring). `reuse_cache` reuses the clean keys and values of
     everything before the traced positions (results do not depend on it or on `batch_size`, tested). `ablations`
-    are run by `ablation_curves` and `cross_emotion`; "mean" needs `means`. `n_verify` is the number of top features
+    are run by `ablation_curves` and `cross_emotion`; "mean" needs `means`; `control_ablations` those that also run
+    the shuffled-label ranking's top features (when given one). `n_verify` is the number of top features
     per emotion and phase that `verify` ablates one at a time. `seed` and `random_seeds` seed the random controls.
     """
 
@@ -149,6 +150,7 @@ class TracerConfig:
     random_seeds: tuple[int, ...] = (0, 1, 2)
     random_pool: str = "matched"
     n_verify: int = 16
+    control_ablations: tuple[str, ...] = ("zero",)
     seed: int = 0
     progress: bool = False
 
@@ -790,6 +792,7 @@ class FeatureTracer:
         emotion: str,
         phases: Mapping[str, tuple[int, ...]],
         means: Mapping[int, Tensor] | None,
+        shuffled: Attributions | None = None,
     ) -> list[tuple[dict, _Edits]]:
         """Every ablation of one emotion: (row labels, edits) for top-k, random-k and whole-phase conditions."""
         cfg = self.config
@@ -810,6 +813,15 @@ class FeatureTracer:
                             self._edits(_group(keys[:k]), ablation, means),
                         )
                     )
+                if shuffled is not None and ablation in cfg.control_ablations:
+                    control, _ = shuffled._ordered(emotion, layers)
+                    for k in cfg.ks:
+                        plans.append(
+                            (
+                                {**base, "condition": "shuffled", "k": k, "seed": -1, "n_features": k},
+                                self._edits(_group(control[:k]), ablation, means),
+                            )
+                        )
                 for seed in cfg.random_seeds:
                     for k in cfg.ks:
                         pool = np.flatnonzero(active)
@@ -870,12 +882,16 @@ class FeatureTracer:
         *,
         means: FeatureMeans | None = None,
         emotions: Sequence[str] | None = None,
+        shuffled: Attributions | None = None,
     ) -> pd.DataFrame:
         """Per-item effects of ablating each emotion's top-k features (ranked on `attributions`) per phase.
 
         Each emotion's held-out items (`texts` with that `gold` label) are run with, per phase and ablation, the
-        top-k features for every k in `config.ks`, k random features per seed, and the whole phase ablated.
-        Returns one row per item and condition: emotion, phase, ablation, condition ("top", "random", "whole"), k,
+        top-k features for every k in `config.ks`, k random features per seed, and the whole phase ablated. With
+        `shuffled` (attributions of the same ranking items under permuted gold labels), also the top-k features of
+        that ranking, for the ablations in `config.control_ablations`: a ranking that knows no emotion, so top
+        features beating it are specific to the emotion, not merely important for any answer.
+        Returns one row per item and condition: emotion, phase, ablation, condition (`CONDITIONS`), k,
         seed (-1 unless random), n_features, item (index into `texts`), clean_/ablated `gap`, `prob`, `margin`,
         `correct`, and the drops `drop_gap`, `drop_prob`, `drop_margin`, `drop_correct` (clean minus ablated).
         Summarise with `summarize_effects` and `k50_table`.
@@ -891,7 +907,7 @@ class FeatureTracer:
             items = np.flatnonzero(np.asarray(gold) == emotion)
             if len(items) == 0:
                 raise TracingError(f"no held-out items of {emotion!r}")
-            plans = self._plans(attributions, emotion, phases, means)
+            plans = self._plans(attributions, emotion, phases, means, shuffled)
             clean = np.zeros((len(texts), len(self.labels)))
             ablated = [np.zeros((len(texts), len(self.labels))) for _ in plans]
             for batch in self._batches(suffixes, items):

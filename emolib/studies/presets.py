@@ -152,8 +152,14 @@ PRESETS: dict[str, Preset] = {
         tracing=dict(
             rank_per_label=6,
             held_out_per_label=None,
+            # zero-ablation only (mean-ablation is covered by the tests): room for the shuffled-label control
             tracing=TracerConfig(
-                ks=(1, 2, 4, 8, 16), random_seeds=(0,), n_verify=4, batch_size=32, progress=True
+                ks=(1, 2, 4, 8, 16),
+                ablations=("zero",),
+                random_seeds=(0,),
+                n_verify=4,
+                batch_size=32,
+                progress=True,
             ),
             cross_k=4,
             n_boot=200,

@@ -117,6 +117,7 @@ class TracingConfig:
     n_boot: int = 1000
     level: float = 0.95
     k50_reference: str = "clean"
+    shuffled_control: bool = True
     min_effect: tuple[tuple[str, float], ...] = (
         ("gap", 0.0),
         ("prob", 0.0),
@@ -183,9 +184,15 @@ def run_study(
     keep = per_label_sample(held_out[1], config.held_out_per_label, config.seed)
     texts, gold = [held_out[0][i] for i in keep], [held_out[1][i] for i in keep]
     ranked = timed("attribute_ranking", tracer.attribute, rank_texts, rank_gold)
+    shuffled = None
+    if config.shuffled_control:  # the same items ranked for permuted labels: a ranking that knows no emotion
+        permuted = list(np.random.default_rng(config.seed).permutation(rank_gold))
+        shuffled = timed("attribute_shuffled", tracer.attribute, rank_texts, permuted)
     means = timed("feature_means", tracer.feature_means, rank_texts)
     held = timed("attribute_held_out", tracer.attribute, texts, gold)
-    curves = timed("ablation_curves", tracer.ablation_curves, ranked, texts, gold, phases, means=means)
+    curves = timed(
+        "ablation_curves", tracer.ablation_curves, ranked, texts, gold, phases, means=means, shuffled=shuffled
+    )
     cross = timed(
         "cross_emotion", tracer.cross_emotion, ranked, texts, gold, phases, config.cross_k, means=means
     )
@@ -258,11 +265,19 @@ def _rows(frame: pd.DataFrame, phase: str, rule: TracingRule, **extra) -> pd.Dat
     return frame[mask]
 
 
-def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule: TracingRule) -> Verdict:
+def small_set_verdict(
+    k50: pd.DataFrame,
+    versus: pd.DataFrame,
+    phase: str,
+    rule: TracingRule,
+    shuffled: pd.DataFrame | None = None,
+) -> Verdict:
     """Does a small set of features drive each emotion's prediction in `phase`?
 
     An emotion is driven by a small set when its k50 is at most `rule.small_k` and, at that k, the top features'
-    drop beats random features' (paired interval above zero). Every traced emotion is in the denominator: one whose
+    drop beats matched random features' (paired interval above zero) and, when `shuffled` (`top_vs_random` against
+    the shuffled-label ranking) is given, the top k of a ranking built on shuffled labels (a missing row there
+    counts as not beaten). Every traced emotion is in the denominator: one whose
     k50 is undefined (the model does not prefer its gold label) or not reached counts against the claim. Holds for
     at least half of the emotions, partly for at least one, does not hold for none; inconclusive only when no
     emotion was traced.
@@ -276,13 +291,19 @@ def small_set_verdict(k50: pd.DataFrame, versus: pd.DataFrame, phase: str, rule:
         if not np.isfinite(row.k50) or row.k50 > rule.small_k:
             continue
         beat = _rows(versus, phase, rule, emotion=row.emotion, k=int(row.k50))
-        if not beat.empty and beat["excess_low"].iloc[0] > 0:
-            small.append(f"{row.emotion} (k50 {int(row.k50)})")
+        if beat.empty or not beat["excess_low"].iloc[0] > 0:
+            continue
+        if shuffled is not None:
+            specific = _rows(shuffled, phase, rule, emotion=row.emotion, k=int(row.k50))
+            if specific.empty or not specific["excess_low"].iloc[0] > 0:
+                continue
+        small.append(f"{row.emotion} (k50 {int(row.k50)})")
     n, m = len(small), len(table)
     undefined = int(table["k50"].isna().sum())
     reason = (
         f"in {phase}, {n} of {m} emotions lose half of their clean {rule.metric} with at most {rule.small_k} "
-        f"features that beat random ones"
+        f"features that beat matched random ones"
+        + (" and a shuffled-label ranking's" if shuffled is not None else "")
         + (f": {', '.join(small)}" if small else "")
         + (f"; {undefined} with no clean preference for the gold label count against" if undefined else "")
     )
@@ -423,13 +444,18 @@ def gated(verdict: Verdict, rho: float, p_value: float, n: int, rule: TracingRul
 
 
 def phase_verdicts(
-    study: Study, versus: pd.DataFrame, phase: str, rule: TracingRule, disgust: str
+    study: Study,
+    versus: pd.DataFrame,
+    phase: str,
+    rule: TracingRule,
+    disgust: str,
+    shuffled: pd.DataFrame | None = None,
 ) -> dict[str, Verdict]:
     """The three claims' verdicts in one phase, by claim key (`CLAIMS`), each gated by the ranking's reliability
     in that phase (`gated`)."""
     agreement = ranking_agreement(study.verification, phase)
     verdicts = {
-        "small_set": small_set_verdict(study.k50, versus, phase, rule),
+        "small_set": small_set_verdict(study.k50, versus, phase, rule, shuffled),
         "varies_by_emotion": varies_verdict(study.curves, study.k50, phase, rule),
         "disgust_weaker_diffuse": weaker_diffuse_verdict(study.curves, study.k50, phase, rule, disgust),
     }
@@ -483,6 +509,7 @@ class TracingResult:
     effects: pd.DataFrame
     k50: pd.DataFrame
     top_vs_random: pd.DataFrame
+    top_vs_shuffled: pd.DataFrame | None
     verification: pd.DataFrame
     verification_summary: pd.DataFrame
     concentration: pd.DataFrame
@@ -508,13 +535,18 @@ class TracingResult:
         rule = config.rule
         phases = {name: tuple(layers) for name, layers in study.meta["phases"].items()}
         final = list(phases)[-1]
-        versus = top_vs_random(study.curves, metric=rule.metric, n_boot=config.n_boot, seed=config.seed)
+        boot = {"metric": rule.metric, "n_boot": config.n_boot, "seed": config.seed}
+        versus = top_vs_random(study.curves, **boot)
+        has_shuffled = (study.curves["condition"] == "shuffled").any()
+        shuffled = top_vs_random(study.curves, control="shuffled", **boot) if has_shuffled else None
         sources = set(study.cross["source"])
         source = config.disgust if config.disgust in sources else study.cross["source"].iloc[0]
         verdicts = {
             phase: {
                 key: verdict.about(key, model, phase)
-                for key, verdict in phase_verdicts(study, versus, phase, rule, config.disgust).items()
+                for key, verdict in phase_verdicts(
+                    study, versus, phase, rule, config.disgust, shuffled
+                ).items()
             }
             for phase in phases
         }
@@ -530,6 +562,7 @@ class TracingResult:
             effects=study.effects,
             k50=study.k50,
             top_vs_random=versus,
+            top_vs_shuffled=shuffled,
             verification=study.verification,
             verification_summary=study.verification_summary,
             concentration=study.concentration,
@@ -553,6 +586,9 @@ class TracingResult:
             "final_phase": self.final_phase,
             "effects": records(self.effects, index=False),
             "top_vs_random": records(self.top_vs_random, index=False),
+            "top_vs_shuffled": None
+            if self.top_vs_shuffled is None
+            else records(self.top_vs_shuffled, index=False),
             "k50": records(self.k50, index=False),
             "gold_drop_matrix": _matrix_json(self.gold_drop),
             "verification_summary": records(self.verification_summary, index=False),
@@ -591,6 +627,9 @@ class TracingResult:
             effects=table(payload["effects"]),
             k50=table(payload["k50"]),
             top_vs_random=table(payload["top_vs_random"]),
+            top_vs_shuffled=None
+            if payload.get("top_vs_shuffled") is None
+            else table(payload["top_vs_shuffled"]),
             verification=table(payload["verification"]),
             verification_summary=table(payload["verification_summary"]),
             concentration=table(payload["concentration"]),
@@ -716,9 +755,12 @@ class TracingResult:
             index="emotion", columns=["ablation", "metric"], values="cell", aggfunc="first"
         )
 
-    def excess_table(self) -> pd.DataFrame:
-        """The final phase's paired excess drop, top k minus random k, per emotion (rows) and k (columns)."""
-        table_ = self.top_vs_random
+    def excess_table(self, control: str = "random") -> pd.DataFrame:
+        """The final phase's paired excess drop, top k minus `control` k ("random", or "shuffled": the top k of the
+        shuffled-label ranking), per emotion (rows) and k (columns); empty when that control was not run."""
+        table_ = self.top_vs_random if control == "random" else self.top_vs_shuffled
+        if table_ is None or table_.empty:
+            return pd.DataFrame()
         final = table_[(table_["phase"] == self.final_phase) & (table_["ablation"] == self.rule.ablation)]
         cells = [
             format_interval(v, lo, hi, signed=True)
