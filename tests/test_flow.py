@@ -677,3 +677,24 @@ def test_phase_roles_verdict():
     assert flow.phase_roles_verdict(
         frame([0.6, 0.3, 0.2], [0.2, 0.5, 0.3], [0.0, 0.1, 0.4]).iloc[:2]
     ).verdict == ("inconclusive")
+
+
+def test_features_that_follow_the_answer_are_told_from_those_that_follow_the_gold_label():
+    """Feature 0 fires on joy texts, feature 1 on items the model answers joy: on misclassified items the first
+    follows the gold label, the second the answer."""
+    rng = np.random.default_rng(0)
+    gold = np.array(["joy"] * 30 + ["fear"] * 30)
+    predicted = gold.copy()
+    predicted[:10] = "fear"  # joy texts answered fear
+    predicted[30:40] = "joy"  # fear texts answered joy
+    codes = rng.random((60, 3)) * 0.1
+    codes[:, 0] += np.where(gold == "joy", 2.0, 0.0)
+    codes[:, 1] += np.where(predicted == "joy", 2.0, 0.0)
+    table = selectivity.gold_or_answer(codes, gold, predicted, {"joy": [0, 1], "fear": []})
+    joy = table.loc["joy"]
+    assert (joy["n_gold"], joy["n_answer"], joy["follow_gold"], joy["follow_answer"]) == (10, 10, 1, 1)
+    alone = selectivity.gold_or_answer(codes, gold, predicted, {"joy": [1]})
+    assert alone.loc["joy", "follow_answer"] == 1 and alone.loc["joy", "median_auroc"] == 0.0
+    assert np.isnan(table.loc["fear", "follow_gold"])  # no features to test
+    right = selectivity.gold_or_answer(codes, gold, gold, {"joy": [0]})  # nothing misclassified
+    assert np.isnan(right.loc["joy", "follow_gold"]) and right.loc["joy", "n_gold"] == 0

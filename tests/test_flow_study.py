@@ -187,6 +187,8 @@ def test_quick_study_on_a_tiny_model(result, lm):
         part.per_layer.columns
     )
     assert np.isnan(part.per_layer.loc[0, "cka"]) and part.per_layer["cka"].iloc[1:].between(0, 1).all()
+    answers = result.answer_feature_table()
+    assert answers.index.tolist() == [1, 2, 3] and "follow the answer" in answers.columns
     layers = part.per_layer  # Holm across layers: adjusted p-values never below the raw ones
     assert (layers["selective_p_holm"] >= layers["selective_p"]).all()
     assert (layers["selective_beyond_control"] == (layers["selective_p_holm"] < CONFIG.layer_alpha)).all()

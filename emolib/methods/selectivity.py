@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -722,6 +723,53 @@ def split_half_replication(
                 "replicated": int(hit),
                 "rate": hit / n if n else np.nan,
                 "chance_rate": hit_null / n_null if n_null else np.nan,
+            }
+        )
+    return pd.DataFrame(rows).set_index("emotion")
+
+
+def gold_or_answer(
+    codes: Codes,
+    gold: Sequence[str],
+    predicted: Sequence[str],
+    selective: Mapping[str, Iterable[int]],
+    min_items: int = 3,
+) -> pd.DataFrame:
+    """Do an emotion's selective features follow the gold label or the model's answer? Misclassified items only.
+
+    For a feature selective for emotion e, the AUROC of its activation between misclassified items of gold e (the
+    model answered something else) and misclassified items the model answered e (their gold is another emotion):
+    above 0.5 the feature follows the text's emotion, below 0.5 the answer (an answer feature). Rows per emotion
+    with at least `min_items` items on both sides (others are counted as not testable): emotion, n_gold, n_answer,
+    n_features, follow_gold, follow_answer (features with AUROC above / below 0.5), median_auroc.
+    """
+    acts = as_array(codes, "codes", 2)
+    gold, predicted = np.asarray(gold).astype(str), np.asarray(predicted).astype(str)
+    wrong = gold != predicted
+    rows = []
+    for emotion, features in selective.items():
+        features = np.asarray(sorted(features), dtype=np.int64)
+        inside = wrong & (gold == emotion)
+        outside = wrong & (predicted == emotion)
+        row: dict[str, Any] = {
+            "emotion": emotion,
+            "n_gold": int(inside.sum()),
+            "n_answer": int(outside.sum()),
+            "n_features": len(features),
+        }
+        if len(features) == 0 or min(inside.sum(), outside.sum()) < min_items:
+            rows.append(row | {"follow_gold": np.nan, "follow_answer": np.nan, "median_auroc": np.nan})
+            continue
+        pair = np.concatenate([acts[inside][:, features], acts[outside][:, features]])
+        n1, n2 = int(inside.sum()), int(outside.sum())
+        u1 = rankdata(pair, axis=0)[:n1].sum(axis=0) - n1 * (n1 + 1) / 2
+        auroc = u1 / (n1 * n2)
+        rows.append(
+            row
+            | {
+                "follow_gold": int((auroc > 0.5).sum()),
+                "follow_answer": int((auroc < 0.5).sum()),
+                "median_auroc": float(np.median(auroc)),
             }
         )
     return pd.DataFrame(rows).set_index("emotion")

@@ -55,7 +55,7 @@ from emolib.methods.roles import (
     token_codes,
     top_tokens,
 )
-from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, selective_with_null
+from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, gold_or_answer, selective_with_null
 from emolib.methods.similarity import consecutive_cka
 from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.quality import goal_summary
@@ -402,6 +402,7 @@ def _measure_layer(
         seed=layer,
         stop_after=config.shuffle_stop,
     )
+    followed = gold_or_answer(z, gold, aset.predicted[idx], sel.selectivity.sets())
     lens = logit_lens(lm.model, h, groups)
     lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
     p_gold = at_gold(lens.renormalised, gold, aset.labels)
@@ -421,6 +422,9 @@ def _measure_layer(
         "probe_sae_control_high": probe_z.control.high,
         "probe_folds": probe_h.folds,
         **sel.row(),
+        # on misclassified items: selective features that follow the gold label vs the model's answer
+        "follow_gold": float(followed["follow_gold"].sum(min_count=1)),
+        "follow_answer": float(followed["follow_answer"].sum(min_count=1)),
         "lens_gold": lens_gold.value,
         "lens_gold_low": lens_gold.low,
         "lens_gold_high": lens_gold.high,
@@ -1215,6 +1219,20 @@ class FlowResult:
                     }
                 )
         return pd.DataFrame(rows).set_index(["model", "items", "left out"]) if rows else pd.DataFrame()
+
+    def answer_feature_table(self) -> pd.DataFrame:
+        """Per phase of the three-phase cut (all items): selective features that, on misclassified items, follow
+        the gold label and those that follow the model's answer (answer features), summed over the phase's layers
+        (NaN where no emotion had enough misclassified items on both sides)."""
+        part = self.subsets.get("all")
+        if not isinstance(part, SubsetFlow) or "follow_gold" not in part.per_layer.columns:
+            return pd.DataFrame()
+        phase = part.cut(3).phase_of(part.per_layer.index.tolist())
+        sums = part.per_layer[["follow_gold", "follow_answer"]].groupby(phase).sum(min_count=1)
+        sums.insert(0, "model", self.model)
+        return sums.rename(
+            columns={"follow_gold": "follow the gold label", "follow_answer": "follow the answer"}
+        )
 
     def emergence_table(self) -> pd.DataFrame:
         """Per analysed subset, where emotion information first appears (`emergence_row`)."""
