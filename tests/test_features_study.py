@@ -149,7 +149,7 @@ def test_the_results_entry_keeps_the_old_keys(study):
         "verdicts",
     ]
     assert list(entry)[: len(old)] == old
-    assert set(entry["final_phase"]) == {"first", "last", "source", "n_phases", "chosen"}
+    assert set(entry["final_phase"]) == {"first", "last", "source", "n_phases", "chosen", "first_range"}
     assert set(entry["per_layer"][0]) == {
         "index",
         "layer",
@@ -389,3 +389,34 @@ def test_findings_name_a_disagreement(study):
     text = findings_markdown(changed.verdicts(), CLAIMS, preset="full")
     assert "Where the data disagree with the paper: Shared and specific features" in text
     assert isinstance(result.coactivation["all"], Coactivation)
+
+
+def test_the_final_phase_is_rerun_at_the_ends_of_its_cut_range(study, same_cache):
+    """A final phase from chapter 1 carries its first layer's bootstrap interval; the study recounts the totals
+    with the phase starting at each end, and the mix verdict says so when that changes the finding."""
+    lm, _, _ = study
+    phase = features.FinalPhase(1, 1, "test", first_range=(0, 1))
+    assert phase.alternatives() == [0]
+    assert features.FinalPhase.from_json(json.loads(json.dumps(phase.to_json()))) == phase
+    result = run_features(lm, CONFIG, phase)
+    table = result.cut_range_table()
+    assert table.index.tolist() == [0, 1] and table["chosen"].tolist() == [False, True]
+    assert {"n_specific", "p_specific", "n_shared", "p_shared"} <= set(table.columns)
+    again = FeaturesResult.from_json(json.loads(json.dumps(result.to_json())))
+    pd.testing.assert_frame_equal(again.cut_range_table(), table, check_dtype=False)
+
+
+def test_a_mix_that_holds_for_one_cut_only_is_fragile():
+    holds = Verdict("holds", "both totals beat the null", {"n_specific": 5}, "mix_verdict")
+    steady = pd.DataFrame(
+        {"chosen": [False, True], "p_specific": [0.01, 0.02], "p_shared": [0.03, 0.01]},
+        index=pd.Index([20, 23], name="first layer"),
+    )
+    assert features.fragile_if_cut_matters(holds, steady).verdict == "holds"
+    assert features.fragile_if_cut_matters(holds, steady).numbers["fragile"] is False
+    shaky = steady.assign(p_shared=[0.40, 0.01])
+    fragile = features.fragile_if_cut_matters(holds, shaky)
+    assert (
+        fragile.verdict == "partly" and "fragile" in fragile.reason and "layer 20: not both" in fragile.reason
+    )
+    assert features.fragile_if_cut_matters(holds, None) is holds

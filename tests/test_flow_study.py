@@ -482,3 +482,13 @@ def test_verdicts_carry_their_rule_and_numbers():
     roles = phase_roles_verdict(shares)
     assert roles.verdict == "does not hold" and roles.numbers["as_expected"] == 0
     assert roles.numbers["template_peak_phase"] == 3 and roles.rule == "phase_roles_verdict"
+
+
+def test_the_final_phase_carries_its_first_layers_bootstrap_interval(result):
+    from emolib.studies.features import FinalPhase
+
+    phase = FinalPhase.from_flow(result, "tiny-flow")
+    interval = result.subset("all").cut(3).intervals[-1]
+    assert phase.first == result.final_phase()[0]
+    assert phase.first_range == (int(interval.low), int(interval.high))
+    assert interval.low <= phase.first <= interval.high

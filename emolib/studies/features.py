@@ -53,7 +53,7 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-FEATURES_VERSION = "2"  # 2: split-half replication
+FEATURES_VERSION = "2"  # 2: split-half replication, the final phase under its cut range
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -134,6 +134,23 @@ def mix_verdict(
         return Verdict("partly", f"{totals}; {per_emotion}", numbers, rule)
     return Verdict(
         "does not hold", f"{totals}: neither total beats shuffled labels; {per_emotion}", numbers, rule
+    )
+
+
+def fragile_if_cut_matters(verdict: Verdict, cut_range: pd.DataFrame | None, alpha: float = 0.05) -> Verdict:
+    """`verdict` of the chosen final phase, read against the cut range: when whether both totals (specific and
+    shared) beat the shuffled labels changes with where the final phase starts (within its bootstrap interval), the
+    finding exists for some cuts only: it is fragile, and a "holds" becomes "partly"."""
+    if cut_range is None or len(cut_range) < 2:
+        return verdict
+    both = (cut_range["p_specific"] <= alpha) & (cut_range["p_shared"] <= alpha)
+    if both.nunique() == 1:
+        return dataclasses.replace(verdict, numbers={**verdict.numbers, "fragile": False})
+    starts = ", ".join(f"layer {first}: {'both' if ok else 'not both'}" for first, ok in both.items())
+    note = f"; fragile: whether both totals beat shuffled labels depends on where the final phase starts ({starts})"
+    outcome = "partly" if verdict.verdict == "holds" else verdict.verdict
+    return dataclasses.replace(
+        verdict, verdict=outcome, reason=verdict.reason + note, numbers={**verdict.numbers, "fragile": True}
     )
 
 
@@ -296,13 +313,22 @@ class FinalPhase:
     """The layers of a model's final phase and where they come from.
 
     `source` names the flow result read (or the parameter); `n_phases` is the number of phases of the cut it comes
-    from and `chosen` the number the flow chapter's phase-count test preferred (None when set by parameter)."""
+    from and `chosen` the number the flow chapter's phase-count test preferred (None when set by parameter);
+    `first_range` the item-bootstrap interval of its first layer (None when set by parameter): the cuts a finding
+    must survive."""
 
     first: int
     last: int
     source: str
     n_phases: int | None = None
     chosen: int | None = None
+    first_range: tuple[int, int] | None = None
+
+    def alternatives(self) -> list[int]:
+        """First layers to re-run the final phase from: the ends of `first_range` other than `first`."""
+        if self.first_range is None:
+            return []
+        return sorted({int(b) for b in self.first_range if int(b) != self.first and int(b) <= self.last})
 
     @property
     def layers(self) -> list[int]:
@@ -312,12 +338,17 @@ class FinalPhase:
     def from_flow(cls, flow: PhaseSource, model: str, n_phases: int = 3, subset: str = "all") -> FinalPhase:
         """The last phase of the flow study's best `n_phases`-phase cut of `subset` (the paper's three phases)."""
         layers = flow.final_phase(n_phases=n_phases, subset=subset)
+        first_range = None
+        if isinstance(flow, FlowResult):  # the bootstrap interval of the final phase's first layer
+            interval = flow.subset(subset).cut(n_phases).intervals[-1]
+            first_range = (int(interval.low), int(interval.high))
         return cls(
             first=int(min(layers)),
             last=int(max(layers)),
             source=f"models.{model}.subsets.{subset}.boundaries.{n_phases}.phases[-1]",
             n_phases=len(flow.phases(n_phases=n_phases, subset=subset)),
             chosen=int(flow.chosen_phase_count(subset)),
+            first_range=first_range,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -327,11 +358,15 @@ class FinalPhase:
             "source": self.source,
             "n_phases": self.n_phases,
             "chosen": self.chosen,
+            "first_range": None if self.first_range is None else list(self.first_range),
         }
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any]) -> FinalPhase:
-        return cls(**{f.name: payload.get(f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: payload.get(f.name) for f in dataclasses.fields(cls)}
+        if values["first_range"] is not None:
+            values["first_range"] = tuple(int(b) for b in values["first_range"])
+        return cls(**values)
 
 
 def final_phase_of(source: FlowResult | FinalPhase | Sequence[int], model: str, n_layers: int) -> FinalPhase:
@@ -443,6 +478,9 @@ class FeaturesResult:
     verdicts_by_claim: dict[str, Verdict]
     seconds: float = 0.0
     replication: pd.DataFrame | None = None  # split-half replication of the final phase's selective features
+    cut_range: pd.DataFrame | None = (
+        None  # specific / shared totals with the final phase cut at each end of its range
+    )
 
     # -------------------------------------------------------------------------------------------- JSON
 
@@ -481,6 +519,7 @@ class FeaturesResult:
             },
             "seconds": self.seconds,
             "split_half_replication": None if self.replication is None else records(self.replication),
+            "cut_range": None if self.cut_range is None else records(self.cut_range),
         }
 
     @classmethod
@@ -525,6 +564,7 @@ class FeaturesResult:
             verdicts_by_claim={k: Verdict.from_dict(v) for k, v in payload["verdicts"].items()},
             seconds=float(payload.get("seconds", 0.0)),
             replication=_optional_table(payload.get("split_half_replication"), "emotion"),
+            cut_range=_optional_table(payload.get("cut_range"), "first layer"),
         )
 
     # -------------------------------------------------------------------------------------------- verdicts
@@ -719,6 +759,11 @@ class FeaturesResult:
             tables.append(frame.set_index(["model", "features", "emotion"]))
         return pd.concat(tables) if tables else pd.DataFrame()
 
+    def cut_range_table(self) -> pd.DataFrame:
+        """Specific and shared totals (full rule) with their permutation p-values when the final phase starts at
+        each end of its first layer's bootstrap interval (empty when the phase was set by hand)."""
+        return pd.DataFrame() if self.cut_range is None else self.cut_range
+
     def replication_table(self) -> pd.DataFrame:
         """Split-half replication of the final phase's selective features, per emotion (empty for results files
         written before it was measured)."""
@@ -765,15 +810,43 @@ def _selective_counts(
     }
 
 
+def _cut_range_counts(
+    codes_by_layer: Mapping[int, np.ndarray], aset: AnalysisSet, phase: FinalPhase, config: FeaturesConfig
+) -> pd.DataFrame | None:
+    """Full-rule specific and shared totals of the pooled final phase, with their shuffled-label p-values, for the
+    chosen first layer and each end of its bootstrap interval (None without an interval to try)."""
+    if not phase.alternatives():
+        return None
+    rule, labels, rows = config.selectivity, list(aset.labels), []
+    for first in sorted({phase.first, *phase.alternatives()}):
+        pooled = pool_layers({layer: codes_by_layer[layer] for layer in range(first, phase.last + 1)}, rule)
+        null = shuffled_shared_specific(
+            pooled.codes, aset.gold, labels, rule, n_shuffles=config.n_shuffles, seed=config.seed
+        )
+        summary = null.summary(shared_specific(selectivity(pooled.codes, aset.gold, labels, rule)), "full")
+        rows.append(
+            {
+                "first layer": first,
+                "chosen": first == phase.first,
+                "n_specific": int(summary.loc["any", ("n_specific", "observed")]),
+                "p_specific": float(summary.loc["any", ("n_specific", "p_value")]),
+                "n_shared": int(summary.loc["any", ("n_shared", "observed")]),
+                "p_shared": float(summary.loc["any", ("n_shared", "p_value")]),
+            }
+        )
+    return pd.DataFrame(rows).set_index("first layer")
+
+
 def _per_layer(
     aset: AnalysisSet, suite: SAESuite, phase: FinalPhase, config: FeaturesConfig
 ) -> tuple[pd.DataFrame, dict[int, np.ndarray]]:
     """Every layer's SAE on its own (where do selective features appear?), and the final phase's codes."""
     labels = list(aset.labels)
     rows, codes_by_layer = [], {}
+    earliest = min([phase.first, *phase.alternatives()])  # the cut range's phases need their codes too
     for layer in aset.layers:
         codes = aset.codes(layer, suite.saes[_hook(layer)])
-        if layer in phase.layers:
+        if earliest <= layer <= phase.last:
             codes_by_layer[layer] = codes
         counts = _selective_counts(
             codes, aset.gold, labels, config.selectivity, config.layer_shuffles, config.seed
@@ -893,6 +966,10 @@ def _features(
     per_layer, codes_by_layer = _per_layer(aset, suite, phase, config)
     flags = {layer: suite.flag(layer) for layer in phase.layers}
 
+    # The final phase under the ends of its first layer's bootstrap interval: do the totals survive the cut?
+    cut_range = _cut_range_counts(codes_by_layer, aset, phase, config)
+    codes_by_layer = {layer: codes for layer, codes in codes_by_layer.items() if layer in phase.layers}
+
     # The final phase, pooled.
     pooled = pool_layers(codes_by_layer, rule)
     sel = selectivity(pooled.codes, aset.gold, labels, rule)
@@ -931,8 +1008,10 @@ def _features(
 
     n_support = diffuse.loc[config.diffuse, "n_support"] if versus is not None else None
     verdicts = {
-        "shared_and_specific": mix_verdict(
-            full, boot_table, boot_null, null.n_shuffles, config.verdict_alpha
+        "shared_and_specific": fragile_if_cut_matters(
+            mix_verdict(full, boot_table, boot_null, null.n_shuffles, config.verdict_alpha),
+            cut_range,
+            config.verdict_alpha,
         ),
         "disgust_more_diffuse": diffuse_verdict(versus, n_support, config.diffuse),
         "surprise_coactivates": coactivation_verdict(coact.get("all"), config.surprise),
@@ -966,6 +1045,7 @@ def _features(
         verdicts_by_claim={k: v.about(k, name) for k, v in verdicts.items()},
         seconds=time.time() - started,
         replication=replication,
+        cut_range=cut_range,
     )
 
 
