@@ -187,6 +187,11 @@ def test_quick_study_on_a_tiny_model(result, lm):
         part.per_layer.columns
     )
     assert np.isnan(part.per_layer.loc[0, "cka"]) and part.per_layer["cka"].iloc[1:].between(0, 1).all()
+    adequacy = result.adequacy_table()
+    assert adequacy.index.tolist() == list(range(N_LAYERS)) and "probe: error term" in adequacy.columns
+    assert (adequacy["FVE at the answer"] <= 1).all()
+    for column in ("probe: reconstruction", "probe: error term"):
+        assert adequacy[column].between(0, 1).all()
     answers = result.answer_feature_table()
     assert answers.index.tolist() == [1, 2, 3] and "follow the answer" in answers.columns
     layers = part.per_layer  # Holm across layers: adjusted p-values never below the raw ones

@@ -23,7 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float
+from sae_lens.evals import ExplainedVarianceCalculator
 from statsmodels.stats.multitest import multipletests
 
 from emolib.lm.models import LoadedModel, load_model
@@ -389,10 +391,21 @@ def _measure_layer(
     gold = aset.gold[idx]
     groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
     h = aset.resid(layer)[idx]
-    z = aset.codes(layer, suite.saes[_hook(layer)])[idx]
+    sae = suite.saes[_hook(layer)]
+    z = aset.codes(layer, sae)[idx]
     probe_h = probe_accuracy(h, gold, config.probe)
     active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
     probe_z = probe_accuracy(z[:, active], gold, config.probe)
+    # SAE adequacy at the answer position: what the reconstruction and the error term each carry
+    with torch.no_grad():
+        recon = sae.decode(torch.from_numpy(z)).numpy().astype(np.float64)
+    error = h - recon
+    no_control = dataclasses.replace(config.probe, control=False)
+    probe_recon = probe_accuracy(recon, gold, no_control)
+    probe_error = probe_accuracy(error, gold, no_control)
+    variance = ExplainedVarianceCalculator()  # the appendix's FVE, restricted to the answer position
+    variance.add_batch(torch.from_numpy(recon), torch.from_numpy(np.asarray(h, dtype=np.float64)))
+    fve_answer = variance.compute()
     sel = selective_with_null(
         z,
         gold,
@@ -421,6 +434,13 @@ def _measure_layer(
         "probe_sae_control": probe_z.control.value,
         "probe_sae_control_high": probe_z.control.high,
         "probe_folds": probe_h.folds,
+        "probe_reconstruction": probe_recon.accuracy.value,
+        "probe_reconstruction_low": probe_recon.accuracy.low,
+        "probe_reconstruction_high": probe_recon.accuracy.high,
+        "probe_error": probe_error.accuracy.value,
+        "probe_error_low": probe_error.accuracy.low,
+        "probe_error_high": probe_error.accuracy.high,
+        "fve_answer": fve_answer,
         **sel.row(),
         # on misclassified items: selective features that follow the gold label vs the model's answer
         "follow_gold": float(followed["follow_gold"].sum(min_count=1)),
@@ -1219,6 +1239,34 @@ class FlowResult:
                     }
                 )
         return pd.DataFrame(rows).set_index(["model", "items", "left out"]) if rows else pd.DataFrame()
+
+    def adequacy_table(self) -> pd.DataFrame:
+        """Per layer (all items, answer position): the SAE's fraction of variance explained there, and emotion-probe
+        accuracy on the residual, on the SAE's reconstruction, on its error term and on its codes (empty for
+        results files written before it was measured)."""
+        part = self.subsets.get("all")
+        columns = [
+            "fve_answer",
+            "probe_resid",
+            "probe_reconstruction",
+            "probe_error",
+            "probe_sae",
+            "sae_misses",
+        ]
+        if not isinstance(part, SubsetFlow) or not set(columns) <= set(part.per_layer.columns):
+            return pd.DataFrame()
+        frame = part.per_layer[columns].copy()
+        frame.insert(0, "model", self.model)
+        return frame.rename(
+            columns={
+                "fve_answer": "FVE at the answer",
+                "probe_resid": "probe: residual",
+                "probe_reconstruction": "probe: reconstruction",
+                "probe_error": "probe: error term",
+                "probe_sae": "probe: SAE codes",
+                "sae_misses": "SAE misses",
+            }
+        )
 
     def answer_feature_table(self) -> pd.DataFrame:
         """Per phase of the three-phase cut (all items): selective features that, on misclassified items, follow
