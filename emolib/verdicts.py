@@ -74,6 +74,26 @@ class Verdict:
         )
 
 
+def capped_by_sae(verdict: Verdict, flags: Mapping[int, str]) -> Verdict:
+    """`verdict` of a feature-level claim read through the SAEs of the layers in `flags` (layer -> the quality
+    goals its SAE misses, "" for none). When more than half of those layers miss a goal, the features mostly come
+    from SAEs that fail their goals: the verdict is capped at "inconclusive" and says so; when some do, the reason
+    names them."""
+    missed = {layer: goals for layer, goals in flags.items() if goals}
+    if not missed:
+        return verdict
+    listed = "; ".join(f"L{layer}: {goals}" for layer, goals in sorted(missed.items()))
+    numbers = {**verdict.numbers, "layers_missing_sae_goals": len(missed), "layers_read": len(flags)}
+    if 2 * len(missed) > len(flags):
+        reason = (
+            f"{len(missed)} of the {len(flags)} layers read have SAEs that miss a quality goal ({listed}), so the "
+            f"features are not a reliable reading; uncapped, the rule says {verdict.verdict}: {verdict.reason}"
+        )
+        return replace(verdict, verdict="inconclusive", reason=reason, numbers=numbers)
+    note = f"; {len(missed)} of the {len(flags)} layers read have SAEs that miss a goal ({listed})"
+    return replace(verdict, reason=verdict.reason + note, numbers=numbers)
+
+
 def preset_note(preset: str) -> str:
     """The note under a quick run's findings ("" for the full preset)."""
     return "" if preset == "full" else PRESET_NOTE.format(preset=preset)

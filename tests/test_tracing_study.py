@@ -363,3 +363,15 @@ def test_the_shuffled_label_ranking_is_a_control_the_planted_feature_does_not_be
     with_control = small_set_verdict(result.k50, versus, "late", RULE, against_shuffled)
     assert with_control.verdict == "does not hold" and "shuffled-label" in with_control.reason
     assert small_set_verdict(result.k50, versus, "late", RULE).verdict == "partly"
+
+
+def test_verdicts_read_mostly_through_failing_saes_are_inconclusive():
+    from emolib.verdicts import capped_by_sae
+
+    holds = Verdict("holds", "3 of 5 emotions", {"n_small": 3}, "small_set_verdict")
+    assert capped_by_sae(holds, {4: "", 5: ""}) is holds
+    some = capped_by_sae(holds, {4: "fve", 5: "", 6: ""})
+    assert some.verdict == "holds" and "1 of the 3 layers" in some.reason and "L4: fve" in some.reason
+    most = capped_by_sae(holds, {4: "fve", 5: "fve, dead", 6: ""})
+    assert most.verdict == "inconclusive" and "uncapped, the rule says holds" in most.reason
+    assert most.numbers["layers_missing_sae_goals"] == 2 and most.numbers["n_small"] == 3

@@ -50,7 +50,7 @@ from emolib.stats import format_interval
 from emolib.studies.base import cached_result, plain, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
-from emolib.verdicts import Verdict
+from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
 FEATURES_VERSION = "2"  # 2: split-half replication, the final phase under its cut range
@@ -1016,6 +1016,7 @@ def _features(
         "disgust_more_diffuse": diffuse_verdict(versus, n_support, config.diffuse),
         "surprise_coactivates": coactivation_verdict(coact.get("all"), config.surprise),
     }
+    verdicts = {key: capped_by_sae(verdict, flags) for key, verdict in verdicts.items()}
     return FeaturesResult(
         model=name,
         dataset=aset.dataset,

@@ -45,7 +45,7 @@ from emolib.stats import format_interval
 from emolib.studies.base import cached_result, combined, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, analysis_set
-from emolib.verdicts import Verdict
+from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when the per-item study's computation changes, so cached studies are rebuilt.
 STUDY_VERSION = "2"  # 2: gap metric, attributions of the gap, k50 against the clean value
@@ -531,8 +531,11 @@ class TracingResult:
         config: TracingConfig,
         chosen_phase_count: int | None,
         facts: Mapping[str, Any],
+        sae_flags: Mapping[str, Mapping[int, str]] | None = None,
     ) -> TracingResult:
-        """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase."""
+        """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase, each
+        capped where most of the phase's SAEs miss their goals (`sae_flags[phase][layer]`: the goals missed)."""
+        sae_flags = sae_flags or {}
         rule = config.rule
         phases = {name: tuple(layers) for name, layers in study.meta["phases"].items()}
         final = list(phases)[-1]
@@ -544,7 +547,7 @@ class TracingResult:
         source = config.disgust if config.disgust in sources else study.cross["source"].iloc[0]
         verdicts = {
             phase: {
-                key: verdict.about(key, model, phase)
+                key: capped_by_sae(verdict, sae_flags.get(phase, {})).about(key, model, phase)
                 for key, verdict in phase_verdicts(
                     study, versus, phase, rule, config.disgust, shuffled
                 ).items()
@@ -914,7 +917,8 @@ def run_tracing(
             },
             "features per phase": ", ".join(str(tracer.n_features(members)) for members in layers.values()),
         }
-        return TracingResult.from_study(name, study, config, chosen, facts)
+        flags = {p: {layer: suite.flag(layer) for layer in members} for p, members in layers.items()}
+        return TracingResult.from_study(name, study, config, chosen, facts, flags)
 
     return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
 
