@@ -65,7 +65,7 @@ from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import Estimate, format_interval, mean_interval
 from emolib.studies.base import cached_result, records, table
 from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
-from emolib.verdicts import Verdict
+from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
 STUDY_VERSION = "2"  # 2: enough shuffles per layer for a Holm correction across layers
@@ -654,7 +654,10 @@ def _verdicts(
             _r2_pair(test),
             moved_boundaries(_phase_cut(cut), without),
         ),
-        "late_emotion": late_emergence_verdict(present, excess, phase),
+        "late_emotion": capped_by_sae(  # read through the SAEs of the layers with features beyond control
+            late_emergence_verdict(present, excess, phase),
+            {int(layer): str(t.loc[layer, "sae_misses"] or "") for layer in t.index[present.to_numpy()]},
+        ),
         "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
     }
 
