@@ -187,6 +187,10 @@ def test_quick_study_on_a_tiny_model(result, lm):
         part.per_layer.columns
     )
     assert np.isnan(part.per_layer.loc[0, "cka"]) and part.per_layer["cka"].iloc[1:].between(0, 1).all()
+    headroom = result.headroom_row()
+    best = headroom["best probe layer"]
+    assert part.per_layer.loc[best, "probe_resid"] == part.per_layer["probe_resid"].max()
+    assert headroom["model accuracy (zero-shot)"] == result.facts["model accuracy"]
     adequacy = result.adequacy_table()
     assert adequacy.index.tolist() == list(range(N_LAYERS)) and "probe: error term" in adequacy.columns
     assert (adequacy["FVE at the answer"] <= 1).all()

@@ -1243,6 +1243,25 @@ class FlowResult:
                 )
         return pd.DataFrame(rows).set_index(["model", "items", "left out"]) if rows else pd.DataFrame()
 
+    def headroom_row(self) -> dict[str, Any]:
+        """How much emotion the model's own answers leave unread: the best layer's residual probe (cross-validated
+        on the analysis items, with its interval) beside the model's accuracy on the same items."""
+        part = self.subsets.get("all")
+        if not isinstance(part, SubsetFlow):
+            return {"model": self.model}
+        t = part.per_layer
+        best = int(t["probe_resid"].idxmax())
+        return {
+            "model": self.model,
+            "items": part.n_items,
+            "model accuracy (zero-shot)": self.facts.get("model accuracy", np.nan),
+            "best probe layer": best,
+            "probe accuracy [95% CI]": format_interval(
+                t.loc[best, "probe_resid"], t.loc[best, "probe_resid_low"], t.loc[best, "probe_resid_high"]
+            ),
+            "shuffled-label control": float(t.loc[best, "probe_resid_control"]),
+        }
+
     def adequacy_table(self) -> pd.DataFrame:
         """Per layer (all items, answer position): the SAE's fraction of variance explained there, and emotion-probe
         accuracy on the residual, on the SAE's reconstruction, on its error term and on its codes (empty for
