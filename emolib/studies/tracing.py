@@ -51,7 +51,7 @@ from emolib.verdicts import Verdict, capped_by_sae
 STUDY_VERSION = "2"  # 2: gap metric, attributions of the gap, k50 against the clean value
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt.
-TRACING_VERSION = "1"
+TRACING_VERSION = "2"  # 2: shuffled-label control, gated and SAE-capped verdicts
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
@@ -99,8 +99,9 @@ class TracingConfig:
     about the same per item from batch 32 up, so batches are large. `cross_k` top features of each source emotion
     are ablated in the cross-emotion run. k50 is half of `k50_reference` ("clean": the emotion's mean clean value,
     "whole": the whole-phase drop); `min_effect` is the reference (per metric) at or below which k50 is undefined:
-    a model with no clean preference for the gold label has nothing to explain. `top` features per emotion and phase are ranked
-    in the study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
+    a model with no clean preference for the gold label has nothing to explain. `shuffled_control` also ablates the
+    top features of a ranking made for permuted labels. `top` features per emotion and phase are ranked in the
+    study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
     names the emotion of the "weaker and more diffuse" claim.
     """
 
