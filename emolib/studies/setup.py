@@ -445,7 +445,7 @@ def recognition_note(result: SetupResult | None, dataset: str, method: str = "ze
     if result is None or dataset not in result.calibration:
         return (
             f"Chapter 0 has no {method} result for this model on {dataset}: whether it recognises the emotions "
-            "these verdicts cover is unknown"
+            "these verdicts cover is unknown."
         )
     rows = result.calibration[dataset][method]["recognition"]
     recognised = [r["label"] for r in rows if r["recognised"]]
@@ -457,7 +457,7 @@ def recognition_note(result: SetupResult | None, dataset: str, method: str = "ze
     text += f": {', '.join(recognised)}" if recognised else ""
     if others:
         text += f". Findings about {', '.join(others)} describe a model that does not recognise them"
-    return text
+    return text + "."
 
 
 def recognition_notes(
