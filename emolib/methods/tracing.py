@@ -258,6 +258,32 @@ class Attributions:
         frame.insert(0, "emotion", emotion)
         return frame
 
+    def subset(self, rows: Sequence[int]) -> Attributions:
+        """The attributions of items `rows` only (in that order): a smaller example set without a new pass."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Attributions(
+            labels=self.labels,
+            layers=self.layers,
+            positions=self.positions,
+            texts=[self.texts[i] for i in rows],
+            gold=[self.gold[i] for i in rows],
+            values={layer: v[rows] for layer, v in self.values.items()},
+            activations={layer: a[rows] for layer, a in self.activations.items()},
+            label_logprobs=self.label_logprobs[rows],
+            meta=dict(self.meta),
+        )
+
+    def matched_random(
+        self, emotion: str, layers: Iterable[int], k: int, rng: np.random.Generator
+    ) -> dict[int, list[int]]:
+        """k features of `layers` matched to `emotion`'s top k on activation frequency and magnitude
+        (`matched_draw`), never among that top k, grouped by layer: the random control of equal size."""
+        keys, stats = self._ordered(emotion, layers)
+        if k >= len(keys):
+            raise TracingError(f"k={k} leaves no features outside the top k of layers {list(layers)}")
+        pool = np.arange(k, len(keys))
+        return _group(keys[matched_draw(_activation_profile(stats), k, pool, rng)])
+
     def top_features(self, emotion: str, layers: Iterable[int], k: int) -> dict[int, list[int]]:
         """The top-k features of `layers`, ranked jointly, grouped by layer."""
         keys, _ = self.ranked(emotion, layers)

@@ -6,6 +6,7 @@ emolib book --render-only                       # re-render from _build/executed
 emolib readme                                   # rewrite the README block from _build/results/*.json
 emolib compare OLD NEW                          # compare two builds' results, number by number
 emolib costs                                    # what the build cost: chapter times, cache build times per model
+emolib classify --model M texts.csv [--steer plan.json]   # classify your own texts, optionally steered
 """
 
 from __future__ import annotations
@@ -89,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument(
         "--since", type=float, metavar="UNIX_TIME", help="only cache entries written at or after this time"
     )
+
+    classify = commands.add_parser(
+        "classify",
+        help="classify your own texts (CSV or JSONL with a text column) with a book model, optionally steered",
+        description="Restricted first-token scoring with the book's prompt for --dataset's labels; writes the "
+        "predicted label and every label's probability per text. --steer applies a saved SteeringPlan.",
+    )
+    classify.add_argument("input", type=Path, help="a .csv or .jsonl file")
+    classify.add_argument("--model", required=True, help="a registered model (see the README's models table)")
+    classify.add_argument(
+        "--steer", type=Path, metavar="PLAN", help="a steering plan JSON (chapter 4 writes them)"
+    )
+    classify.add_argument(
+        "--text-column", default="text", help="the column holding the texts (default: text)"
+    )
+    classify.add_argument(
+        "--dataset", default="isear", help="whose prompt and labels to use (default: isear)"
+    )
+    classify.add_argument(
+        "--output", type=Path, help="default: <input stem>.predictions.csv beside the input"
+    )
+    classify.add_argument("--batch-size", type=int, default=16)
     return parser
 
 
@@ -133,6 +156,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(comparison.report(limit=args.limit))
         return 0 if comparison.same else 1
+    if args.command == "classify":
+        from emolib.methods.steering import SteeringError
+        from emolib.pipeline.classify import ClassifyError, ClassifyRequest, classify_file
+
+        output = args.output or args.input.with_name(f"{args.input.stem}.predictions.csv")
+        request = ClassifyRequest(
+            model=args.model,
+            input=args.input,
+            output=output,
+            text_column=args.text_column,
+            dataset=args.dataset,
+            plan=args.steer,
+            batch_size=args.batch_size,
+        )
+        try:
+            frame = classify_file(request)
+        except (ClassifyError, SteeringError) as err:
+            print(f"emolib classify: error: {err}", file=sys.stderr)
+            return 1
+        print(f"[emolib] {len(frame)} predictions written to {output}")
+        return 0
     if args.command == "costs":
         from emolib.cache import build_dir, cache_dir
         from emolib.pipeline.costs import report

@@ -1,6 +1,6 @@
 """Figures for the book: one function per figure type, readable at page width, no styling left to chapters.
 
-One module per chapter (`baselines`, `flow`, `features`, `tracing`, `saes`) and the shared house style (`style`);
+One module per chapter (`baselines`, `flow`, `features`, `tracing`, `steering`, `saes`) and the shared house style (`style`);
 every figure function is importable from here.
 """
 
@@ -22,6 +22,7 @@ from emolib.plots.features import (
 )
 from emolib.plots.flow import boundary_frequency, flow_profiles, role_shares, selective_heatmap, shade_phases
 from emolib.plots.saes import sae_quality
+from emolib.plots.steering import data_efficiency, label_shares, strength_tradeoff
 from emolib.plots.style import colour, style
 from emolib.plots.tracing import effect_curves, k50_intervals, matrix_heatmap, predicted_vs_measured
 
@@ -32,11 +33,13 @@ __all__ = [
     "colour",
     "confusion_grid",
     "counts_figure",
+    "data_efficiency",
     "diffuseness_figure",
     "effect_curves",
     "flow_profiles",
     "jaccard_figure",
     "k50_intervals",
+    "label_shares",
     "label_order_effects",
     "layer_counts_figure",
     "matrix_heatmap",
@@ -47,6 +50,7 @@ __all__ = [
     "sae_quality",
     "selective_heatmap",
     "shade_phases",
+    "strength_tradeoff",
     "style",
     "upset_figure",
     "upset_grid",

@@ -38,13 +38,17 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from emolib.sae.activations import norm_outliers
+
 # Shapes (aliases, so that linters do not read jaxtyping's shape strings as forward references).
 Codes = Float[Tensor, "n d_sae"]
 Residual = Float[Tensor, "batch pos d_model"]
 Direction = Float[Tensor, " d_model"]
 PositionIndex = tuple[Int[Tensor, " n"], Int[Tensor, " n"]]
 PositionMask = Bool[Tensor, "batch pos"]
-Positions = PositionIndex | PositionMask | None
+#: Where an intervention applies: index tensors, a mask, None (everywhere), or a function of the residual that
+#: gives a mask (e.g. `outside_norm_outliers`: positions chosen by what the residual holds, call by call).
+Positions = PositionIndex | PositionMask | Callable[[Tensor], PositionMask] | None
 Hook = Callable[[Tensor, Any], Tensor | None]
 
 
@@ -60,6 +64,8 @@ def resid_post(layer: int) -> str:
 
 def position_index(resid: Residual, positions: Positions) -> PositionIndex:
     """`(rows, cols)` of the chosen positions of `resid` (`[batch, pos, ...]`)."""
+    if callable(positions) and not isinstance(positions, Tensor):
+        positions = positions(resid)
     if positions is None:
         batch, width = resid.shape[:2]
         return torch.arange(batch).repeat_interleave(width), torch.arange(width).repeat(batch)
@@ -71,6 +77,18 @@ def position_index(resid: Residual, positions: Positions) -> PositionIndex:
             )
         return positions.nonzero(as_tuple=True)
     return positions
+
+
+def outside_norm_outliers(factor: float) -> Callable[[Tensor], PositionMask]:
+    """Positions whose residual norm is at most `factor` x the median norm of their row (the rule that kept
+    attention-sink tokens, such as the first token, out of SAE training: `emolib.sae.activations.norm_outliers`).
+    An SAE reads such a token badly, and editing it moves what every later token attends to."""
+
+    def mask(resid: Tensor) -> PositionMask:
+        norms = resid.detach().float().norm(dim=-1)
+        return ~norm_outliers(norms, torch.ones_like(norms, dtype=torch.bool), factor)
+
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------ edits
@@ -175,6 +193,7 @@ def splice_hook(
     neither the residual is left as it is."""
     if edit is not None:
         check_features(edit.features, sae.cfg.d_sae)
+    rows_of_edited = _edited_decoder_rows(sae, edit)
 
     def hook(resid: Residual, hook: Any) -> Residual | None:
         rows, cols = position_index(resid, positions)
@@ -186,10 +205,31 @@ def splice_hook(
         if edit is None:
             return None
         with torch.no_grad():
-            change = sae.decode(edit(codes)) - sae.decode(codes)
+            if rows_of_edited is None:
+                change = sae.decode(edit(codes)) - sae.decode(codes)
+            else:  # only the edited features' columns change: decode just those
+                index = edit.features
+                change = (edit(codes)[:, index] - codes[:, index]) @ rows_of_edited
         return resid.index_put((rows, cols), picked + change.to(resid.dtype))
 
     return hook
+
+
+#: Output normalisations under which an SAE's decode is affine in the codes (what `_edited_decoder_rows` needs).
+_AFFINE_DECODE = ("none", "expected_average_only_in")
+
+
+@torch.no_grad()
+def _edited_decoder_rows(sae: SAE, edit: FeatureEdit | None) -> Tensor | None:
+    """`[k, d_in]`: what one unit of each edited feature adds through the SAE's own `decode` (its decoder row,
+    rescaled as that architecture decodes), so that an edit of k features costs k rows instead of a full decode of
+    both code vectors. None (decode in full) for edits of every feature or a decode that is not affine."""
+    if edit is None or edit.features is None or sae.cfg.normalize_activations not in _AFFINE_DECODE:
+        return None
+    index = torch.as_tensor(edit.features, dtype=torch.long)
+    units = torch.zeros(len(index), sae.cfg.d_sae, dtype=sae.W_dec.dtype)
+    units[torch.arange(len(index)), index] = 1.0
+    return sae.decode(units) - sae.decode(torch.zeros_like(units[:1]))
 
 
 def leaf_hook(sae: SAE, positions: Positions, keep: Callable[[Codes], None]) -> Hook:

@@ -26,6 +26,7 @@ from emolib.studies.flow import FlowConfig
 from emolib.studies.items import AnalysisConfig
 from emolib.studies.saes import SaesConfig
 from emolib.studies.setup import SetupConfig
+from emolib.studies.steering import SteeringConfig, SteeringRule
 from emolib.studies.tracing import TracingConfig
 
 
@@ -44,6 +45,7 @@ class Preset:
     flow: FlowConfig
     features: FeaturesConfig
     tracing: TracingConfig
+    steering: SteeringConfig
     #: The scale reference's baselines (chapter 0; None: not run in this preset).
     scale_reference: SetupConfig | None = None
     #: The models a chapter runs when its `models` parameter is None (None: the book's, `BOOK_MODELS`).
@@ -115,6 +117,7 @@ def _preset(
     flow: dict,
     features: dict,
     tracing: dict,
+    steering: dict,
     scale_reference: SetupConfig | None = None,
     models: tuple[str, ...] | None = None,
 ) -> Preset:
@@ -128,6 +131,7 @@ def _preset(
         flow=FlowConfig(**shared, **flow),
         features=FeaturesConfig(**shared, **features),
         tracing=TracingConfig(**shared, **tracing),
+        steering=SteeringConfig(**shared, **steering),
         scale_reference=scale_reference,
         models=models,
     )
@@ -164,6 +168,19 @@ PRESETS: dict[str, Preset] = {
             cross_k=4,
             n_boot=200,
         ),
+        # two example sizes, two draws, one k and two strengths: the protocol's every path, in about a minute
+        steering=dict(
+            n_examples=(1, 3),
+            n_draws=2,
+            dev_per_label=4,
+            test_per_label=4,
+            ks=(2,),
+            strengths=(0.1, 0.5),
+            lm_tokens=256,
+            generation_per_label=1,
+            n_boot=200,
+            rule=SteeringRule(n=3),
+        ),
         models=QUICK_MODELS,
     ),
     # full: the book (chapter 2 is sized to about ten minutes per model on 2 CPU cores).
@@ -177,6 +194,7 @@ PRESETS: dict[str, Preset] = {
         flow={},
         features={},
         tracing={},
+        steering={},
         scale_reference=SCALE_REFERENCE,
     ),
 }

@@ -1,0 +1,125 @@
+"""Figures of the steering chapter: test macro-F1 against the number of examples, and recognition against the
+language model's perplexity along the strength grid."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from emolib.plots.style import GROUP_COLOURS, errors, model_panels
+
+#: Drawing order and line style per method: interventions solid, readouts dashed, the probe (a ceiling) dotted.
+METHOD_STYLES = {
+    "causal": {"ls": "-", "marker": "o", "lw": 2.2},
+    "random": {"ls": "-", "marker": "x"},
+    "selective": {"ls": "-", "marker": "s"},
+    "diffmean": {"ls": "-", "marker": "^"},
+    "bias": {"ls": "--", "marker": "v"},
+    "probe": {"ls": ":", "marker": "D"},
+    "zero-shot": {"ls": "-"},
+    "contextual": {"ls": "--"},
+    "batch": {"ls": "-."},
+}
+
+
+def _method_colour(method: str) -> str:
+    return GROUP_COLOURS[list(METHOD_STYLES).index(method) % len(GROUP_COLOURS)]
+
+
+def data_efficiency(summaries: Mapping[str, pd.DataFrame]) -> Figure:
+    """One panel per model: test macro-F1 (mean over example draws, 95% interval over draws and items) against the
+    examples per emotion, for every method; methods without examples (zero-shot, calibration) are horizontal
+    lines with a band.
+
+    `summaries[model]` is `SteeringResult.summary`.
+    """
+    fig, axes = model_panels(len(summaries), 4.6, 3.6, ncols=min(3, len(summaries)))
+    for ax, (model, summary) in zip(axes, summaries.items(), strict=True):
+        for method, rows in summary.groupby("method", sort=False):
+            rows = rows.sort_values("n")
+            style_ = {**METHOD_STYLES.get(method, {}), "color": _method_colour(method)}
+            if method in ("zero-shot", "contextual", "batch"):
+                first = rows.iloc[0]
+                ax.axhline(
+                    first["macro_f1"], label=method, **{k: v for k, v in style_.items() if k != "marker"}
+                )
+                ax.axhspan(first["macro_f1_low"], first["macro_f1_high"], color=style_["color"], alpha=0.08)
+                continue
+            shift = (list(METHOD_STYLES).index(method) - 4) * 0.015  # keep the bars apart on a log axis
+            x = rows["n"].to_numpy() * (1 + shift)
+            ax.errorbar(
+                x,
+                rows["macro_f1"],
+                yerr=errors(rows["macro_f1"], rows["macro_f1_low"], rows["macro_f1_high"]),
+                capsize=2,
+                ms=4,
+                label=method,
+                **style_,
+            )
+        ax.set_xscale("log")
+        ns = sorted(summary["n"].unique())
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled examples per emotion")
+        ax.set_ylabel("test macro-F1")
+        ax.set_title(model)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=5, frameon=False)
+    return fig
+
+
+def strength_tradeoff(tradeoffs: Mapping[str, pd.DataFrame], tolerance: float | None = None) -> Figure:
+    """One panel per model: dev macro-F1 against the relative perplexity change on WikiText dev articles along
+    each intervention's strength grid (labels: strengths), with the tolerance as a vertical line.
+
+    `tradeoffs[model]` is `SteeringResult.tradeoff`.
+    """
+    fig, axes = model_panels(len(tradeoffs), 4.6, 3.6, ncols=min(3, len(tradeoffs)))
+    for ax, (model, rows) in zip(axes, tradeoffs.items(), strict=True):
+        for method, line in rows.groupby("method", sort=False):
+            line = line.sort_values("strength")
+            style_ = {**METHOD_STYLES.get(method, {}), "color": _method_colour(method)}
+            change = 100 * line["dev_ppl_change"].to_numpy(dtype=float)
+            ax.plot(change, line["dev_macro_f1"], label=method, ms=4, **style_)
+            for x, y, s in zip(change, line["dev_macro_f1"], line["strength"], strict=True):
+                if np.isfinite(x):
+                    ax.annotate(f"{s:g}", (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        if tolerance is not None:
+            ax.axvline(100 * tolerance, color="0.4", ls=":", lw=1)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("perplexity change on WikiText dev (%)")
+        ax.set_ylabel("dev macro-F1")
+        ax.set_title(model)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False)
+    return fig
+
+
+def label_shares(shares: Mapping[str, pd.DataFrame]) -> Figure:
+    """One panel per model: the share of test answers per label under each method (at the verdict's n), so that
+    a gain that only re-weights labels shows as shares moving towards uniform."""
+    fig, axes = model_panels(len(shares), 5.0, 3.4, ncols=min(3, len(shares)))
+    for ax, (model, table) in zip(axes, shares.items(), strict=True):
+        matrix = table.pivot(index="method", columns="label", values="share")
+        matrix = matrix.reindex([m for m in METHOD_STYLES if m in matrix.index])
+        left = np.zeros(len(matrix))
+        for j, label in enumerate(matrix.columns):
+            ax.barh(
+                matrix.index,
+                matrix[label],
+                left=left,
+                color=GROUP_COLOURS[j % len(GROUP_COLOURS)],
+                label=label,
+            )
+            left += matrix[label].to_numpy()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of test answers")
+        ax.invert_yaxis()
+        ax.grid(False)
+        ax.set_title(model)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(7, len(labels)), frameon=False)
+    return fig
