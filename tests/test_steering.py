@@ -275,9 +275,11 @@ def test_the_quick_study_runs_and_its_test_predictions_never_see_test_labels(
         rows = result.runs[result.runs["method"] == method]
         assert len(rows) == len(config.n_examples) * config.n_draws
         assert set(rows["strength"]) <= {0.0, *config.strengths}
-    assert len(result.versus) == len(config.n_examples) * (
-        len(steering.READOUTS) + len(steering.INTERVENTIONS) - 1
-    )
+    icl = result.runs[result.runs["method"] == "n-shot"]
+    skipped = result.facts["n-shot not run"] != "-"
+    assert set(icl["n"]) == (set() if skipped else {3}) and (skipped or len(icl) == config.n_draws)
+    others = len(steering.READOUTS) + len(steering.INTERVENTIONS) - 1
+    assert len(result.versus) == len(config.n_examples) * others + (0 if skipped else 1)
     assert result.facts["test items"] == 4 * len(TINY_LABELS)
     assert result.facts["items of chapters 1-3 excluded"] == 2 * 6 * len(TINY_LABELS)
     again = SteeringResult.from_json(json.loads(json.dumps(result.to_json())))
@@ -288,9 +290,8 @@ def test_the_quick_study_runs_and_its_test_predictions_never_see_test_labels(
     results = {"a": result, "b": again}
     verdicts = steering.steering_verdicts(results, config.ppl_tolerance)
     assert set(verdicts) == {"a", "b"} and all(v.claim == "steering_helps" for v in verdicts.values())
-    assert "not run, counted as not beaten: n-shot" in verdicts["a"].reason  # never "holds" without n-shot
-    assert verdicts["a"].verdict != "holds"
-    assert len(steering.versus_table(results, verdicts)) == 2 * (len(result.versus) // len(config.n_examples))
+    assert ("not run, counted as not beaten: n-shot" in verdicts["a"].reason) == skipped
+    assert len(steering.versus_table(results, verdicts)) == 2 * (others + (0 if skipped else 1))
     for view in (steering.at_table, steering.recall_table, steering.generation_table, steering.timings_table):
         assert len(view(results))
     assert len(steering.settings_table(config)) and len(steering.facts_table(results).columns) == 2
@@ -407,3 +408,22 @@ def test_norm_outlier_positions_are_left_alone():
     assert torch.equal(moved[0, 0], resid[0, 0]) and torch.allclose(moved[0, 1, 0], torch.tensor(2.0))
     plan = dataclasses.replace(gain_plan(1.0), outlier_factor=None)
     assert SteeringPlan.from_json(plan.to_json()).outlier_factor is None
+
+
+def test_the_n_shot_prompt_lists_the_examples_in_a_seeded_order(tiny_tokenizer):
+    from emolib.lm.prompts import PAPER_TEMPLATE, build_prompt
+
+    examples = [
+        ("I won {the} prize.", "joy"),
+        ("The milk had gone bad.", "fear"),
+        ("He lied to me.", "anger"),
+    ]
+    first = steering.icl_template(PAPER_TEMPLATE, examples, seed=0, max_words=40)
+    again = steering.icl_template(PAPER_TEMPLATE, examples, seed=0, max_words=40)
+    other = [steering.icl_template(PAPER_TEMPLATE, examples, seed=s, max_words=40) for s in range(1, 6)]
+    assert first == again and any(o.instruction != first.instruction for o in other)
+    parts = build_prompt(tiny_tokenizer, LABELS, chat=False, template=first)
+    assert "Experience: I won {the} prize.\nAnswer: joy" in parts.prefix  # braces survive the formatting
+    assert parts.prefix.count("Answer:") == 3 and "Experience: He lied to me." in parts.prefix
+    short = steering.icl_template(PAPER_TEMPLATE, examples, seed=0, max_words=2)
+    assert "Experience: I won ...\nAnswer: joy" in short.instruction.replace("{{", "{").replace("}}", "}")

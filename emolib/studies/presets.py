@@ -178,6 +178,7 @@ PRESETS: dict[str, Preset] = {
             strengths=(0.1, 0.5),
             lm_tokens=256,
             generation_per_label=1,
+            icl_ns=(3,),
             n_boot=200,
             rule=SteeringRule(n=3),
         ),

@@ -26,6 +26,7 @@ Test items' labels enter nothing but the scores: `test_predictions` is a table o
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from emolib.lm.batching import lm_loss, pad_id, right_padded, scored_positions
 from emolib.lm.calibration import CONTENT_FREE_TEXTS, batch_calibrated, contextual_calibrated
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier, parse_label
 from emolib.lm.models import LoadedModel, load_model
+from emolib.lm.prompts import PromptTemplate, template_for
 from emolib.methods.selectivity import SelectivityConfig, selectivity
 from emolib.methods.steering import (
     FEATURE_VARIANTS,
@@ -74,9 +76,13 @@ STEERING_VERSION = "1"
 #: Interventions (run through the model on the same grid) and methods without a forward pass of their own.
 INTERVENTIONS = ("causal", "random", "selective", "diffmean")
 READOUTS = ("zero-shot", "contextual", "batch", "bias", "probe")
+#: Prompting with the examples (run at `SteeringConfig.icl_ns` only: every order is a full pass over the test set).
+PROMPTING = ("n-shot",)
+METHODS = (*READOUTS[:4], *PROMPTING, READOUTS[4], *INTERVENTIONS)
 
 #: The equal-data baselines the verdict requires causal steering to beat (the probe is a ceiling, not a method
-#: of steering; n-shot prompting is named so that, until it runs, it counts against the claim).
+#: of steering); one not run at the verdict's n (n-shot prompting beyond the context, or outside `icl_ns`) counts
+#: as not beaten.
 REQUIRED_BASELINES = ("contextual", "batch", "bias", "diffmean", "random", "selective", "n-shot")
 
 CLAIM = "Steering a few causal features helps and keeps LM ability"
@@ -105,7 +111,8 @@ class SteeringConfig:
     `grid` crosses `variants` x `ks` (features per emotion; for DiffMean, as many candidate layers of the final
     phase) x `strengths`. Perplexity is measured on `lm_tokens` WikiText tokens per split in chunks of
     `lm_length`: on dev articles for every candidate operating point, on test articles (with the KL) at the
-    operating points of the verdict's n (`rule.n`); `generation_per_label` test items per label are also answered by greedy generation under the
+    operating points of the verdict's n (`rule.n`). n-shot prompting runs at `icl_ns` with `icl_orders` seeded
+    orders of the examples (each cut to `icl_example_words` words), their label probabilities averaged; `generation_per_label` test items per label are also answered by greedy generation under the
     causal plan at `rule.n` (draw 0).
     """
 
@@ -126,6 +133,9 @@ class SteeringConfig:
     bias_l2: float = 0.1
     probe_C: float = 1.0
     generation_per_label: int = 5
+    icl_ns: tuple[int, ...] = (1, 5)
+    icl_orders: int = 3
+    icl_example_words: int = 40
     batch_size: int = 32
     n_boot: int = 1000
     level: float = 0.95
@@ -370,6 +380,22 @@ def diffmean_plan(
     )
 
 
+def icl_template(
+    base: PromptTemplate, examples: Sequence[tuple[str, str]], seed: int, max_words: int
+) -> PromptTemplate:
+    """`base` with the labelled examples listed after the instruction, in a seeded order, each as the prompt shows a
+    text and its answer (`Experience: ...` / `Answer: label`): the n-shot prompt of the same examples."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    shown = []
+    for text, label in order:
+        words = text.split()
+        cut = " ".join(words[:max_words]) + (" ..." if len(words) > max_words else "")
+        shown.append(f"{base.body(cut)}\n{base.answer_cue} {label}")
+    block = "\n\n".join(shown).replace("{", "{{").replace("}", "}}")  # the instruction is formatted later
+    return dataclasses.replace(base, instruction=f"{base.instruction}\n\nExamples:\n\n{block}\n")
+
+
 def candidate_layers(final: Sequence[int], count: int) -> list[int]:
     """`count` layers spread evenly over the final phase (first to last): DiffMean's equivalent of the k grid."""
     positions = np.linspace(0, len(final) - 1, num=min(count, len(final)))
@@ -536,6 +562,8 @@ class _Study:
         self.predictions: dict[tuple[str, int, int], np.ndarray] = {}
         self.tradeoff: list[dict[str, Any]] = []
         self.plans: dict[tuple[str, int, int], SteeringPlan] = {}
+        self.icl_tokens: dict[int, int] = {}
+        self.icl_skipped: list[str] = []
 
     def dev_f1(self, scores: np.ndarray) -> float:
         labels = list(range(len(self.items.labels)))
@@ -702,6 +730,41 @@ class _Study:
         scores[:, probe.classes_] = probe.predict_log_proba(resid)
         return scores
 
+    # ------------------------------------------------------------------------------------ prompting
+
+    def prompting(self) -> None:
+        """n-shot prompting at `icl_ns`: per draw, the examples in `icl_orders` seeded orders, label probabilities
+        averaged over the orders (an order ensemble, label-blind); a prompt longer than the model's context is
+        recorded as not run."""
+        n_ctx = int(self.lm.model.cfg.n_ctx)
+        for n in [n for n in self.config.icl_ns if n in self.config.n_examples]:
+            for draw, by_n in self.items.draws.items():
+                examples = [(self.items.pool.texts[r], self.items.pool.gold[r]) for r in by_n[n]]
+                probs, longest = [], 0
+                for order in range(self.config.icl_orders):
+                    template = icl_template(
+                        template_for(self.items.dev.dataset), examples, order, self.config.icl_example_words
+                    )
+                    classifier = make_classifier(
+                        self.lm,
+                        self.items.labels,
+                        self.items.dev.dataset,
+                        ClassifierConfig(generate=False, progress=False, batch_size=self.config.batch_size),
+                        template=template,
+                    )
+                    longest = max(longest, len(classifier.prefix_ids) + max(map(len, self.test._suffixes)))
+                    if longest > n_ctx:
+                        break
+                    probs.append(classifier.predict(self.items.test.texts).label_probs)
+                self.icl_tokens[n] = max(self.icl_tokens.get(n, 0), longest)
+                if longest > n_ctx:
+                    self.icl_skipped.append(
+                        f"n = {n}: a prompt of {longest} tokens exceeds the context ({n_ctx})"
+                    )
+                    break
+                scores = np.log(np.mean(probs, axis=0))
+                self._record("n-shot", n, draw, scores, {"variant": f"{len(probs)} orders"})
+
     # ------------------------------------------------------------------------------------ generation
 
     def generation(self) -> pd.DataFrame:
@@ -749,14 +812,15 @@ def _summaries(
     tail = (1 - config.level) / 2
     for n in config.n_examples:
         predicted: dict[str, np.ndarray] = {}
-        for method in (*fixed, "bias", "probe", *INTERVENTIONS):
+        for method in METHODS:
             key_n = 0 if method in fixed else n
             stack = [
                 study.predictions[(method, key_n, d)]
                 for d in range(config.n_draws)
                 if (method, key_n, d) in study.predictions
             ]
-            predicted[method] = np.stack(stack)
+            if stack:  # n-shot prompting runs at some n only
+                predicted[method] = np.stack(stack)
         index_labels = list(range(len(labels)))
         f1 = draw_bootstrap(list(gold_index), predicted, index_labels, "macro_f1", **boot)
         acc = draw_bootstrap(list(gold_index), predicted, index_labels, "accuracy", **boot)
@@ -793,15 +857,16 @@ def _summaries(
             )
     recall, shares = [], []
     n = config.rule.n
-    for method in ("zero-shot", "contextual", "batch", "bias", "probe", *INTERVENTIONS):
+    for method in METHODS:
         key_n = 0 if method in fixed else n
-        stack = np.stack(
-            [
-                study.predictions[(method, key_n, d)]
-                for d in range(config.n_draws)
-                if (method, key_n, d) in study.predictions
-            ]
-        )
+        rows = [
+            study.predictions[(method, key_n, d)]
+            for d in range(config.n_draws)
+            if (method, key_n, d) in study.predictions
+        ]
+        if not rows:
+            continue
+        stack = np.stack(rows)
         for j, label in enumerate(labels):
             mine = gold_index == j
             recall.append({"method": method, "emotion": label, "recall": float((stack[:, mine] == j).mean())})
@@ -828,6 +893,9 @@ def steering_study(lm: LoadedModel, config: SteeringConfig, final: Sequence[int]
     began = time.perf_counter()
     study.readouts()
     timings["readouts"] = time.perf_counter() - began
+    began = time.perf_counter()
+    study.prompting()
+    timings["n-shot"] = time.perf_counter() - began
     cells = [(m, n) for m in INTERVENTIONS for n in config.n_examples]
     for method, n in tqdm(cells, desc=f"steering {study.name}", disable=not config.progress, leave=False):
         began = time.perf_counter()
@@ -852,6 +920,9 @@ def steering_study(lm: LoadedModel, config: SteeringConfig, final: Sequence[int]
         "WikiText tokens per split": sum(map(len, study.lm_test.sequences)),
         "clean perplexity (test articles)": float(np.exp(study.lm_test.clean_loss)),
         "configurations per intervention": len(config.grid),
+        "n-shot prompt tokens (longest, by n)": ", ".join(f"{n}: {t}" for n, t in study.icl_tokens.items())
+        or "-",
+        "n-shot not run": "; ".join(study.icl_skipped) or "-",
         "SAEs of the final phase missing a goal": sum(bool(f) for f in study.flags.values()),
     }
     return SteeringResult(
@@ -977,6 +1048,7 @@ def settings_table(config: SteeringConfig) -> pd.DataFrame:
             "perplexity tolerance on dev": f"+{config.ppl_tolerance:.0%}",
             "WikiText tokens per split (chunks)": f"{config.lm_tokens} ({config.lm_length})",
             "bias correction L2": config.bias_l2,
+            "n-shot prompting at n (orders averaged)": f"{', '.join(map(str, config.icl_ns))} ({config.icl_orders})",
             "verdict at n": config.rule.n,
             "bootstrap resamples": config.n_boot,
         },
