@@ -300,8 +300,17 @@ def test_the_quick_study_runs_and_its_test_predictions_never_see_test_labels(
     if result.plan:  # dev may prefer the model itself at every strength on so few items
         paths = steering.write_plans({"a": result}, tmp_path / "plans")
         assert SteeringPlan.load(paths[0]) == result.plan_object()
+    # every method the study can report draws, also one the tiny model's context leaves out (n-shot) and one
+    # the figures do not know
+    extra = result.summary[result.summary["method"] == "bias"]
+    summary = pd.concat([result.summary, extra.assign(method="n-shot"), extra.assign(method="new")])
+    shares = pd.concat(
+        [result.shares, result.shares[result.shares["method"] == "bias"].assign(method="n-shot")]
+    )
+    assert set(steering.METHODS) <= set(plots.steering.METHOD_STYLES)
     figures = [
-        plots.data_efficiency({m: r.summary for m, r in results.items()}),
+        plots.data_efficiency({"a": summary, "b": result.summary}),
+        plots.label_shares({"a": shares}),
         plots.strength_tradeoff({m: r.tradeoff for m, r in results.items()}, 0.02),
         plots.label_shares({m: r.shares for m, r in results.items()}),
     ]
@@ -427,3 +436,23 @@ def test_the_n_shot_prompt_lists_the_examples_in_a_seeded_order(tiny_tokenizer):
     assert parts.prefix.count("Answer:") == 3 and "Experience: He lied to me." in parts.prefix
     short = steering.icl_template(PAPER_TEMPLATE, examples, seed=0, max_words=2)
     assert "Experience: I won ...\nAnswer: joy" in short.instruction.replace("{{", "{").replace("}}", "}")
+
+
+def test_dev_and_test_leave_out_each_other_and_the_analysed_items(tiny_steering):
+    from emolib.lm.baselines import BaselineConfig, evaluation_items
+
+    _, config = tiny_steering
+    items = steering.study_items(config)
+    analysed = set()
+    for split in config.items.splits:
+        cfg = BaselineConfig(split=split, n_per_label=config.items.n_per_label, sample_seed=config.items.seed)
+        analysed |= set(evaluation_items("builtin", cfg).ids)
+    assert not (set(items.dev.ids) | set(items.test.ids)) & analysed
+    assert not set(items.dev.ids) & set(items.test.ids) and not set(items.pool.ids) & set(items.test.ids)
+    assert {items.test.gold.count(label) for label in TINY_LABELS} == {config.test_per_label}
+    for by_n in items.draws.values():  # nested example sets, n per label
+        small, large = (set(by_n[n]) for n in config.n_examples)
+        assert small < large and len(large) == max(config.n_examples) * len(TINY_LABELS)
+    too_many = dataclasses.replace(config, test_per_label=50)
+    with pytest.raises(SteeringError, match="fewer than 50 items outside chapters 1-3's analysis set"):
+        steering.study_items(too_many)

@@ -18,6 +18,7 @@ METHOD_STYLES = {
     "selective": {"ls": "-", "marker": "s"},
     "diffmean": {"ls": "-", "marker": "^"},
     "bias": {"ls": "--", "marker": "v"},
+    "n-shot": {"ls": "--", "marker": "P"},
     "probe": {"ls": ":", "marker": "D"},
     "zero-shot": {"ls": "-"},
     "contextual": {"ls": "--"},
@@ -26,7 +27,9 @@ METHOD_STYLES = {
 
 
 def _method_colour(method: str) -> str:
-    return GROUP_COLOURS[list(METHOD_STYLES).index(method) % len(GROUP_COLOURS)]
+    """A fixed colour per known method; a method the figures do not know yet gets grey, never an error."""
+    known = list(METHOD_STYLES)
+    return GROUP_COLOURS[known.index(method) % len(GROUP_COLOURS)] if method in known else "0.3"
 
 
 def data_efficiency(summaries: Mapping[str, pd.DataFrame]) -> Figure:
@@ -48,7 +51,8 @@ def data_efficiency(summaries: Mapping[str, pd.DataFrame]) -> Figure:
                 )
                 ax.axhspan(first["macro_f1_low"], first["macro_f1_high"], color=style_["color"], alpha=0.08)
                 continue
-            shift = (list(METHOD_STYLES).index(method) - 4) * 0.015  # keep the bars apart on a log axis
+            rank = list(METHOD_STYLES).index(method) if method in METHOD_STYLES else len(METHOD_STYLES)
+            shift = (rank - 4) * 0.015  # keep the bars apart on a log axis
             x = rows["n"].to_numpy() * (1 + shift)
             ax.errorbar(
                 x,
@@ -104,7 +108,8 @@ def label_shares(shares: Mapping[str, pd.DataFrame]) -> Figure:
     fig, axes = model_panels(len(shares), 5.0, 3.4, ncols=min(3, len(shares)))
     for ax, (model, table) in zip(axes, shares.items(), strict=True):
         matrix = table.pivot(index="method", columns="label", values="share")
-        matrix = matrix.reindex([m for m in METHOD_STYLES if m in matrix.index])
+        known = [m for m in METHOD_STYLES if m in matrix.index]
+        matrix = matrix.reindex(known + [m for m in matrix.index if m not in known])  # unknown methods last
         left = np.zeros(len(matrix))
         for j, label in enumerate(matrix.columns):
             ax.barh(

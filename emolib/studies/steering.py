@@ -133,7 +133,7 @@ class SteeringConfig:
     bias_l2: float = 0.1
     probe_C: float = 1.0
     generation_per_label: int = 5
-    icl_ns: tuple[int, ...] = (1, 5)
+    icl_ns: tuple[int, ...] = (5,)
     icl_orders: int = 3
     icl_example_words: int = 40
     batch_size: int = 32
