@@ -63,6 +63,7 @@ from emolib.sae.interventions import (
     resid_post,
     resume_at_block,
 )
+from emolib.stats import _f1_from_counts
 
 #: Variants of SAE-feature steering (module docstring) and the residual-subspace variant of DiffMean.
 FEATURE_VARIANTS = ("gain", "clamp", "add")
@@ -534,11 +535,7 @@ def draw_bootstrap(
         cell = y[items][:, None, :] * k + pred
         offsets = (np.arange(n_boot * n_draws) * k * k).reshape(n_boot, n_draws, 1)
         counts = np.bincount((cell + offsets).ravel(), minlength=n_boot * n_draws * k * k)
-        counts = counts.reshape(n_boot, n_draws, k, k)
-        tp = np.diagonal(counts, axis1=-2, axis2=-1)
-        denominator = counts.sum(-1) + counts.sum(-2)
-        f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
-        out[method] = f1.mean(-1).mean(-1)
+        out[method] = _f1_from_counts(counts.reshape(n_boot, n_draws, k, k)).mean(-1).mean(-1)
     return out
 
 

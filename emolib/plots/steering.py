@@ -26,6 +26,10 @@ METHOD_STYLES = {
 }
 
 
+#: Methods that use no examples: drawn as horizontal bands.
+NO_EXAMPLES = ("zero-shot", "contextual", "batch")
+
+
 def _method_colour(method: str) -> str:
     """A fixed colour per known method; a method the figures do not know yet gets grey, never an error."""
     known = list(METHOD_STYLES)
@@ -44,7 +48,7 @@ def data_efficiency(summaries: Mapping[str, pd.DataFrame]) -> Figure:
         for method, rows in summary.groupby("method", sort=False):
             rows = rows.sort_values("n")
             style_ = {**METHOD_STYLES.get(method, {}), "color": _method_colour(method)}
-            if method in ("zero-shot", "contextual", "batch"):
+            if method in NO_EXAMPLES:
                 first = rows.iloc[0]
                 ax.axhline(
                     first["macro_f1"], label=method, **{k: v for k, v in style_.items() if k != "marker"}

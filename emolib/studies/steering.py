@@ -89,6 +89,11 @@ CLAIM = "Steering a few causal features helps and keeps LM ability"
 #: The claim this chapter judges: key -> wording (the README column and the findings' line).
 CLAIMS = {"steering_helps": CLAIM}
 
+#: `SteeringResult`'s tables, as its JSON stores them.
+_TABLES = ("runs", "predictions", "summary", "versus", "recall", "shares", "tradeoff", "generation")
+#: Methods without examples: stored once, under n = 0, and read at every n.
+_NO_EXAMPLES = ("zero-shot", "contextual", "batch")
+
 
 @dataclass(frozen=True)
 class SteeringRule:
@@ -450,19 +455,7 @@ class SteeringResult:
             "test_gold": list(self.test_gold),
             "rule": dataclasses.asdict(self.rule),
             "facts": self.facts,
-            **{
-                name: records(getattr(self, name), index=False)
-                for name in (
-                    "runs",
-                    "predictions",
-                    "summary",
-                    "versus",
-                    "recall",
-                    "shares",
-                    "tradeoff",
-                    "generation",
-                )
-            },
+            **{name: records(getattr(self, name), index=False) for name in _TABLES},
             "plan": self.plan,
             "sae_flags": {str(k): v for k, v in self.sae_flags.items()},
             "meta": self.meta,
@@ -477,19 +470,7 @@ class SteeringResult:
             test_gold=list(payload["test_gold"]),
             rule=SteeringRule(n=int(rule["n"]), alpha=float(rule["alpha"]), required=tuple(rule["required"])),
             facts=dict(payload["facts"]),
-            **{
-                name: table(payload[name])
-                for name in (
-                    "runs",
-                    "predictions",
-                    "summary",
-                    "versus",
-                    "recall",
-                    "shares",
-                    "tradeoff",
-                    "generation",
-                )
-            },
+            **{name: table(payload[name]) for name in _TABLES},
             plan=dict(payload["plan"]),
             sae_flags={int(k): v for k, v in payload["sae_flags"].items()},
             meta=dict(payload["meta"]),
@@ -558,6 +539,7 @@ class _Study:
         self.attributions = tracer.attribute(items.pool.texts, items.pool.gold)
         self.label_index = {label: j for j, label in enumerate(items.labels)}
         self.dev_gold = np.array([self.label_index[g] for g in items.dev.gold])
+        self.dev_clean = self.dev_f1(self.dev.clean())
         self.runs: list[dict[str, Any]] = []
         self.predictions: dict[tuple[str, int, int], np.ndarray] = {}
         self.tradeoff: list[dict[str, Any]] = []
@@ -612,11 +594,10 @@ class _Study:
                 steered = plan.with_strength(strength)
                 score = self.dev_f1(self.dev.plan_scores(steered, self.saes))
                 tried.append((score, variant, size, strength, steered))
-        clean = self.dev_f1(self.dev.clean())
         tried.sort(key=lambda t: -t[0])
         chosen = None
         for score, variant, size, strength, steered in tried:
-            if score <= clean:
+            if score <= self.dev_clean:
                 break
             change = self.lm_dev.ppl_change(steered.hooks(self.saes))
             if not change > self.config.ppl_tolerance:  # NaN (no WikiText) passes here and is flagged below
@@ -624,7 +605,6 @@ class _Study:
                 break
         if n == self.config.rule.n:
             self._tradeoff(method, tried, chosen)
-        self.dev_clean = clean
         return chosen
 
     def apply(self, method: str, n: int, draw: int, chosen: tuple | None) -> None:
@@ -799,6 +779,18 @@ class _Study:
         return pd.DataFrame(out)
 
 
+def _draw_answers(study: _Study, method: str, n: int) -> np.ndarray | None:
+    """`[draws, items]` test answers of `method` at `n` (methods without examples: their one row), None where the
+    method did not run at `n` (n-shot prompting runs at some n only)."""
+    key_n = 0 if method in _NO_EXAMPLES else n
+    rows = [
+        study.predictions[key]
+        for d in range(study.config.n_draws)
+        if (key := (method, key_n, d)) in study.predictions
+    ]
+    return np.stack(rows) if rows else None
+
+
 def _summaries(
     study: _Study, config: SteeringConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -806,21 +798,11 @@ def _summaries(
     labels = study.items.labels
     gold = study.items.test.gold
     gold_index = np.array([study.label_index[g] for g in gold])
-    fixed = ("zero-shot", "contextual", "batch")
     summary, versus = [], []
     boot = {"n_boot": config.n_boot, "seed": config.seed}
     tail = (1 - config.level) / 2
     for n in config.n_examples:
-        predicted: dict[str, np.ndarray] = {}
-        for method in METHODS:
-            key_n = 0 if method in fixed else n
-            stack = [
-                study.predictions[(method, key_n, d)]
-                for d in range(config.n_draws)
-                if (method, key_n, d) in study.predictions
-            ]
-            if stack:  # n-shot prompting runs at some n only
-                predicted[method] = np.stack(stack)
+        predicted = {m: s for m in METHODS if (s := _draw_answers(study, m, n)) is not None}
         index_labels = list(range(len(labels)))
         f1 = draw_bootstrap(list(gold_index), predicted, index_labels, "macro_f1", **boot)
         acc = draw_bootstrap(list(gold_index), predicted, index_labels, "accuracy", **boot)
@@ -858,15 +840,9 @@ def _summaries(
     recall, shares = [], []
     n = config.rule.n
     for method in METHODS:
-        key_n = 0 if method in fixed else n
-        rows = [
-            study.predictions[(method, key_n, d)]
-            for d in range(config.n_draws)
-            if (method, key_n, d) in study.predictions
-        ]
-        if not rows:
+        stack = _draw_answers(study, method, n)
+        if stack is None:
             continue
-        stack = np.stack(rows)
         for j, label in enumerate(labels):
             mine = gold_index == j
             recall.append({"method": method, "emotion": label, "recall": float((stack[:, mine] == j).mean())})
