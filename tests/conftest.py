@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformer_lens import HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from emolib.lm.attention import use_fused_attention
 from emolib.lm.models import LoadedModel, ModelInfo, use_transposed_layout
 
 # Nothing in the test suite may reach the Hugging Face hub (huggingface_hub reads the flag when it is first
@@ -149,7 +150,7 @@ def gemma_like_config(d_vocab: int, window_size: int = 512) -> HookedTransformer
 
 def make_tiny_model(cfg: HookedTransformerConfig, tokenizer, transposed: bool = True) -> HookedSAETransformer:
     """Random weights (seeded by the config), norm weights perturbed, in eval mode; by default with the memory
-    layout `load_model` uses (`use_transposed_layout`)."""
+    layout and the fused attention `load_model` uses (`use_transposed_layout`, `use_fused_attention`)."""
     torch.manual_seed(cfg.seed or 0)
     model = HookedSAETransformer(cfg, tokenizer, move_to_device=False)
     # Norm weights are initialised to one; perturb them so a wrong norm placement would show.
@@ -160,6 +161,7 @@ def make_tiny_model(cfg: HookedTransformerConfig, tokenizer, transposed: bool = 
     model.eval()
     if transposed:
         use_transposed_layout(model)
+        use_fused_attention(model)
     return model
 
 

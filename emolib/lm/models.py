@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from emolib.cache import atomic_file, cache_dir, cached_entry, config_key, file_sha256
+from emolib.lm.attention import use_fused_attention
 from emolib.lm.precision import dtype_name, keyed_name, resolve_precision, set_compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -598,6 +599,7 @@ def load_model(name: str, precision: str | None = None) -> LoadedModel:
     """
     dtype = resolve_precision(precision)
     lm = _load_float32(name)
+    use_fused_attention(lm.model)
     set_compute_dtype(lm.model, dtype)
     lm.info = dataclasses.replace(lm.info, precision=dtype_name(dtype))
     return lm
