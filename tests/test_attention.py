@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import gemma_like_config, llama_like_config, make_tiny_model
 
 from emolib.lm.attention import fusable, reference_attention, use_fused_attention
 from emolib.lm.batching import expanded_cache, left_padded, prefix_cache
-from tests.conftest import gemma_like_config, llama_like_config, make_tiny_model
 
 ROWS = [[5, 9, 13, 2, 7, 7, 30, 4], [11, 3], [8, 8, 21, 17, 6]]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -242,6 +243,46 @@ def test_the_verdict_holds_only_when_every_baseline_is_beaten_within_the_toleran
     assert steering_verdict(flagged, every, 0.02).verdict == "inconclusive"
 
 
+def test_the_variant_is_chosen_at_the_verdicts_n_and_kept_at_the_others():
+    config = steering.SteeringConfig(
+        n_examples=(1, 3), ks=(2,), strengths=(0.5,), variants=("gain", "add"), rule=SteeringRule(n=3)
+    )
+    dev_score = {"gain": 0.2, "add": 0.4}
+    asked = []
+
+    class Plan:
+        def __init__(self, variant):
+            self.variant = variant
+
+        def with_strength(self, strength):
+            return self
+
+        def hooks(self, saes):
+            return []
+
+    def candidates(method, rows, draw, n, variants=None):
+        asked.append((n, variants))
+        return [(v, 2, Plan(v)) for v in variants or config.variants]
+
+    study = object.__new__(steering._Study)  # only what `choose` reads
+    study.config, study.variant_for, study.dev_clean, study.saes = config, {}, 0.1, {}
+    study.items = SimpleNamespace(draws={0: {1: [0], 3: [0]}})
+    study.candidates, study._tradeoff = candidates, lambda *args: None
+    study.dev = SimpleNamespace(plan_scores=lambda plan, saes: plan.variant)
+    study.dev_f1 = dev_score.get
+    study.lm_dev = SimpleNamespace(ppl_change=lambda hooks: 0.0)
+    assert study.choose("causal", 3)[0] == "add"
+    assert study.choose("causal", 1)[0] == "add"
+    assert asked == [(3, None), (1, ("add",))]
+    # nothing beats the model at the verdict's n: the best dev variant is kept all the same
+    study.variant_for, study.dev_clean = {}, 0.9
+    assert study.choose("random", 3) is None and study.variant_for["random"] == "add"
+    # without a choice at the verdict's n (another order), every variant is tried
+    study.variant_for, study.dev_clean, asked[:] = {}, 0.1, []
+    study.choose("selective", 1)
+    assert asked == [(1, None)]
+
+
 # ------------------------------------------------------------------------------------------------ the study
 
 
@@ -269,15 +310,18 @@ def test_the_quick_study_runs_and_its_test_predictions_never_see_test_labels(
     lm, config = tiny_steering
     phases = {"early": [0], "late": [1]}
     result = steering.run_steering(lm, config, phases)
-    assert set(result.summary["method"]) == set(steering.READOUTS) | set(steering.INTERVENTIONS)
+    skipped = result.facts["n-shot not run"] != "-"
+    prompting = set() if skipped else {"n-shot"}
+    assert set(result.summary["method"]) == set(steering.READOUTS) | set(steering.INTERVENTIONS) | prompting
     assert set(result.runs["n"]) == {0, *config.n_examples}
     for method in steering.INTERVENTIONS:
         rows = result.runs[result.runs["method"] == method]
         assert len(rows) == len(config.n_examples) * config.n_draws
         assert set(rows["strength"]) <= {0.0, *config.strengths}
     icl = result.runs[result.runs["method"] == "n-shot"]
-    skipped = result.facts["n-shot not run"] != "-"
-    assert set(icl["n"]) == (set() if skipped else {3}) and (skipped or len(icl) == config.n_draws)
+    assert set(icl["n"]) == (set() if skipped else set(config.icl_ns)) and (
+        skipped or len(icl) == config.n_draws
+    )
     others = len(steering.READOUTS) + len(steering.INTERVENTIONS) - 1
     assert len(result.versus) == len(config.n_examples) * others + (0 if skipped else 1)
     assert result.facts["test items"] == 4 * len(TINY_LABELS)
@@ -290,8 +334,9 @@ def test_the_quick_study_runs_and_its_test_predictions_never_see_test_labels(
     results = {"a": result, "b": again}
     verdicts = steering.steering_verdicts(results, config.ppl_tolerance)
     assert set(verdicts) == {"a", "b"} and all(v.claim == "steering_helps" for v in verdicts.values())
-    assert ("not run, counted as not beaten: n-shot" in verdicts["a"].reason) == skipped
-    assert len(steering.versus_table(results, verdicts)) == 2 * (others + (0 if skipped else 1))
+    at_rule = not skipped and config.rule.n in config.icl_ns  # n-shot prompting at the verdict's n
+    assert ("not run, counted as not beaten: n-shot" in verdicts["a"].reason) == (not at_rule)
+    assert len(steering.versus_table(results, verdicts)) == 2 * (others + at_rule)
     for view in (steering.at_table, steering.recall_table, steering.generation_table, steering.timings_table):
         assert len(view(results))
     assert len(steering.settings_table(config)) and len(steering.facts_table(results).columns) == 2

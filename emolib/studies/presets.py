@@ -168,9 +168,11 @@ PRESETS: dict[str, Preset] = {
             cross_k=4,
             n_boot=200,
         ),
-        # two example sizes, two draws, one k and two strengths: the protocol's every path, in about a minute
+        # two example sizes, two draws, one k, two strengths and two variants: the protocol's every path, in about
+        # a minute per model
         steering=dict(
             n_examples=(1, 3),
+            variants=("gain", "add"),
             n_draws=2,
             dev_per_label=4,
             test_per_label=4,
@@ -178,7 +180,7 @@ PRESETS: dict[str, Preset] = {
             strengths=(0.1, 0.5),
             lm_tokens=256,
             generation_per_label=1,
-            icl_ns=(3,),
+            icl_ns=(1,),  # 7 examples: the prompt stays inside Gemma's 512-token window, so it batches
             n_boot=200,
             rule=SteeringRule(n=3),
         ),

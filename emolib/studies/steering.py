@@ -114,7 +114,7 @@ class SteeringConfig:
 
     `items` are chapters 1-3's analysis items (excluded from dev and test) and `saes` the suite they read.
     `grid` crosses `variants` x `ks` (features per emotion; for DiffMean, as many candidate layers of the final
-    phase) x `strengths`. Perplexity is measured on `lm_tokens` WikiText tokens per split in chunks of
+    phase) x `strengths`; the variant is chosen at `rule.n` and kept at the other n (`_Study.choose`). Perplexity is measured on `lm_tokens` WikiText tokens per split in chunks of
     `lm_length`: on dev articles for every candidate operating point, on test articles (with the KL) at the
     operating points of the verdict's n (`rule.n`). n-shot prompting runs at `icl_ns` with `icl_orders` seeded
     orders of the examples (each cut to `icl_example_words` words), their label probabilities averaged, in batches
@@ -131,7 +131,7 @@ class SteeringConfig:
     n_draws: int = 5
     dev_per_label: int = 8
     test_per_label: int = 20
-    variants: tuple[str, ...] = ("gain",)
+    variants: tuple[str, ...] = ("gain", "clamp", "add")
     ks: tuple[int, ...] = (4, 16)
     strengths: tuple[float, ...] = (0.1, 0.25, 0.5)
     ppl_tolerance: float = 0.02
@@ -548,6 +548,7 @@ class _Study:
         self.tradeoff: list[dict[str, Any]] = []
         self.plans: dict[tuple[str, int, int], SteeringPlan] = {}
         self.icl_tokens: dict[int, int] = {}
+        self.variant_for: dict[str, str] = {}  # per method, the variant chosen at rule.n
         self.icl_skipped: list[str] = []
 
     def dev_f1(self, scores: np.ndarray) -> float:
@@ -557,9 +558,10 @@ class _Study:
     # ------------------------------------------------------------------------------------ per draw
 
     def candidates(
-        self, method: str, rows: list[int], draw: int, n: int
+        self, method: str, rows: list[int], draw: int, n: int, variants: Sequence[str] | None = None
     ) -> list[tuple[str, int, SteeringPlan]]:
-        """(variant, k or layer, plan at strength 1) for every configuration of the grid but the strength."""
+        """(variant, k or layer, plan at strength 1) for every configuration of the grid but the strength (of
+        `variants`, default the config's)."""
         attributions = self.attributions.subset(rows)
         meta = {"n": n, "draw": draw}
         out = []
@@ -573,7 +575,7 @@ class _Study:
                 )
                 out.append(("subspace", layer, plan))
             return out
-        for variant in self.config.variants:
+        for variant in variants or self.config.variants:
             for k in self.config.ks:
                 if method == "causal":
                     keys = causal_features(attributions, self.final, k)
@@ -590,9 +592,16 @@ class _Study:
     def choose(self, method: str, n: int) -> tuple[str, int, float, float, float] | None:
         """The dev choice of (variant, k or layer, strength) for `method` at `n`, made on the first draw's examples:
         the best dev macro-F1 within the perplexity tolerance, None when no configuration beats the model itself
-        on dev. Returns (variant, size, strength, dev macro-F1, dev perplexity change)."""
+        on dev. Returns (variant, size, strength, dev macro-F1, dev perplexity change).
+
+        The variant is chosen at the verdict's n (`rule.n`, which must be chosen first) among `variants` and kept
+        at every other n (the one of the best dev score when nothing beats the model): the same budget for every
+        feature method, and a third of the dev runs of a full grid at every n."""
+        variants = None
+        if method in self.variant_for and n != self.config.rule.n:
+            variants = (self.variant_for[method],)
         tried = []
-        for variant, size, plan in self.candidates(method, self.items.draws[0][n], 0, n):
+        for variant, size, plan in self.candidates(method, self.items.draws[0][n], 0, n, variants):
             for strength in self.config.strengths:
                 steered = plan.with_strength(strength)
                 score = self.dev_f1(self.dev.plan_scores(steered, self.saes))
@@ -607,6 +616,7 @@ class _Study:
                 chosen = (variant, size, strength, score, change)
                 break
         if n == self.config.rule.n:
+            self.variant_for[method] = chosen[0] if chosen is not None else tried[0][1]
             self._tradeoff(method, tried, chosen)
         return chosen
 
@@ -877,7 +887,9 @@ def steering_study(lm: LoadedModel, config: SteeringConfig, final: Sequence[int]
     began = time.perf_counter()
     study.prompting()
     timings["n-shot"] = time.perf_counter() - began
-    cells = [(m, n) for m in INTERVENTIONS for n in config.n_examples]
+    # the verdict's n first: its dev choice fixes each method's variant for the other n (`_Study.choose`)
+    order = sorted(config.n_examples, key=lambda n: n != config.rule.n)
+    cells = [(m, n) for m in INTERVENTIONS for n in order]
     for method, n in tqdm(cells, desc=f"steering {study.name}", disable=not config.progress, leave=False):
         began = time.perf_counter()
         chosen = study.choose(method, n)
