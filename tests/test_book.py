@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from emolib.cache import project_root
 from emolib.pipeline import book as bk
@@ -281,6 +282,18 @@ def test_broken_reference_fails_the_render_and_leaves_no_html(tiny):
     with pytest.raises(bk.RenderError, match="no-such-label"):
         bk.run_book(root=tiny.root, build=tiny.build, preset="full")
     assert not (tiny.build / "html").exists()
+
+
+@needs_mathjax
+def test_a_partial_book_renders_references_to_pages_it_leaves_out(tiny):
+    (tiny.root / "book" / "intro.md").write_text(INTRO + "\nSee {ref}`beta-findings`.\n")
+    beta = (tiny.root / "book" / "02_beta.md").read_text()
+    (tiny.root / "book" / "02_beta.md").write_text(beta + "\n(beta-findings)=\n## Found\n")
+    index = bk.run_book(root=tiny.root, build=tiny.build, preset="quick", chapters=["01_alpha"])
+    assert index.is_file() and not (tiny.build / "html" / "book" / "02_beta.html").exists()
+    full = bk.partial_book_config(yaml.safe_load((project_root() / "_config.yml").read_text()))
+    assert set(bk.CROSS_PAGE_WARNINGS) <= set(full["sphinx"]["config"]["suppress_warnings"])
+    assert full["sphinx"]["config"]["numfig"] is True  # everything else as configured
 
 
 def test_plain_page_detection(tmp_path):

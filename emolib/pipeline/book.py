@@ -398,6 +398,20 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*SKIP_NAMES), dirs_exist_ok=True)
 
 
+#: Sphinx warning types of references to targets on other pages: a partial book leaves those pages out.
+CROSS_PAGE_WARNINGS = ("ref.ref", "ref.doc", "myst.xref_missing")
+
+
+def partial_book_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`_config.yml` for a partial book: the same, except that references to targets on pages it leaves out are
+    not warnings (every other warning still fails the render; the whole book checks every reference)."""
+    out = copy.deepcopy(dict(config))
+    sphinx_config = out.setdefault("sphinx", {}).setdefault("config", {})
+    known = list(sphinx_config.get("suppress_warnings", []))
+    sphinx_config["suppress_warnings"] = known + [w for w in CROSS_PAGE_WARNINGS if w not in known]
+    return out
+
+
 def stage(book: Book, pages: Sequence[Page], preset: str) -> Path:
     """Assemble `_build/stage/`: what Jupyter Book needs, with executed notebooks in place of chapter sources."""
     chapters = [p for p in pages if p.is_chapter]
@@ -410,12 +424,18 @@ def stage(book: Book, pages: Sequence[Page], preset: str) -> Path:
     target = book.build / "stage"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    shutil.copy2(book.root / "_config.yml", target / "_config.yml")
+    config = yaml.safe_load((book.root / "_config.yml").read_text())
     toc = yaml.safe_load((book.root / "_toc.yml").read_text())
     all_docs = [p.docname for p in book.pages()]
     if len(pages) != len(all_docs):
         toc = prune_toc(toc, {p.docname for p in pages})
-        print(f"[emolib] rendering a partial book: {', '.join(p.docname for p in pages)}", flush=True)
+        config = partial_book_config(config)
+        print(
+            f"[emolib] rendering a partial book: {', '.join(p.docname for p in pages)} (references to pages left "
+            "out are not checked; the whole book checks them)",
+            flush=True,
+        )
+    (target / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     (target / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     if (book.root / "references.bib").is_file():
         shutil.copy2(book.root / "references.bib", target / "references.bib")
