@@ -106,7 +106,11 @@ def write_study_results(
 
 def read_study_results(chapter: str, cls: type[R], *, preset: str | None = None) -> dict[str, R]:
     """Every model's typed result from a chapter's results file (written by `write_study_results`)."""
-    record = read_results(chapter, preset=preset)
+    return results_from_record(chapter, read_results(chapter, preset=preset), cls)
+
+
+def results_from_record(chapter: str, record: Mapping[str, Any], cls: type[R]) -> dict[str, R]:
+    """Every model's typed result from a results record already read (`read_results`)."""
     models = record.get("models")
     if not isinstance(models, Mapping):
         raise StudyError(f"the results of chapter {chapter!r} hold no 'models' entry: re-run the chapter")

@@ -504,6 +504,14 @@ class SteeringResult:
         )
         return out.join(ops.rename(columns={"test_ppl_change": "perplexity change", "test_kl": "KL"}))
 
+    def best_baseline(self, n: int | None = None) -> str | None:
+        """The equal-data baseline with the highest test macro-F1 at `n` (default: the rule's): every method but
+        causal steering, zero-shot and the probe ceiling; None when none ran."""
+        n = self.rule.n if n is None else n
+        at = self.summary[self.summary["n"] == n].set_index("method")
+        baselines = at.drop(index=["causal", "zero-shot", "probe"], errors="ignore")
+        return str(baselines["macro_f1"].idxmax()) if len(baselines) else None
+
     def plan_object(self) -> SteeringPlan:
         """The saved causal plan at the rule's n (draw 0)."""
         return SteeringPlan.from_json(self.plan, source=f"{self.model}'s steering result")
@@ -1106,8 +1114,7 @@ def timings_table(results: Mapping[str, SteeringResult]) -> pd.DataFrame:
 def readme_row(result: SteeringResult, verdict: Verdict) -> dict[str, Any]:
     """The README table's row: zero-shot, causal steering and the best baseline at the rule's n, and the verdict."""
     at = result.summary[result.summary["n"] == result.rule.n].set_index("method")
-    baselines = at.drop(index=["causal", "zero-shot", "probe"], errors="ignore")
-    best = baselines["macro_f1"].idxmax() if len(baselines) else None
+    best = result.best_baseline()
 
     def cell(method: str | None) -> str:
         if method is None or method not in at.index:

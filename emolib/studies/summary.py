@@ -17,6 +17,7 @@ import pandas as pd
 
 from emolib.pipeline.results import ResultsMissingError, ResultsPresetError, read_results
 from emolib.stats import format_interval
+from emolib.studies.base import results_from_record
 from emolib.verdicts import VERDICTS, Verdict
 
 #: How a result file's verdict becomes the summary's one number: `(verdict, typed result or None) -> text`.
@@ -178,12 +179,10 @@ def _steering(verdict: Verdict, result: Any) -> str:
     tail = "" if ppl is None or not np.isfinite(ppl) else f"; perplexity {ppl:+.1%}"
     if result is None:
         return f"beats {n.get('baselines_beaten', 'n/a')} of {n.get('baselines', 'n/a')} baselines" + tail
-    at = result.summary[result.summary["n"] == result.rule.n].set_index("method")
-    baselines = at.drop(index=["causal", "zero-shot", "probe"], errors="ignore")
+    best = result.best_baseline()
     versus = result.versus[result.versus["n"] == result.rule.n].set_index("versus")
-    if baselines.empty or "causal" not in at.index:
+    if best is None or best not in versus.index:  # versus rows exist only where causal steering ran
         return "no causal or baseline run at the rule's n" + tail
-    best = str(baselines["macro_f1"].idxmax())
     row = versus.loc[best]
     difference = format_interval(row["difference"], row["low"], row["high"], signed=True)
     return f"macro-F1 causal minus the best baseline ({best}) at n = {result.rule.n}: {difference}{tail}"
@@ -223,12 +222,11 @@ def result_types() -> dict[str, type]:
 
 
 def _typed_results(chapter: str, record: Mapping[str, Any]) -> dict[str, Any]:
-    """Each model's typed result of a chapter ({} for a chapter without a known result type)."""
+    """Each model's typed result of a chapter ({} for a chapter without a known result type or models)."""
     cls = result_types().get(chapter)
-    models = record.get("models")
-    if cls is None or not isinstance(models, Mapping):
+    if cls is None or not isinstance(record.get("models"), Mapping):
         return {}
-    return {model: cls.from_json(payload) for model, payload in models.items()}
+    return results_from_record(chapter, record, cls)
 
 
 def _stored_verdicts(chapter: str, record: Mapping[str, Any], typed: Mapping[str, Any]) -> list[Verdict]:
