@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from emolib.methods import lens, phases, probes, roles, selectivity, similarity
 from emolib.methods.common import FlowError
@@ -66,6 +67,28 @@ def test_probe_is_deterministic_given_the_seed():
     a, b = probes.probe_accuracy(X, y, FAST), probes.probe_accuracy(X, y, FAST)
     np.testing.assert_array_equal(a.predicted, b.predicted)
     assert a.accuracy == b.accuracy and a.control == b.control
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_probes_fit_on_one_blas_thread_and_give_the_threads_back(monkeypatch):
+    inside = []
+    fit = probes.cross_val_predict
+
+    def recording(*args, **kwargs):
+        inside.append(blas_threads())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "cross_val_predict", recording)
+    before = blas_threads()
+    with threadpool_limits(limits=2, user_api="blas"):  # as on the book's 2-core machine
+        X, y = blobs()
+        probes.probe_accuracy(X, y, FAST)
+        after = blas_threads()
+    assert inside and all(threads == [1] * len(before) for threads in inside)
+    assert after == [min(2, n) for n in before]
 
 
 def test_probe_reduces_folds_for_a_small_class():

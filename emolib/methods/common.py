@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from emolib.stats import Estimate, interval_from_draws
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run numpy/scipy linear algebra on one BLAS thread inside the block.
+
+    A probe's solver (scikit-learn's L-BFGS) multiplies a few hundred rows by a few hundred columns thousands of
+    times; OpenBLAS splitting each small product across threads costs more than it saves. On the book's 2-core
+    machine one thread fits a 576-wide, 7-class probe about five times faster (`benchmarks/probe_speed.py`).
+    Threads split a product's sums differently, so coefficients move in the ninth digit (predictions agree).
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 class FlowError(ValueError):

@@ -12,7 +12,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from emolib.methods.common import FlowError, as_matrix
+from emolib.methods.common import FlowError, as_matrix, one_blas_thread
 from emolib.stats import Estimate, summarize
 
 
@@ -90,7 +90,8 @@ def _fold_count(y: np.ndarray, folds: int) -> int:
 def _oof_predictions(X: np.ndarray, y: np.ndarray, folds: int, config: ProbeConfig) -> np.ndarray:
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=config.C, max_iter=config.max_iter))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
-    return cross_val_predict(probe, X, y, cv=cv)
+    with one_blas_thread():
+        return cross_val_predict(probe, X, y, cv=cv)
 
 
 def probe_accuracy(

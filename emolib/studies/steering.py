@@ -48,6 +48,7 @@ from emolib.lm.calibration import CONTENT_FREE_TEXTS, batch_calibrated, contextu
 from emolib.lm.classify import ClassifierConfig, EmotionClassifier, parse_label
 from emolib.lm.models import LoadedModel, load_model
 from emolib.lm.prompts import PromptTemplate, template_for
+from emolib.methods.common import one_blas_thread
 from emolib.methods.selectivity import SelectivityConfig, selectivity
 from emolib.methods.steering import (
     FEATURE_VARIANTS,
@@ -718,7 +719,8 @@ class _Study:
                     probe = make_pipeline(
                         StandardScaler(), LogisticRegression(C=self.config.probe_C, max_iter=2000)
                     )
-                    probe.fit(example_resid[layer][rows], [self.label_index[g] for g in gold])
+                    with one_blas_thread():
+                        probe.fit(example_resid[layer][rows], [self.label_index[g] for g in gold])
                     score = self.dev_f1(self._probe_scores(probe, dev_resid[layer]))
                     if best is None or score > best[0]:
                         best = (score, layer, probe)
