@@ -58,17 +58,18 @@ def counts(ds) -> Counter[tuple[str, str]]:
 
 
 def test_registry_names_kinds_and_citations():
-    assert list(data.DATASETS) == ["builtin", *EXTERNAL]
+    assert list(data.DATASETS) == ["builtin", *EMOTION_EXTERNAL, "crowd_envent", "wikitext-2-raw"]
     assert {n: s.bibtex for n, s in data.DATASETS.items()} == {
         "builtin": None,
         "isear": "scherer1994isear",
         "meld": "poria2019meld",
         "goemotions": "demszky2020goemotions",
         "carer_emotion": "saravia2018carer",
+        "crowd_envent": "troiano2023crowdenvent",
         "wikitext-2-raw": "merity2016wikitext",
     }
     assert data.DATASETS["wikitext-2-raw"].kind == "lm"
-    assert all(data.DATASETS[n].kind == "emotion" for n in ["builtin", *EMOTION_EXTERNAL])
+    assert all(data.DATASETS[n].kind == "emotion" for n in ["builtin", *EMOTION_EXTERNAL, "crowd_envent"])
     for spec in data.DATASETS.values():
         assert all(label in data.CANONICAL_LABELS for label in spec.labels)
         assert spec.official_splits == (spec.default_split is None)
@@ -355,6 +356,69 @@ def test_bad_arguments():
         data.load("nope")
     with pytest.raises(ValueError, match="on_bad_row"):
         data.load("isear", data_dir=GOOD, on_bad_row="ignore")
+
+
+# ----------------------------------------------------------------------------------------------- Crowd-enVENT
+# No public copy can ship (not with emolib, not in the shared data): the tests write the file themselves, with the
+# generation file's layout (tab-separated, header, appraisal columns the loader ignores).
+
+CROWD_HEADER = ["text_id", "temporal_distance", "generated_text", "hidden_emo_text", "emotion", "suddenness"]
+
+
+def write_crowd_envent(root: Path, rows: list[list[str]], header: list[str] = CROWD_HEADER) -> Path:
+    folder = root / "crowd_envent"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(header), *("\t".join(row) for row in rows)]
+    (folder / "crowd-enVent_generation.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def crowd_rows(per_label: int = 5) -> list[list[str]]:
+    labels = ["joy", "sadness", "anger", "fear", "disgust", "surprise", "no-emotion", "relief", "guilt", "shame",
+              "trust", "pride", "boredom"]  # fmt: skip
+    return [
+        [f"{i:03d}{j}", "days", f"I felt {label} when event {j} happened.", "I felt ... when", label, "3"]
+        for i, label in enumerate(labels)
+        for j in range(per_label)
+    ]
+
+
+def test_crowd_envent_reads_the_generation_file(tmp_path):
+    rows = crowd_rows()
+    rows.append(["quote1", "days", 'My friend said "congrats" after the exam.', "x", "joy", "4"])
+    rows.insert(3, ["", "", "", "", "", ""])  # a blank record is skipped and counted
+    ds, report = data.load_with_report("crowd_envent", data_dir=write_crowd_envent(tmp_path, rows))
+    assert len(ds) == 13 * 5 + 1
+    assert set(ds["label"]) == set(data.DATASETS["crowd_envent"].labels)
+    by_id = {r["id"]: r for r in ds}
+    assert by_id["0060"]["label"] == "neutral"  # "no-emotion"
+    assert by_id["0000"]["text"] == "I felt joy when event 0 happened."  # generated_text, not hidden_emo_text
+    assert by_id["quote1"]["text"] == 'My friend said "congrats" after the exam.'
+    assert set(ds["split"]) == {"train", "dev", "test"}  # no official split: emolib's seeded one
+    assert sum(report.skips.values()) == 1
+    assert data.available_datasets(tmp_path) == ["builtin", "crowd_envent"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "header", "match"),
+    [
+        (crowd_rows(1) + [["x1", "days", "text", "x", "joy"]], CROWD_HEADER, r"line 15: expected 6 tab-separated"),
+        (crowd_rows(1) + [["x1", "days", "text", "x", "contempt", "1"]], CROWD_HEADER, r"line 15: unknown label 'contempt'"),
+        (crowd_rows(1) + [["0000", "days", "again", "x", "joy", "1"]], CROWD_HEADER, r"line 15: id '0000' already used"),
+        (crowd_rows(1), ["text_id", "text", "emotion", "a", "b", "c"], r"line 1: header lacks column\(s\) \['generated_text'\]"),
+    ],
+)  # fmt: skip
+def test_crowd_envent_bad_rows_name_the_file_and_line(tmp_path, rows, header, match):
+    root = write_crowd_envent(tmp_path, rows, header)
+    with pytest.raises(data.EmolibDataError, match=r"crowd-enVent_generation\.tsv, " + match):
+        data.load("crowd_envent", data_dir=root)
+
+
+def test_crowd_envent_missing_folder_says_where_to_put_it(tmp_path):
+    with pytest.raises(
+        data.EmolibDataError, match=r"crowd_envent does not exist.*crowd-enVent_generation\.tsv"
+    ):
+        data.load("crowd_envent", data_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- locations

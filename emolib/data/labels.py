@@ -9,7 +9,8 @@ from emolib.data.schema import EmolibDataError
 EKMAN6 = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 EKMAN7 = (*EKMAN6, "neutral")
 #: Non-Ekman labels stay labels of their own: merging shame/guilt/love into an Ekman class would change the task.
-CANONICAL_LABELS = (*EKMAN7, "shame", "guilt", "love")
+#: relief, trust, pride and boredom are Crowd-enVENT's.
+CANONICAL_LABELS = (*EKMAN7, "shame", "guilt", "love", "relief", "trust", "pride", "boredom")
 
 #: The one harmonisation table: native spelling (lowercase, `_`/`-` read as spaces) -> canonical label.
 LABEL_ALIASES: dict[str, str] = {

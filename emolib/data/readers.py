@@ -275,6 +275,41 @@ def load_carer(folder: Path, sink: Sink) -> None:
             sink.add(fields[0], fields[1], split, f"{split}-line{line}", path, line)
 
 
+CROWD_ENVENT_FILE = "crowd-enVent_generation.tsv"
+#: The columns read from Crowd-enVENT's generation file (the authors' own reader uses the same names).
+CROWD_ENVENT_COLUMNS = ("text_id", "generated_text", "emotion")
+
+
+def load_crowd_envent(folder: Path, sink: Sink) -> None:
+    """`crowd-enVent_generation.tsv`: tab-separated with a header, one event description per row written by the
+    person who experienced the emotion; text `generated_text` (as written, emotion words kept), label `emotion`,
+    id `text_id`. Other columns (appraisals, demographics) are ignored."""
+    path = folder / CROWD_ENVENT_FILE
+    records = csv.reader(io.StringIO(sink.read_text(path), newline=""), delimiter="\t", strict=True)
+    try:
+        header = next(records, None)
+        i_id, i_text, i_label = _header_index(
+            path,
+            header,
+            CROWD_ENVENT_COLUMNS,
+            "Crowd-enVENT's tab-separated columns text_id, generated_text, emotion, ...",
+        )
+        assert header is not None
+        for record in records:
+            line = records.line_num
+            if not any(f.strip() for f in record):
+                sink.skip(BLANK_LINE, None, path, line)
+                continue
+            if len(record) != len(header):
+                raise EmolibDataError(
+                    f"{path}, line {line}: expected {len(header)} tab-separated fields (as in the header), "
+                    f"got {len(record)}."
+                )
+            sink.add(record[i_text], record[i_label], None, record[i_id].strip(), path, line)
+    except csv.Error as error:
+        raise EmolibDataError(f"{path}, line {records.line_num}: malformed TSV ({error}).") from error
+
+
 WIKITEXT_FILE = "test.txt"
 _TITLE = re.compile(r"= (?!=)(.*?)(?<!=) =")
 _SECTION = re.compile(r"= =.*= =")

@@ -16,12 +16,14 @@ from emolib.data.labels import EKMAN6, EKMAN7, LABEL_ALIASES
 from emolib.data.readers import (
     BUILTIN_FILE,
     CARER_FILES,
+    CROWD_ENVENT_FILE,
     ISEAR_FILE,
     MELD_FILES,
     WIKITEXT_FILE,
     Sink,
     load_builtin,
     load_carer,
+    load_crowd_envent,
     load_goemotions,
     load_isear,
     load_meld,
@@ -118,6 +120,36 @@ DATASETS: dict[str, DatasetSpec] = {
             official_splits=True,
             description="English tweets (CARER); six labels incl. love, no disgust, no neutral.",
             bibtex="saravia2018carer",
+        ),
+        DatasetSpec(
+            name="crowd_envent",
+            kind="emotion",
+            loader=load_crowd_envent,
+            folder="crowd_envent",
+            files=(CROWD_ENVENT_FILE,),
+            labels=(
+                "anger",
+                "boredom",
+                "disgust",
+                "fear",
+                "guilt",
+                "joy",
+                "neutral",
+                "pride",
+                "relief",
+                "sadness",
+                "shame",
+                "surprise",
+                "trust",
+            ),  # fmt: skip
+            official_splits=False,
+            description=(
+                "Event descriptions written by crowd workers who felt the emotion, with appraisal ratings "
+                "(Crowd-enVENT generation file; no public copy ships with emolib: place it yourself). "
+                "'no-emotion' reads as neutral."
+            ),
+            bibtex="troiano2023crowdenvent",
+            default_split=SplitConfig(),
         ),
         DatasetSpec(
             name="wikitext-2-raw",
