@@ -302,3 +302,17 @@ def test_plain_page_detection(tmp_path):
     chapter.write_text(ALPHA)
     assert not bk.is_notebook_source(plain)
     assert bk.is_notebook_source(chapter)
+
+
+def test_chapters_run_offline_unless_the_hub_is_asked_for(tmp_path):
+    from emolib.pipeline.cli import build_parser
+
+    offline = bk.chapter_environment(tmp_path)
+    online = bk.chapter_environment(tmp_path, hub=True)
+    assert offline["EMOLIB_BUILD_DIR"] == online["EMOLIB_BUILD_DIR"] == str(tmp_path)
+    assert {offline[key] for key in bk.OFFLINE_ENV} == {"1"}
+    assert {online[key] for key in bk.OFFLINE_ENV} == {
+        "0"
+    }  # explicit, so `make`'s exported "1" is overridden
+    assert build_parser().parse_args(["book", "--hub"]).hub
+    assert not build_parser().parse_args(["book"]).hub

@@ -110,3 +110,103 @@ def test_padded_right_pads():
     tokens, mask = right_padded([[5, 6, 7], [8]], pad=0)
     assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ------------------------------------------------------------------------- a pretrained release instead of training
+
+
+@pytest.fixture
+def tiny_release(tiny_lm, tmp_cache, builtin_only, tmp_path, monkeypatch):
+    """A release of the tiny model's SAEs as sae-lens' registry and the hub cache serve one (offline): the SAEs the
+    suite trains, saved in the SAELens layout under a hub snapshot, and an entry in `PRETRAINED` for them."""
+    from huggingface_hub import constants
+    from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
+    from test_saes import hub_snapshot
+
+    from emolib.sae.loading import PRETRAINED, PretrainedSpec, save_saes
+
+    trained = sae_suite(tiny_lm, "test", TINY_SUITE)
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    repo_id = "emolib-tests/tiny-suite-saes"
+    save_saes(trained.saes, hub_snapshot(hub, repo_id) / "resid")
+    ids = {hook: f"layer_{layer}" for layer, hook in enumerate(trained.hooks)}
+    lookup = PretrainedSAELookup(
+        release="tiny-suite-release",
+        repo_id=repo_id,
+        model="tiny-suite",
+        conversion_func=None,
+        saes_map={ids[hook]: f"resid/{hook}" for hook in trained.hooks},
+        expected_var_explained={},
+        expected_l0={},
+        neuronpedia_id={},
+        norm_scaling_factor={},
+        config_overrides=None,
+    )
+    monkeypatch.setitem(get_pretrained_saes_directory(), "tiny-suite-release", lookup)
+    spec = PretrainedSpec(
+        model="tiny-suite",
+        release="tiny-suite-release",
+        sae_id="layer_{layer}",
+        n_layers=tiny_lm.info.n_layers,
+    )
+    monkeypatch.setitem(PRETRAINED, "tiny-saes", spec)
+    return trained
+
+
+def test_a_pretrained_release_replaces_training(tiny_lm, tiny_release, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pretrained suite must not extract or train")
+
+    monkeypatch.setattr(suite_module, "train_saes_cached", refuse)
+    monkeypatch.setattr(suite_module, "extract_activations", refuse)
+    config = dataclasses.replace(TINY_SUITE, pretrained=("tiny-saes",))
+    suite = sae_suite(tiny_lm, "test", config)
+    assert (suite.release, suite.key, suite.folder, suite.corpus, suite.training) == (
+        "tiny-saes", "pretrained-tiny-saes", None, None, None
+    )  # fmt: skip
+    assert suite.hooks == tiny_release.hooks
+    x = torch.randn(5, tiny_lm.info.d_model)
+    for hook in suite.hooks:
+        torch.testing.assert_close(suite.saes[hook].encode(x), tiny_release.saes[hook].encode(x))
+    # measured by the same code on the same corpus: the same numbers as the trained suite's
+    assert suite.quality.equals(tiny_release.quality)
+    assert set(suite.timings) == {"evaluate"}
+    assert suite.k is None  # no L0 goal for SAEs not trained for a k (`missed_goals`)
+    from emolib.studies.saes import SAEReport
+
+    report = SAEReport.of(suite)
+    assert report.release == "tiny-saes" and report.corpus.empty and report.training == {}
+    again = SAEReport.from_json(report.to_json())
+    assert again.release == "tiny-saes" and again.quality.equals(report.quality)
+
+
+def test_pretrained_releases_are_checked(tiny_lm, tiny_release, monkeypatch):
+    from emolib.sae.loading import PRETRAINED, PretrainedSpec, SAEError
+
+    with pytest.raises(SAEError, match="unknown pretrained SAE release"):
+        SuiteConfig(pretrained=("no-such-release",))
+    wrong = dataclasses.replace(PRETRAINED["tiny-saes"], n_layers=tiny_lm.info.n_layers + 1)
+    monkeypatch.setitem(PRETRAINED, "tiny-saes-wrong", wrong)
+    with pytest.raises(SAEError, match="has SAEs for 3 layers"):
+        sae_suite(tiny_lm, "test", dataclasses.replace(TINY_SUITE, pretrained=("tiny-saes-wrong",)))
+    twice = dataclasses.replace(TINY_SUITE, pretrained=("tiny-saes", "tiny-saes-wrong"))
+    with pytest.raises(SAEError, match="several pretrained releases"):
+        sae_suite(tiny_lm, "test", twice)
+    other = PretrainedSpec(model="another-model", release="r", sae_id="l{layer}", n_layers=2)
+    monkeypatch.setitem(PRETRAINED, "other-model-saes", other)
+    trained = sae_suite(tiny_lm, "test", dataclasses.replace(TINY_SUITE, pretrained=("other-model-saes",)))
+    assert trained.release is None, "a release for another model leaves this one training its own"
+
+
+def test_missed_goals_without_k_has_no_l0_goal():
+    import pandas as pd
+
+    from emolib.sae.quality import missed_goals
+
+    table = pd.DataFrame(
+        {"fve": [0.9, 0.1], "loss_recovered": [0.95, 0.95], "dead_fraction": [0.0, 0.0], "l0": [500.0, 32.0]},
+        index=["a", "b"],
+    )
+    assert missed_goals(table, None)["missed"].to_dict() == {"b": "fve"}
+    assert missed_goals(table, 32)["missed"].to_dict() == {"a": "l0", "b": "fve"}

@@ -39,7 +39,7 @@ from emolib.lm.batching import (
     prefix_layout,
 )
 from emolib.lm.models import has_interventions
-from emolib.lm.precision import compute_dtype, keyed_name
+from emolib.lm.precision import model_key
 from emolib.lm.prompts import PromptParts, encode_prefix, encode_suffix
 
 
@@ -381,7 +381,7 @@ def cached_predict(
     """
     if has_interventions(classifier.model):
         return classifier.predict(texts, allow_empty)
-    model_name = keyed_name(model_name, compute_dtype(classifier.model))  # bf16 numbers get their own keys
+    model_name = model_key(model_name, classifier.model)  # bf16 / GPU numbers get their own keys
     folder = cache_dir("predictions") / f"{model_name}-{predictions_key(model_name, classifier, ids, texts)}"
 
     def build(tmp: Path) -> None:

@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from emolib.cache import atomic_file, cache_dir, cached_entry, config_key, file_sha256
 from emolib.lm.attention import use_fused_attention
+from emolib.lm.device import device_of, resolve_device
 from emolib.lm.precision import dtype_name, keyed_name, resolve_precision, set_compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -90,11 +91,13 @@ class ModelInfo:
     source: str
     #: The dtype forwards compute in ("float32", or "bfloat16" under autocast where the hardware has bf16 units).
     precision: str = "float32"
+    #: Where the weights live and forwards run ("cpu", "cuda:0", "mps").
+    device: str = "cpu"
 
     @property
     def cache_name(self) -> str:
-        """The name cache keys use: the precision is part of it (`emolib.lm.precision.keyed_name`)."""
-        return keyed_name(self.name, self.precision)
+        """The name cache keys use: precision and device are part of it (`emolib.lm.precision.keyed_name`)."""
+        return keyed_name(self.name, self.precision, self.device)
 
 
 @dataclass
@@ -590,18 +593,22 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def load_model(name: str, precision: str | None = None) -> LoadedModel:
+def load_model(name: str, precision: str | None = None, device: str | None = None) -> LoadedModel:
     """A `HookedSAETransformer` with its tokenizer and facts, for a registered or official TransformerLens name.
 
-    Weights are float32; forwards compute in `precision` ("auto": bfloat16 autocast where the CPU has bf16 units,
-    else float32; None reads `EMOLIB_PRECISION`). Unknown names raise `ModelLoadError` listing the registered
-    names (and pointing to TransformerLens' list).
+    Weights are float32 on `device` ("auto": CUDA, then MPS, then CPU; None reads `EMOLIB_DEVICE`); forwards
+    compute in `precision` ("auto": bfloat16 autocast where the device has bf16 units, else float32; None reads
+    `EMOLIB_PRECISION`). Unknown names raise `ModelLoadError` listing the registered names (and pointing to
+    TransformerLens' list).
     """
-    dtype = resolve_precision(precision)
+    where = resolve_device(device)
+    dtype = resolve_precision(precision, where)
     lm = _load_float32(name)
+    if where != "cpu":
+        lm.model.to(where)  # TransformerLens moves the weights and records the device in cfg.device
     use_fused_attention(lm.model)
     set_compute_dtype(lm.model, dtype)
-    lm.info = dataclasses.replace(lm.info, precision=dtype_name(dtype))
+    lm.info = dataclasses.replace(lm.info, precision=dtype_name(dtype), device=device_of(lm.model))
     return lm
 
 

@@ -60,11 +60,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def keyed_name(name: str, precision: torch.dtype | str) -> str:
-    """A model's name as cache keys and folders use it: the bare name for float32 (the reference precision, so
-    float32 keys are the same as before precision existed), `name@bfloat16` otherwise."""
+def keyed_name(name: str, precision: torch.dtype | str, device: str = "cpu") -> str:
+    """A model's name as cache keys and folders use it: the bare name for float32 on CPU (the reference, so those
+    keys are the same as before precision existed), `name@bfloat16` for bfloat16, and `@cuda` / `@mps` appended
+    for a model that runs elsewhere (its numbers differ in the last digits)."""
     label = precision if isinstance(precision, str) else dtype_name(precision)
-    return name if label == "float32" else f"{name}@{label}"
+    keyed = name if label == "float32" else f"{name}@{label}"
+    kind = torch.device(device).type
+    return keyed if kind == "cpu" else f"{keyed}@{kind}"
+
+
+def model_key(name: str, model: torch.nn.Module) -> str:
+    """`keyed_name` of a loaded model: its compute precision and the device its weights are on."""
+    parameter = next(model.parameters(), None)
+    device = "cpu" if parameter is None else str(parameter.device)
+    return keyed_name(name, compute_dtype(model), device)
 
 
 @contextlib.contextmanager

@@ -41,6 +41,17 @@ PRESETS = ("quick", "full")
 BOOK_FOLDER = "book"
 METADATA_KEY = "emolib"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+#: The same switches off: chapters may download hub models and pretrained SAE releases (`--hub`, the paper-scale
+#: path; the book's own builds never use it).
+ONLINE_ENV = {key: "0" for key in OFFLINE_ENV}
+
+
+def chapter_environment(build: Path, hub: bool = False) -> dict[str, str]:
+    """The environment a chapter's kernel starts with: the build folder for its results, and the hub switches
+    (offline unless `hub`)."""
+    return {**(ONLINE_ENV if hub else OFFLINE_ENV), "EMOLIB_BUILD_DIR": str(build)}
+
+
 # MathJax is copied into this folder of the stage, which `_config.yml` lists in `html_static_path` (Sphinx then
 # serves it as `_static/mathjax/`, the `mathjax_path` it names). Not `_static` itself: Jupyter Book adds every
 # .js file under a `_static` folder to every page.
@@ -240,12 +251,13 @@ def execute_chapter(
     overrides: Mapping[str, Any] | None = None,
     *,
     log_output: bool = False,
+    hub: bool = False,
 ) -> Path:
     """Run one chapter with papermill; return `_build/executed/<chapter>.ipynb`, written only if every cell ran.
 
     `overrides` are injected only into chapters whose parameters cell defines them. The kernel runs in the
     chapter's folder with `EMOLIB_BUILD_DIR` pointing at this build (so `write_results` lands beside it) and the
-    Hugging Face offline switches on.
+    Hugging Face offline switches on (off with `hub`).
     """
     import jupytext
     import nbformat
@@ -271,7 +283,7 @@ def execute_chapter(
 
     print(f"[emolib] executing {page.source.relative_to(book.root)} with {parameters}", flush=True)
     started, clock = dt.datetime.now(dt.UTC), time.monotonic()
-    env = {**OFFLINE_ENV, "EMOLIB_BUILD_DIR": str(book.build)}
+    env = chapter_environment(book.build, hub)
     try:
         with _environment(env):
             papermill.execute_notebook(
@@ -533,10 +545,13 @@ def run_book(
     execute: bool = True,
     render_html: bool = True,
     log_output: bool = False,
+    hub: bool = False,
 ) -> Path | None:
     """Execute the chapters (all, or those named) with `preset`, then render; return the index.html path.
 
     With `chapters`, only those chapters (and the plain pages) are rendered: a partial book for a quick look.
+    With `hub`, the chapters may download from the Hugging Face hub (hub models, pretrained SAE releases);
+    rendering stays offline.
     """
     if preset not in PRESETS:
         raise BookError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -562,7 +577,7 @@ def run_book(
             )
     if execute:
         for page in selected:
-            execute_chapter(book, page, preset, overrides, log_output=log_output)
+            execute_chapter(book, page, preset, overrides, log_output=log_output, hub=hub)
         if not selected:
             print("[emolib] no chapters in the toc: nothing to execute", flush=True)
     if not render_html:

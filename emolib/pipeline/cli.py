@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument(
         "--log-output", action="store_true", help="also echo each cell's output while executing"
     )
+    book.add_argument(
+        "--hub",
+        action="store_true",
+        help="let the chapters download hub models and pretrained SAE releases (the paper-scale path; the book's "
+        "own builds are offline)",
+    )
 
     readme = commands.add_parser("readme", help="rewrite the README results table from _build/results/*.json")
     readme.add_argument("--readme", type=Path, help="the file to rewrite (default: README.md of the project)")
@@ -133,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 execute=not args.render_only,
                 render_html=not args.execute_only,
                 log_output=args.log_output,
+                hub=args.hub,
             )
         except BookError as err:
             print(f"\nemolib book: error: {err}", file=sys.stderr)

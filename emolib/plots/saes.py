@@ -9,11 +9,12 @@ from matplotlib.figure import Figure
 from emolib.plots.style import colour
 
 
-def sae_quality(tables: dict[str, pd.DataFrame], k: dict[str, float], goals) -> Figure:
+def sae_quality(tables: dict[str, pd.DataFrame], k: dict[str, float | None], goals) -> Figure:
     """Per-layer SAE quality for each model (colours) against the goals (dashed lines; the good side shaded).
 
     `tables` maps model to an `emolib.sae.training.evaluate_saes` table; `k` maps model to its SAEs' k (L0 is shown as
-    L0 / k, whose goal band is 1 +- `goals.l0_tolerance`); `goals` is an `emolib.sae.training.QualityGoals`.
+    L0 / k, whose goal band is 1 +- `goals.l0_tolerance`; a pretrained release has no k and no L0 / k line);
+    `goals` is an `emolib.sae.training.QualityGoals`.
     """
     panels = [
         ("fve", "variance explained", (goals.min_fve, None)),
@@ -24,6 +25,8 @@ def sae_quality(tables: dict[str, pd.DataFrame], k: dict[str, float], goals) -> 
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), sharex=True)
     for ax, (column, title, (low, high)) in zip(axes.flat, panels, strict=True):
         for i, (model, table) in enumerate(tables.items()):
+            if column == "l0_over_k" and k[model] is None:
+                continue
             values = table["l0"] / k[model] if column == "l0_over_k" else table[column]
             ax.plot(table["layer"], values, "o-", ms=3, color=colour(model, i), label=model)
         for bound in (low, high):

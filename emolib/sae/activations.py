@@ -46,7 +46,7 @@ from emolib.lm.batching import (
     right_padded,
 )
 from emolib.lm.models import LoadedModel, has_interventions
-from emolib.lm.precision import compute_dtype, keyed_name
+from emolib.lm.precision import model_key
 
 #: Bump when extraction changes in a way that changes stored rows, so cached entries are rebuilt.
 CODE_VERSION = "1"
@@ -701,8 +701,8 @@ def extract_activations(
         if not isinstance(lm_or_model, LoadedModel):
             raise ValueError("model_name is required when passing a bare model")
         model_name = lm_or_model.info.name
-    # activations computed in bfloat16 get their own keys
-    model_name = keyed_name(model_name, compute_dtype(model))
+    # activations computed in bfloat16 or on a GPU get their own keys
+    model_name = model_key(model_name, model)
     if has_interventions(model):
         raise ValueError(
             "the model has hooks or SAEs attached; remove them (model.reset_hooks(), model.reset_saes())"

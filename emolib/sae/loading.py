@@ -89,6 +89,19 @@ PRETRAINED: dict[str, PretrainedSpec] = {
         sae_id="layer_{layer}_width_16k_l0_big",
         n_layers=18,
     ),
+    # The paper-scale path (a GPU and the hub): Gemma Scope's canonical 16k residual SAEs for every layer.
+    "gemma-scope-2b-res-16k": PretrainedSpec(
+        model="gemma-2-2b",
+        release="gemma-scope-2b-pt-res-canonical",
+        sae_id="layer_{layer}/width_16k/canonical",
+        n_layers=26,
+    ),
+    "gemma-scope-9b-res-16k": PretrainedSpec(
+        model="gemma-2-9b",
+        release="gemma-scope-9b-pt-res-canonical",
+        sae_id="layer_{layer}/width_16k/canonical",
+        n_layers=42,
+    ),
 }
 
 

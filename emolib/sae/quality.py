@@ -266,23 +266,25 @@ class QualityGoals:
 GOALS = QualityGoals()
 
 
-def missed_goals(table: pd.DataFrame, k: float, goals: QualityGoals = GOALS) -> pd.DataFrame:
-    """The rows of a quality table that miss at least one goal, with a `missed` column naming the goals."""
+def missed_goals(table: pd.DataFrame, k: float | None, goals: QualityGoals = GOALS) -> pd.DataFrame:
+    """The rows of a quality table that miss at least one goal, with a `missed` column naming the goals (`k` None:
+    SAEs not trained for a number of active features, e.g. a pretrained JumpReLU release, have no L0 goal)."""
     checks = pd.DataFrame(
         {
             "fve": table["fve"] < goals.min_fve,
             "loss_recovered": ~(table["loss_recovered"] >= goals.min_loss_recovered),
             "dead_fraction": table["dead_fraction"] > goals.max_dead_fraction,
-            "l0": (table["l0"] - k).abs() > goals.l0_tolerance * k,
         },
         index=table.index,
     )
+    if k is not None:
+        checks["l0"] = (table["l0"] - k).abs() > goals.l0_tolerance * k
     missed = checks.apply(lambda row: ", ".join(name for name, bad in row.items() if bad), axis=1)
     out = table.assign(missed=missed)
     return out[out["missed"] != ""]
 
 
-def goal_summary(table: pd.DataFrame, k: float, goals: QualityGoals = GOALS) -> str:
+def goal_summary(table: pd.DataFrame, k: float | None, goals: QualityGoals = GOALS) -> str:
     """One line for a chapter: how many layers meet every goal, and which miss which."""
     misses = missed_goals(table, k, goals)
     if misses.empty:

@@ -36,11 +36,12 @@ from emolib.cache import (
     write_json,
 )
 from emolib.lm.batching import pad_id, right_padded
+from emolib.lm.device import device_of
 from emolib.lm.models import LoadedModel
 from emolib.lm.precision import compute_dtype, dtype_name
 from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
-from emolib.sae.loading import load_saes
+from emolib.sae.loading import PRETRAINED, SAEError, load_saes
 from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict, quality_table
 from emolib.sae.training import SAETrainingConfig, train_saes_cached
 
@@ -72,6 +73,22 @@ class SuiteConfig:
     loss_sequences: int = 8
     eval_batch_size: int = 8
     seed: int = 0
+    #: Pretrained releases to read instead of training (names in `emolib.sae.loading.PRETRAINED`, e.g. Gemma Scope
+    #: for a hub model): a model with a release here gets its SAEs, measured on the evaluation corpus like ours;
+    #: every other model trains its own.
+    pretrained: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.pretrained if name not in PRETRAINED]
+        if unknown:
+            raise SAEError(f"unknown pretrained SAE release(s) {unknown}; registered: {sorted(PRETRAINED)}")
+
+    def release_for(self, model: str) -> str | None:
+        """The pretrained release this suite reads for `model`, or None (train)."""
+        matches = [name for name in self.pretrained if PRETRAINED[name].model == model]
+        if len(matches) > 1:
+            raise SAEError(f"several pretrained releases are given for {model!r}: {matches}; keep one")
+        return matches[0] if matches else None
 
 
 @dataclass
@@ -87,14 +104,32 @@ class SAESuite:
     config: SuiteConfig
     hooks: list[str]
     saes: dict[str, SAE]
-    folder: Path
-    corpus: Corpus
+    #: The trained SAEs' cache folder (None for a pretrained release).
+    folder: Path | None
+    #: The training corpus (None for a pretrained release: its training data are its authors').
+    corpus: Corpus | None
     eval_corpus: Corpus
     extraction: dict[str, Any]
-    training: SAETrainingConfig
+    #: How the SAEs were trained (None for a pretrained release).
+    training: SAETrainingConfig | None
     quality: pd.DataFrame
-    #: The cache entries of each stage ("extract", "train", "evaluate").
+    #: The cache entries of each stage ("extract", "train", "evaluate"; only "evaluate" for a pretrained release).
     entries: dict[str, Path]
+    #: The pretrained release read instead of training (`SuiteConfig.pretrained`), or None.
+    release: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies these SAEs in the cache keys of the studies that read them."""
+        if self.release is not None:
+            return f"pretrained-{self.release}"
+        assert self.folder is not None
+        return self.folder.name
+
+    @property
+    def k(self) -> int | None:
+        """Active features per token the SAEs were trained for (None for a pretrained release: no L0 goal)."""
+        return None if self.training is None else self.training.k
 
     @property
     def timings(self) -> dict[str, float]:
@@ -109,7 +144,7 @@ class SAESuite:
     @property
     def missed(self) -> pd.DataFrame:
         """Layers that miss at least one quality goal (`emolib.sae.training.GOALS`), with the goals they miss."""
-        return missed_goals(self.quality, self.training.k)
+        return missed_goals(self.quality, self.k)
 
     def flag(self, layer: int) -> str:
         """The goals this layer's SAE misses ("" if none): analysis chapters print it beside results."""
@@ -135,9 +170,14 @@ def evaluation_batch(corpus: Corpus, skip_first: int, pad: int, seed: int) -> tu
 
 def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
     """Train (or reuse) the SAEs of every layer of `lm` and measure them on held-out text (`preset` names the
-    cache folder: a preset's chapters share one suite)."""
+    cache folder: a preset's chapters share one suite). A model with a release in `config.pretrained` reads that
+    release's SAEs instead (no training)."""
+    release = config.release_for(lm.info.name)
+    if release is not None:
+        return _pretrained_suite(lm, preset, config, release)
     name = lm.info.name
     precision = compute_dtype(lm.model)  # SAEs train, and are measured, in the precision the forwards use
+    device = device_of(lm.model)  # and on the model's device
     hooks = list(resid_hooks(lm.info.n_layers))
     extraction = dataclasses.replace(config.extraction, hooks=tuple(hooks))
     corpus = build_corpus(lm.tokenizer, lm.info.chat, config.corpus)
@@ -160,10 +200,65 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         metadata={"model_name": name},
         name=name,
         precision=precision,
+        device=device,
     )
-    saes = load_saes(folder)
+    saes = load_saes(folder, device=device)
+    eval_corpus, quality, quality_folder = _measured(lm, saes, folder.name, config)
+    return SAESuite(
+        model=name,
+        preset=preset,
+        config=config,
+        hooks=hooks,
+        saes=saes,
+        folder=folder,
+        corpus=corpus,
+        eval_corpus=eval_corpus,
+        extraction={k: store.meta.get(k) for k in ("n_rows", "n_tokens", "dropped", "storage_dtype", "key")},
+        training=training,
+        quality=quality,
+        entries={"extract": store.folder, "train": folder, "evaluate": quality_folder},
+    )
 
+
+def _pretrained_suite(lm: LoadedModel, preset: str, config: SuiteConfig, release: str) -> SAESuite:
+    """A pretrained release's SAEs for every layer of `lm` (through sae-lens' registry: the hub or its cache),
+    measured like the project's own."""
+    spec = PRETRAINED[release]
+    if spec.n_layers != lm.info.n_layers:
+        raise SAEError(
+            f"release {release!r} has SAEs for {spec.n_layers} layers, {lm.info.name} has {lm.info.n_layers}"
+        )
+    saes = load_saes(spec.source(), device=device_of(lm.model))
+    widths = {sae.cfg.d_in for sae in saes.values()}
+    if widths != {lm.info.d_model}:
+        raise SAEError(
+            f"release {release!r} reads width {sorted(widths)}, {lm.info.name} has {lm.info.d_model}"
+        )
+    eval_corpus, quality, quality_folder = _measured(lm, saes, f"pretrained-{release}", config)
+    return SAESuite(
+        model=lm.info.name,
+        preset=preset,
+        config=config,
+        hooks=list(saes),
+        saes=saes,
+        folder=None,
+        corpus=None,
+        eval_corpus=eval_corpus,
+        extraction={},
+        training=None,
+        quality=quality,
+        entries={"evaluate": quality_folder},
+        release=release,
+    )
+
+
+def _measured(
+    lm: LoadedModel, saes: dict[str, SAE], saes_id: str, config: SuiteConfig
+) -> tuple[Corpus, pd.DataFrame, Path]:
+    """The evaluation corpus, the SAEs' quality table on it and its cache entry (keyed by `saes_id`)."""
+    precision = compute_dtype(lm.model)
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
+    extraction = config.extraction
     eval_settings = {
         "corpus": eval_corpus.digest(),
         "skip_first": extraction.skip_first,
@@ -174,6 +269,9 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
     }
     if precision != torch.float32:  # quality measured through bf16 forwards is another number
         eval_settings["precision"] = dtype_name(precision)
+    device = device_of(lm.model)
+    if torch.device(device).type != "cpu":
+        eval_settings["device"] = torch.device(device).type
 
     def evaluate(tmp: Path) -> None:
         tokens, mask, keep = evaluation_batch(
@@ -191,23 +289,11 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         )
         write_json(tmp / "quality.json", quality_dict(table))
 
+    name = lm.info.name
     quality_folder = cached_entry(
-        cache_dir("sae_quality") / f"{name}-{config_key(folder.name, eval_settings)}",
+        cache_dir("sae_quality") / f"{name}-{config_key(saes_id, eval_settings)}",
         evaluate,
-        meta={"model": name, "saes": folder.name, **eval_settings},
+        meta={"model": name, "saes": saes_id, **eval_settings},
     )
     quality = quality_table(json.loads((quality_folder / "quality.json").read_text()))
-    return SAESuite(
-        model=name,
-        preset=preset,
-        config=config,
-        hooks=hooks,
-        saes=saes,
-        folder=folder,
-        corpus=corpus,
-        eval_corpus=eval_corpus,
-        extraction={k: store.meta.get(k) for k in ("n_rows", "n_tokens", "dropped", "storage_dtype", "key")},
-        training=training,
-        quality=quality,
-        entries={"extract": store.folder, "train": folder, "evaluate": quality_folder},
-    )
+    return eval_corpus, quality, quality_folder

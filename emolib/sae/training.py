@@ -129,8 +129,8 @@ class SAETrainingConfig:
         """The number of SAE features for activations of width `d_in`."""
         return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
 
-    def trainer_config(self) -> SAETrainerConfig:
-        """The sae-lens trainer config: quiet (no wandb, no checkpoints), on CPU."""
+    def trainer_config(self, device: str = "cpu") -> SAETrainerConfig:
+        """The sae-lens trainer config: quiet (no wandb, no checkpoints), on `device`."""
         return SAETrainerConfig(
             total_training_samples=self.total_training_samples,
             train_batch_size_samples=self.train_batch_size,
@@ -142,7 +142,7 @@ class SAETrainingConfig:
             dead_feature_window=self.dead_feature_window,
             feature_sampling_window=self.feature_sampling_window,
             n_batches_for_norm_estimate=self.n_batches_for_norm_estimate,
-            device="cpu",
+            device=device,
             n_checkpoints=0,
             checkpoint_path=None,
             save_final_checkpoint=False,
@@ -159,9 +159,16 @@ def _hook_seed(seed: int, hook: str) -> int:
 
 
 def make_training_sae(
-    config: SAETrainingConfig, *, hook: str, d_in: int, metadata: Mapping[str, Any] | None = None
+    config: SAETrainingConfig,
+    *,
+    hook: str,
+    d_in: int,
+    metadata: Mapping[str, Any] | None = None,
+    device: str = "cpu",
 ) -> TrainingSAE:
-    """A freshly initialised (seeded) sae-lens training SAE for one hook, with emolib's metadata attached."""
+    """A freshly initialised (seeded) sae-lens training SAE for one hook, with emolib's metadata attached.
+
+    The weights are drawn on the CPU and then moved, so a seed gives the same initial SAE on every device."""
     meta = SAEMetadata(
         **{
             **dict(metadata or {}),
@@ -185,7 +192,11 @@ def make_training_sae(
     sae_class, _ = get_sae_training_class(config.architecture)
     with torch.random.fork_rng():
         torch.manual_seed(_hook_seed(config.seed, hook))
-        return sae_class(sae_cfg)
+        sae = sae_class(sae_cfg)
+    if device != "cpu":
+        sae.to(device)
+        sae.cfg.device = device
+    return sae
 
 
 def _checked(
@@ -221,6 +232,12 @@ def _stream(
     if callable(batches) and not isinstance(batches, Iterator):
         return batches(config.train_batch_size, seed=config.seed)
     return batches
+
+
+def _on_device(stream: Iterable[ActivationBatch], device: str) -> Iterator[ActivationBatch]:
+    """The batches moved to the SAEs' device (the activation cache reads them into CPU memory)."""
+    for batch in stream:
+        yield {hook: x.to(device, non_blocking=True) for hook, x in batch.items()}
 
 
 def _check_hooks(hooks: Sequence[str]) -> list[str]:
@@ -265,6 +282,7 @@ def train_saes(
     d_in: int,
     metadata: Mapping[str, Any] | None = None,
     precision: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> dict[str, TrainingSAE]:
     """Train one SAE per hook in lockstep with sae-lens' `MultiSAETrainer` from one `{hook: [batch, d_in]}` stream.
 
@@ -272,14 +290,19 @@ def train_saes(
     full batches. Each SAE gets its own optimiser, schedule, activation scaler and dead-feature tracking; the
     activation scaling is folded into the weights at the end. `metadata` (e.g. `model_name`) goes into every SAE's
     saved config. `precision` bfloat16 runs the SAEs' matrix products under sae-lens' autocast (float32 master
-    weights, optimiser and losses). Returns sae-lens training SAEs (see `save_saes` / `load_saes` for the inference
-    form).
+    weights, optimiser and losses). `device` is where the SAEs train ("cpu", "cuda:0", ...; the batches are moved
+    there). Returns sae-lens training SAEs (see `save_saes` / `load_saes` for the inference form).
     """
     hooks = _check_hooks(hooks)
     stream = _checked(_stream(batches, config), hooks, d_in, config.train_batch_size)
-    saes = {hook: make_training_sae(config, hook=hook, d_in=d_in, metadata=metadata) for hook in hooks}
+    if device != "cpu":
+        stream = _on_device(stream, device)
+    saes = {
+        hook: make_training_sae(config, hook=hook, d_in=d_in, metadata=metadata, device=device)
+        for hook in hooks
+    }
     trainer = MultiSAETrainer(
-        cfg=dataclasses.replace(config.trainer_config(), autocast=precision == torch.bfloat16),
+        cfg=dataclasses.replace(config.trainer_config(device), autocast=precision == torch.bfloat16),
         saes=saes,
         hook_names={hook: hook for hook in hooks},
         data_provider=stream,
@@ -297,12 +320,15 @@ def saes_key(
     d_in: int,
     metadata=None,
     precision: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> str:
-    """Cache key of trained SAEs: the activations they learn from, the config, the hooks, the format and (when it
-    is not float32) the training precision."""
+    """Cache key of trained SAEs: the activations they learn from, the config, the hooks, the format and (when they
+    are not float32 on CPU) the training precision and device kind."""
     parts = [SAE_FORMAT_VERSION, activation_key, config, list(hooks), d_in, dict(metadata or {})]
     if precision != torch.float32:
         parts.append(dtype_name(precision))
+    if torch.device(device).type != "cpu":
+        parts.append(torch.device(device).type)
     return config_key(*parts)
 
 
@@ -316,6 +342,7 @@ def train_saes_cached(
     metadata: Mapping[str, Any] | None = None,
     name: str = "saes",
     precision: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> Path:
     """Folder of SAEs trained by `train_saes` and saved by `save_saes`, cached; a later call reuses it.
 
@@ -324,14 +351,22 @@ def train_saes_cached(
     """
     hooks = _check_hooks(hooks)
     key = saes_key(
-        config, activation_key=activation_key, hooks=hooks, d_in=d_in, metadata=metadata, precision=precision
+        config,
+        activation_key=activation_key,
+        hooks=hooks,
+        d_in=d_in,
+        metadata=metadata,
+        precision=precision,
+        device=device,
     )
     folder = cache_dir("saes") / f"{name}-{key}"
     index = {"activation_key": activation_key, "d_in": d_in, "training_config": dataclasses.asdict(config)}
 
     def build(tmp: Path) -> None:
         with_key = {**dict(metadata or {}), "activation_key": activation_key}
-        saes = train_saes(batches, config, hooks=hooks, d_in=d_in, metadata=with_key, precision=precision)
+        saes = train_saes(
+            batches, config, hooks=hooks, d_in=d_in, metadata=with_key, precision=precision, device=device
+        )
         save_saes(saes, tmp, index=index)
 
     return cached_entry(folder, build, meta={"name": name, "hooks": hooks, **index})

@@ -1068,7 +1068,7 @@ def run_features(
     suite = sae_suite(lm, config.preset, config.saes)
     aset = analysis_set(lm, config.preset, config.items)
     sset = analysis_set(lm, config.preset, dataclasses.replace(config.items, dataset=second_dataset(config)))
-    key_parts = [FEATURES_VERSION, config, phase.to_json(), aset.store.key, sset.store.key, suite.folder.name]
+    key_parts = [FEATURES_VERSION, config, phase.to_json(), aset.store.key, sset.store.key, suite.key]
     return cached_result(
         FeaturesResult, lm.info.cache_name, key_parts, lambda: _features(lm, config, phase, suite, aset, sset)
     )

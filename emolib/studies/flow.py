@@ -749,7 +749,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             "SAE width": int(suite.saes[first_hook].cfg.d_sae),
             "scoring": aset.classifier.scoring_mode,
         },
-        sae_summary=goal_summary(suite.quality, suite.training.k),
+        sae_summary=goal_summary(suite.quality, suite.k),
         role_prompts=len(prompts),
         timings=timings,
     )
@@ -762,7 +762,7 @@ def run_flow(model: str | LoadedModel, config: FlowConfig | None = None) -> Flow
     lm = load_model(model) if isinstance(model, str) else model
     aset = analysis_set(lm, config.preset, config.items)
     suite = sae_suite(lm, config.preset, config.saes)
-    key_parts = (STUDY_VERSION, config, aset.store.key, suite.folder.name)
+    key_parts = (STUDY_VERSION, config, aset.store.key, suite.key)
     return cached_result(FlowResult, lm.info.cache_name, key_parts, lambda: _build(lm, aset, suite, config))
 
 

@@ -8,6 +8,7 @@ config's defaults are the full preset, so `full` lists only what the studies sha
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,21 @@ class Preset:
     def suite(self) -> SuiteConfig:
         """The SAE suite every analysis study of this preset reads."""
         return self.saes.suite
+
+    def with_pretrained(self, releases: Sequence[str] | None) -> Preset:
+        """This preset with every study reading the given pretrained SAE releases (`SuiteConfig.pretrained`) for
+        the models they cover, instead of training; None or empty: unchanged (a chapter's `saes` parameter)."""
+        if not releases:
+            return self
+        suite = dataclasses.replace(self.suite, pretrained=tuple(releases))
+        return dataclasses.replace(
+            self,
+            saes=dataclasses.replace(self.saes, suite=suite),
+            flow=dataclasses.replace(self.flow, saes=suite),
+            features=dataclasses.replace(self.features, saes=suite),
+            tracing=dataclasses.replace(self.tracing, saes=suite),
+            steering=dataclasses.replace(self.steering, saes=suite),
+        )
 
 
 #: A few seconds per layer on CPU: for tests and the quick build (quality goals are not expected). Plain TopK:

@@ -46,7 +46,7 @@ class SAEReport:
     study: ClassVar[str] = "saes"
 
     model: str
-    k: int
+    k: int | None
     d_in: int
     d_sae: int
     training: dict[str, Any]
@@ -61,27 +61,31 @@ class SAEReport:
     folder: str
     suite_config: dict[str, Any]
     goals: QualityGoals = GOALS
+    #: The pretrained release read instead of training (then corpus, extraction and training are empty).
+    release: str | None = None
 
     @classmethod
     def of(cls, suite: SAESuite, goals: QualityGoals = GOALS) -> SAEReport:
-        d_in = suite.saes[suite.hooks[0]].cfg.d_in
+        first = suite.saes[suite.hooks[0]].cfg
+        trained = suite.training is not None and suite.corpus is not None
         return cls(
             model=suite.model,
-            k=suite.training.k,
-            d_in=d_in,
-            d_sae=suite.training.width(d_in),
-            training=dataclasses.asdict(suite.training),
-            epochs=suite.config.epochs,
-            training_steps=suite.training.n_steps,
-            corpus=suite.corpus.table,
-            corpus_notes=list(suite.corpus.notes),
-            corpus_description=suite.corpus.description,
+            k=suite.k,
+            d_in=first.d_in,
+            d_sae=first.d_sae,
+            training=dataclasses.asdict(suite.training) if trained else {},
+            epochs=suite.config.epochs if trained else 0,
+            training_steps=suite.training.n_steps if trained else 0,
+            corpus=suite.corpus.table if trained else pd.DataFrame(),
+            corpus_notes=list(suite.corpus.notes) if trained else [],
+            corpus_description=suite.corpus.description if trained else f"pretrained release {suite.release}",
             extraction=dict(suite.extraction),
             timings=dict(suite.timings),
             quality=suite.quality,
-            folder=suite.folder.name,
+            folder=suite.key,
             suite_config=dataclasses.asdict(suite.config),
             goals=goals,
+            release=suite.release,
         )
 
     @property
@@ -108,6 +112,7 @@ class SAEReport:
             "suite_config": self.suite_config,
             "goals": dataclasses.asdict(self.goals),
             "model": self.model,
+            "release": self.release,
         }
 
     @classmethod
@@ -129,6 +134,7 @@ class SAEReport:
             folder=payload["folder"],
             suite_config=dict(payload["suite_config"]),
             goals=QualityGoals(**payload["goals"]),
+            release=payload.get("release"),
         )
 
     # ------------------------------------------------------------------------------------------- views

@@ -530,7 +530,7 @@ class _Study:
         self.lm, self.config, self.items, self.final = lm, config, items, list(final)
         self.name = lm.info.name
         suite = sae_suite(lm, config.preset, config.saes)
-        self.sae_source = suite.folder.name
+        self.sae_source = suite.key
         self.flags = {layer: suite.flag(layer) for layer in self.final}
         self.saes = {int(hook.split(".")[1]): sae for hook, sae in suite.saes.items()}
         self.classifier = make_classifier(
@@ -966,7 +966,7 @@ def run_steering(
     layers, _ = study_phases(phases, config.n_phases)
     final = list(layers.values())[-1]
     suite = sae_suite(lm, config.preset, config.saes)
-    key_parts = (STEERING_VERSION, config, suite.folder.name, list(final), data.available_datasets())
+    key_parts = (STEERING_VERSION, config, suite.key, list(final), data.available_datasets())
     return cached_result(
         SteeringResult, lm.info.cache_name, key_parts, lambda: steering_study(lm, config, final)
     )

@@ -23,7 +23,7 @@ from scipy.stats import kruskal, mannwhitneyu, spearmanr
 from emolib.cache import cache_dir, cached_entry, config_key, pairs_digest
 from emolib.lm.classify import prompt_fingerprint
 from emolib.lm.models import LoadedModel, load_model
-from emolib.lm.precision import compute_dtype, keyed_name
+from emolib.lm.precision import model_key
 from emolib.methods.ablation import (
     confusion_shift,
     gold_drop_matrix,
@@ -232,7 +232,7 @@ def cached_study(
 ) -> Study:
     """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
     prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases and the config."""
-    model_name = keyed_name(model_name, compute_dtype(tracer.model))
+    model_name = model_key(model_name, tracer.model)
     key = config_key(
         STUDY_VERSION,
         model_name,
@@ -889,7 +889,7 @@ def run_tracing(
         config,
         held.store.key,
         ranking.store.key,
-        suite.folder.name,
+        suite.key,
         {phase: list(members) for phase, members in layers.items()},
         chosen,
     )
@@ -899,7 +899,7 @@ def run_tracing(
         study = cached_study(
             tracer,
             name,
-            suite.folder.name,
+            suite.key,
             (ranking.texts, list(ranking.gold)),
             (held.texts, list(held.gold)),
             layers,
