@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -167,6 +168,35 @@ def verify_entry(folder: Path) -> bool:
     return True
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_abandoned_builds(folder: Path) -> list[Path]:
+    """Remove the temporary folders of earlier builds of `folder` whose process has died (a killed build never
+    reaches its clean-up, and an activation cache's leftovers hold gigabytes); return what was removed.
+
+    A temporary folder is named `.<entry>.<pid>.<random>.tmp`; one without a readable pid (written before pids
+    were part of the name) is removed too, since no running build of this version can own it."""
+    folder = Path(folder)
+    removed = []
+    for tmp in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
+        owner = tmp.name[len(folder.name) + 2 :].split(".", 1)[0]
+        if owner.isdigit() and _process_alive(int(owner)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        logger.warning("removed %d abandoned build folder(s) of %s", len(removed), folder.name)
+    return removed
+
+
 def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
     """Return `folder` if it verifies; otherwise run `build(tmp_folder)` and move the result into place atomically.
 
@@ -182,7 +212,8 @@ def cached_entry(folder: Path, build: Callable[[Path], None], meta: dict[str, An
         logger.warning("cache entry %s is incomplete or corrupt: rebuilding it", folder)
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    remove_abandoned_builds(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
     try:
         began = time.perf_counter()
         build(tmp)

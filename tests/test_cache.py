@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,25 @@ def test_an_entry_built_concurrently_by_another_process_is_kept(tmp_path):
     assert cache.cached_entry(folder, build_while_another_finishes) == folder
     assert cache.verify_entry(folder)
     assert leftovers(tmp_path) == []
+
+
+def test_a_killed_builds_folder_is_removed_and_a_running_ones_kept(tmp_path):
+    """A build killed by a signal never reaches its clean-up; the next build of the same entry removes what the dead
+    process left (an old-style name without a pid too), and leaves a live process's folder and other entries alone."""
+    import subprocess
+    import sys
+
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()  # its pid now names no process (pids are not reused this quickly)
+    folder = tmp_path / "entry"
+    dead = tmp_path / f".entry.{dead_pid.pid}.abc123.tmp"
+    old_style = tmp_path / ".entry.k3j_x9ab.tmp"
+    alive = tmp_path / f".entry.{os.getpid()}.def456.tmp"
+    other = tmp_path / f".entry2.{dead_pid.pid}.ghi789.tmp"
+    for leftover in (dead, old_style, alive, other):
+        leftover.mkdir()
+        (leftover / "shard.bin").write_bytes(b"x" * 10)
+    cache.cached_entry(folder, CountingBuild())
+    assert cache.verify_entry(folder)
+    assert not dead.exists() and not old_style.exists()
+    assert alive.exists() and other.exists()
