@@ -16,6 +16,7 @@ import pytest
 
 from emolib import data
 from emolib.cache import project_root
+from emolib.data.schema import FEATURES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 GOOD = FIXTURES / "good"
@@ -568,3 +569,20 @@ def test_real_wikitext_articles(real):
     assert Counter(ds["split"]) == {"train": 42, "dev": 9, "test": 9}
     assert "constant-k-filter" in ds["id"] and "the-hustler-film" in ds["id"]
     assert sum(len(text.split()) for text in ds["text"]) == 241_211
+
+
+def test_column_reads_a_selection_in_its_order():
+    """`column` goes through Arrow; it must honour a selection's index mapping (the raw table does not)."""
+    ds = data.load("meld", data_dir=GOOD)
+    picked = ds.select([4, 0, 2])
+    assert data.column(picked, "id") == [picked[i]["id"] for i in range(3)] == list(picked["id"])
+    assert data.column(picked, "id") != picked.data.column("id").to_pylist()[:3]
+    assert data.column(data.select_split(ds, "test"), "split") == ["test"] * len(
+        data.select_split(ds, "test")
+    )
+
+
+def test_an_empty_load_keeps_the_schema(tmp_path):
+    rows = [["", "", "", "", "", ""]]  # a blank record only: nothing to load
+    ds, _ = data.load_with_report("crowd_envent", data_dir=write_crowd_envent(tmp_path, rows))
+    assert len(ds) == 0 and ds.features == FEATURES

@@ -69,11 +69,17 @@ def seeded_split(ids: Sequence[str], groups: Sequence[str], config: SplitConfig)
     return out
 
 
+def column(dataset: Dataset, name: str) -> list[str]:
+    """One column as a list, read through Arrow: iterating `dataset[name]` formats it row by row, about a hundred
+    times slower (1.4 s for GoEmotions' 49k rows)."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def select_split(dataset: Dataset, split: str) -> Dataset:
     """Rows of one split (`train`, `dev` or `test`), in their original order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return dataset.select([i for i, s in enumerate(dataset["split"]) if s == split])
+    return dataset.select([i for i, s in enumerate(column(dataset, "split")) if s == split])
 
 
 def restrict_labels(dataset: Dataset, labels: Sequence[str]) -> tuple[Dataset, pd.DataFrame]:

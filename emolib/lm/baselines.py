@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from emolib import data
-from emolib.data.splits import first_by_key
+from emolib.data.splits import column, first_by_key
 from emolib.lm.calibration import (
     CONTENT_FREE_TEXTS,
     answers,
@@ -96,9 +96,9 @@ def evaluation_items(dataset: str, config: BaselineConfig) -> EvalItems:
     return EvalItems(
         dataset=dataset,
         labels=labels,
-        ids=list(split["id"]),
-        texts=list(split["text"]),
-        gold=list(split["label"]),
+        ids=column(split, "id"),
+        texts=column(split, "text"),
+        gold=column(split, "label"),
         excluded=excluded,
         sampled=sampled,
         report=report,

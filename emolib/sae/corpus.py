@@ -14,6 +14,7 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from emolib import data
+from emolib.data.splits import column
 from emolib.lm.prompts import build_prompt, encode_prefix, encode_suffix, template_for
 from emolib.sae.activations import sequences_sha256, token_chunks
 
@@ -77,7 +78,8 @@ def _emotion_prompts(
     parts = build_prompt(tokenizer, labels, chat=chat, template=template_for(dataset))
     prefix = encode_prefix(tokenizer, parts)
     prompts = [
-        prefix + encode_suffix(tokenizer, parts, text, config.max_length)[0] for text in sample["text"]
+        prefix + encode_suffix(tokenizer, parts, text, config.max_length)[0]
+        for text in column(sample, "text")
     ]
     return prompts, len(prefix)
 
