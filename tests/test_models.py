@@ -109,8 +109,8 @@ def fake_gpt2(empty_hub, tiny_tokenizer) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(tiny_tokenizer),
-        n_positions=128,
-        n_ctx=128,
+        n_positions=512,  # room for the book's prompts (the SAE suite runs on it too)
+        n_ctx=512,
         n_embd=32,
         n_layer=2,
         n_head=4,

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import tiny_loaded
+from test_models import empty_hub, fake_gpt2  # noqa: F401, F811 (fixtures)
 
 from emolib.lm.batching import right_padded
 from emolib.sae import suite as suite_module
@@ -115,26 +116,21 @@ def test_padded_right_pads():
 # ------------------------------------------------------------------------- a pretrained release instead of training
 
 
-@pytest.fixture
-def tiny_release(tiny_lm, tmp_cache, builtin_only, tmp_path, monkeypatch):
-    """A release of the tiny model's SAEs as sae-lens' registry and the hub cache serve one (offline): the SAEs the
-    suite trains, saved in the SAELens layout under a hub snapshot, and an entry in `PRETRAINED` for them."""
-    from huggingface_hub import constants
+def publish_release(lm, trained, hub, monkeypatch, name: str) -> None:
+    """Publish `trained`'s SAEs as sae-lens' registry and the hub cache serve a release (offline): saved in the
+    SAELens layout under a hub snapshot, with an entry in sae-lens' directory and one in `PRETRAINED` (as `name`)."""
     from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup, get_pretrained_saes_directory
     from test_saes import hub_snapshot
 
     from emolib.sae.loading import PRETRAINED, PretrainedSpec, save_saes
 
-    trained = sae_suite(tiny_lm, "test", TINY_SUITE)
-    hub = tmp_path / "hub"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    repo_id = "emolib-tests/tiny-suite-saes"
+    repo_id = f"emolib-tests/{name}"
     save_saes(trained.saes, hub_snapshot(hub, repo_id) / "resid")
     ids = {hook: f"layer_{layer}" for layer, hook in enumerate(trained.hooks)}
     lookup = PretrainedSAELookup(
-        release="tiny-suite-release",
+        release=f"{name}-release",
         repo_id=repo_id,
-        model="tiny-suite",
+        model=lm.info.name,
         conversion_func=None,
         saes_map={ids[hook]: f"resid/{hook}" for hook in trained.hooks},
         expected_var_explained={},
@@ -143,14 +139,22 @@ def tiny_release(tiny_lm, tmp_cache, builtin_only, tmp_path, monkeypatch):
         norm_scaling_factor={},
         config_overrides=None,
     )
-    monkeypatch.setitem(get_pretrained_saes_directory(), "tiny-suite-release", lookup)
+    monkeypatch.setitem(get_pretrained_saes_directory(), f"{name}-release", lookup)
     spec = PretrainedSpec(
-        model="tiny-suite",
-        release="tiny-suite-release",
-        sae_id="layer_{layer}",
-        n_layers=tiny_lm.info.n_layers,
+        model=lm.info.name, release=f"{name}-release", sae_id="layer_{layer}", n_layers=lm.info.n_layers
     )
-    monkeypatch.setitem(PRETRAINED, "tiny-saes", spec)
+    monkeypatch.setitem(PRETRAINED, name, spec)
+
+
+@pytest.fixture
+def tiny_release(tiny_lm, tmp_cache, builtin_only, tmp_path, monkeypatch):
+    """The tiny model's trained SAEs, published as the release "tiny-saes"."""
+    from huggingface_hub import constants
+
+    trained = sae_suite(tiny_lm, "test", TINY_SUITE)
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    publish_release(tiny_lm, trained, hub, monkeypatch, "tiny-saes")
     return trained
 
 
@@ -210,3 +214,24 @@ def test_missed_goals_without_k_has_no_l0_goal():
     )
     assert missed_goals(table, None)["missed"].to_dict() == {"b": "fve"}
     assert missed_goals(table, 32)["missed"].to_dict() == {"a": "l0", "b": "fve"}
+
+
+def test_the_paper_scale_path_offline(fake_gpt2, empty_hub, tmp_cache, builtin_only, monkeypatch):  # noqa: F811
+    """A hub model by name and a pretrained release from the hub, both from locally written files, through the code
+    a chapter runs with `-p models=[...] -p saes=[...]`: `load_model`, `Preset.with_pretrained`, `sae_suite`."""
+    from emolib.lm.models import load_model
+    from emolib.studies.presets import get_preset
+
+    lm = load_model("gpt2")  # the fake gpt2 in the local hub cache
+    trained = sae_suite(lm, "test", TINY_SUITE)
+    publish_release(lm, trained, empty_hub, monkeypatch, "gpt2-saes")
+    preset = dataclasses.replace(
+        get_preset("quick"), saes=dataclasses.replace(get_preset("quick").saes, suite=TINY_SUITE)
+    )
+    suite_config = preset.with_pretrained(["gpt2-saes"]).flow.saes
+    assert suite_config.pretrained == ("gpt2-saes",)
+    monkeypatch.setattr(
+        suite_module, "train_saes_cached", lambda *a, **k: pytest.fail("trained instead of reading")
+    )
+    suite = sae_suite(lm, "test", suite_config)
+    assert suite.release == "gpt2-saes" and suite.quality.equals(trained.quality)
