@@ -256,7 +256,7 @@ class EmotionClassifier:
             [ids[0] for label, ids in self.sequences if label == j] for j in range(len(self.parts.labels))
         ]
         scores = torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in columns], dim=1)
-        return Predictions(self.parts.labels, scores.double().numpy(), self.scoring_mode, n_truncated)
+        return Predictions(self.parts.labels, scores.double().cpu().numpy(), self.scoring_mode, n_truncated)
 
     def prefix_cache(self) -> TransformerLensKeyValueCache:
         """The shared prefix's keys and values, computed once per call of `predict` (frozen)."""
@@ -313,7 +313,7 @@ class EmotionClassifier:
         for j in range(len(self.parts.labels)):
             columns = [k for k, (label, _) in enumerate(self.sequences) if label == j]
             scores[:, j] = torch.logsumexp(per_sequence[:, columns], dim=1)
-        return scores.numpy().astype(np.float64)
+        return scores.cpu().numpy().astype(np.float64)
 
     def _generate(self, first: torch.Tensor, cache: TransformerLensKeyValueCache) -> list[str]:
         """Greedy decoding of up to `max_new_tokens`, continuing from the prompt's cache."""

@@ -100,7 +100,7 @@ def logit_lens(
             for j in range(len(groups)):
                 scores[:, j] = torch.logsumexp(picked[:, owner == j], dim=1)
             out.append(scores)
-    return LensResult(label_logprobs=torch.cat(out).numpy())
+    return LensResult(label_logprobs=torch.cat(out).cpu().numpy())
 
 
 def label_first_tokens(sequences: Sequence[tuple[int, Sequence[int]]], n_labels: int) -> list[list[int]]:

@@ -444,7 +444,7 @@ class SteeredScorer:
     def _label_scores(self, final_resid: Tensor) -> np.ndarray:
         first = final_logprobs(self.model, final_resid)
         scores = torch.stack([torch.logsumexp(first[:, ids], dim=1) for ids in self._label_ids], dim=1)
-        return scores.double().numpy()
+        return scores.double().cpu().numpy()
 
     def _collect(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         out = np.zeros((self.n, parts[0].shape[1]) if parts[0].ndim == 2 else (self.n,))
@@ -461,7 +461,7 @@ class SteeredScorer:
         d = self.model.cfg.d_model
         out = np.zeros((self.n, d), dtype=np.float32)
         for batch in self._batches:
-            out[batch.rows] = batch.last_by_layer[layer + 1].float().numpy()
+            out[batch.rows] = batch.last_by_layer[layer + 1].float().cpu().numpy()
         return out
 
     @torch.no_grad()

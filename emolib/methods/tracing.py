@@ -741,6 +741,7 @@ class FeatureTracer:
             scores[batch] = (
                 self._scores(layout, self._hooks(layout, sorted(edits), edits), first_edited_block(edits))
                 .double()
+                .cpu()
                 .numpy()
             )
         return Predictions(
@@ -797,9 +798,9 @@ class FeatureTracer:
                 acts = leaves[layer].detach()
                 attr = acts * grad if grad is not None else torch.zeros_like(acts)
                 per_item = torch.zeros(len(batch), acts.shape[1], dtype=acts.dtype)
-                values[layer][batch] = per_item.index_add(0, item, attr).numpy()
-                activations[layer][batch] = torch.zeros_like(per_item).index_add(0, item, acts).numpy()
-            scores_out[batch] = scores.detach().double().numpy()
+                values[layer][batch] = per_item.index_add(0, item, attr).cpu().numpy()
+                activations[layer][batch] = torch.zeros_like(per_item).index_add(0, item, acts).cpu().numpy()
+            scores_out[batch] = scores.detach().double().cpu().numpy()
         return Attributions(
             labels=self.labels,
             layers=self.layers,
@@ -938,7 +939,7 @@ class FeatureTracer:
             ablated = [np.zeros((len(texts), len(self.labels))) for _ in plans]
             for batch in self._batches(suffixes, items):
                 layout = self._layout(batch, suffixes, prefix)
-                clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
+                clean[batch] = self._scores(layout, [], normalised=False).double().cpu().numpy()
                 for p, (_, edits) in enumerate(plans):
                     scores = self._scores(
                         layout,
@@ -946,7 +947,7 @@ class FeatureTracer:
                         first_edited_block(edits),
                         normalised=False,
                     )
-                    ablated[p][batch] = scores.double().numpy()
+                    ablated[p][batch] = scores.double().cpu().numpy()
             before = _metrics(clean[items], gold_index[items])
             for (labels, _), scores in zip(plans, ablated, strict=True):
                 after = _metrics(scores[items], gold_index[items])
@@ -1005,7 +1006,7 @@ class FeatureTracer:
         ablated = [np.zeros((len(texts), len(self.labels))) for _ in plans]
         for batch in self._progress(self._batches(suffixes, range(len(texts))), "cross-emotion"):
             layout = self._layout(batch, suffixes, prefix)
-            clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
+            clean[batch] = self._scores(layout, [], normalised=False).double().cpu().numpy()
             for p, (_, edits) in enumerate(plans):
                 ablated[p][batch] = (
                     self._scores(
@@ -1015,6 +1016,7 @@ class FeatureTracer:
                         normalised=False,
                     )
                     .double()
+                    .cpu()
                     .numpy()
                 )
 
@@ -1091,12 +1093,13 @@ class FeatureTracer:
             ablated = [np.zeros_like(clean) for _ in features]
             for batch in self._batches(suffixes, items):
                 layout = self._layout(batch, suffixes, prefix)
-                clean[batch] = self._scores(layout, [], normalised=False).double().numpy()
+                clean[batch] = self._scores(layout, [], normalised=False).double().cpu().numpy()
                 for p, (_, _, layer, feature, _) in enumerate(features):
                     edits = self._edits({layer: [feature]}, "zero", None)
                     ablated[p][batch] = (
                         self._scores(layout, self._hooks(layout, [layer], edits), layer, normalised=False)
                         .double()
+                        .cpu()
                         .numpy()
                     )
             before = _metrics(clean[items], gold_index[items])

@@ -398,7 +398,7 @@ def _measure_layer(
     probe_z = probe_accuracy(z[:, active], gold, config.probe)
     # SAE adequacy at the answer position: what the reconstruction and the error term each carry
     with torch.no_grad():
-        recon = sae.decode(torch.from_numpy(z)).numpy().astype(np.float64)
+        recon = sae.decode(torch.from_numpy(z).to(sae.W_dec.device)).cpu().numpy().astype(np.float64)
     error = h - recon
     no_control = dataclasses.replace(config.probe, control=False)
     probe_recon = probe_accuracy(recon, gold, no_control)

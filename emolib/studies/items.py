@@ -90,7 +90,7 @@ class AnalysisSet:
     @torch.no_grad()
     def codes(self, layer: int, sae: SAE) -> Float[np.ndarray, "items d_sae"]:
         """The SAE's feature activations for the last-token residual after block `layer`, `[n, d_sae]`."""
-        return sae.encode(torch.from_numpy(self.resid(layer))).numpy()
+        return sae.encode(torch.from_numpy(self.resid(layer)).to(sae.W_dec.device)).cpu().numpy()
 
 
 def analysis_set(lm: LoadedModel, preset: str, config: AnalysisConfig) -> AnalysisSet:
