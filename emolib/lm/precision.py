@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from emolib.lm.device import device_of
+
 #: The accepted precision names; "auto" is bfloat16 where `bf16_is_fast()`, else float32.
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 
@@ -72,9 +74,7 @@ def keyed_name(name: str, precision: torch.dtype | str, device: str = "cpu") -> 
 
 def model_key(name: str, model: torch.nn.Module) -> str:
     """`keyed_name` of a loaded model: its compute precision and the device its weights are on."""
-    parameter = next(model.parameters(), None)
-    device = "cpu" if parameter is None else str(parameter.device)
-    return keyed_name(name, compute_dtype(model), device)
+    return keyed_name(name, compute_dtype(model), device_of(model))
 
 
 @contextlib.contextmanager

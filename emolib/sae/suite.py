@@ -122,7 +122,7 @@ class SAESuite:
     def key(self) -> str:
         """What identifies these SAEs in the cache keys of the studies that read them."""
         if self.release is not None:
-            return f"pretrained-{self.release}"
+            return pretrained_key(self.release)
         assert self.folder is not None
         return self.folder.name
 
@@ -220,6 +220,11 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
     )
 
 
+def pretrained_key(release: str) -> str:
+    """What identifies a pretrained release's SAEs in cache keys (a trained suite uses its cache folder's name)."""
+    return f"pretrained-{release}"
+
+
 def _pretrained_suite(lm: LoadedModel, preset: str, config: SuiteConfig, release: str) -> SAESuite:
     """A pretrained release's SAEs for every layer of `lm` (through sae-lens' registry: the hub or its cache),
     measured like the project's own."""
@@ -234,7 +239,7 @@ def _pretrained_suite(lm: LoadedModel, preset: str, config: SuiteConfig, release
         raise SAEError(
             f"release {release!r} reads width {sorted(widths)}, {lm.info.name} has {lm.info.d_model}"
         )
-    eval_corpus, quality, quality_folder = _measured(lm, saes, f"pretrained-{release}", config)
+    eval_corpus, quality, quality_folder = _measured(lm, saes, pretrained_key(release), config)
     return SAESuite(
         model=lm.info.name,
         preset=preset,
