@@ -3,8 +3,8 @@ block for every configuration.
 
 Chapter 4 tries every intervention on a grid of configurations for every draw of examples, on the same dev texts.
 `SteeredScorer` runs the clean model over those texts once, keeps the residual entering every block of the final
-phase, and then runs each plan from its first edited block (plus the shared prompt prefix, once per plan); the
-baseline (`resume=False`) runs all blocks of every text for every plan. Both score the same plans on the same texts
+phase, and then runs each plan from its first edited block (the shared prompt prefix too, from its clean residual);
+the baseline (`resume=False`) runs all blocks of every text for every plan. Both score the same plans on the same texts
 and must agree (checked). The plans are gains on random features of SAEs with random weights on the model's last
 `--phase` layers (a final-phase intervention; the cost does not depend on what the features mean). Goal: at least
 4x faster per configuration, in the same run. The one clean pass is reported apart. Skipping blocks cannot do better

@@ -24,8 +24,9 @@ never see a test item's label.
 
 *Scoring from the first edited block.* `SteeredScorer` tokenises a fixed set of texts once, runs the clean model
 over them once and records the residual entering every block at every position. A plan whose first hook sits after
-block `l` leaves blocks before `l` exactly clean, so each plan runs the shared instruction prefix (a few dozen
-tokens, once) and then only blocks `l..` of every text. The first-token label scores are those of
+block `l` leaves blocks before `l` exactly clean, so each plan runs only blocks `l..`, of the shared instruction
+prefix (once, from its clean residual there; the clean keys and values of the earlier blocks are kept) and of every
+text. The first-token label scores are those of
 `emolib.lm.classify`; equality with running every block is tested.
 """
 
@@ -45,6 +46,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from emolib.lm.batching import expanded_cache, final_logprobs, prefix_cache
 from emolib.lm.classify import EmotionClassifier
@@ -421,6 +423,13 @@ class SteeredScorer:
             else:
                 groups.append(batch)
         self._suffixes = suffixes
+        self._prefix_inputs: dict[int, Tensor] = {}
+        if resume:  # the shared prefix's residual entering each kept block, so plans re-run only those blocks
+            store: dict[int, Tensor] = {}
+            n_layers = self.model.cfg.n_layers
+            with self.model.hooks(fwd_hooks=block_input_recorders(n_layers, store)):
+                self._clean_prefix = prefix_cache(self.model, classifier.prefix_ids, n_layers)
+            self._prefix_inputs = {layer: store[layer] for layer in range(self.from_block, n_layers)}
         self._batches = [self._record(rows) for rows in self._progress(groups, "clean pass")]
         self._clean = self._collect([b.last_scores for b in self._batches])
 
@@ -473,7 +482,10 @@ class SteeredScorer:
         if start < self.from_block and self.resume:
             raise SteeringError(f"the scorer kept blocks from {self.from_block} on; a plan starts at {start}")
         with self.model.hooks(fwd_hooks=list(hooks)):
-            steered_prefix = prefix_cache(self.model, self.classifier.prefix_ids, self.model.cfg.n_layers)
+            if self.resume and start > 0:
+                steered_prefix = self._prefix_from(start)
+            else:
+                steered_prefix = prefix_cache(self.model, self.classifier.prefix_ids, self.model.cfg.n_layers)
             parts = []
             for batch in self._batches:
                 context = expanded_cache(steered_prefix, len(batch.rows))
@@ -493,6 +505,17 @@ class SteeredScorer:
                 parts.append(self._label_scores(resid[:, -1]))
         return self._collect(parts)
 
+    def _prefix_from(self, start: int) -> TransformerLensKeyValueCache:
+        """The prefix's keys and values with the hooks attached (by the caller) from block `start` on: the clean
+        entries of the blocks before it, the prefix re-run from its clean residual entering block `start`."""
+        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, 1)
+        cache.entries[:start] = self._clean_prefix.entries[:start]
+        resid = self._prefix_inputs[start]
+        mask = cache.append_attention_mask(torch.ones(resid.shape[:2], dtype=torch.long, device=resid.device))
+        resume_at_block(self.model, self._prefix_inputs, start, attention_mask=mask, past_kv_cache=cache)
+        cache.freeze()
+        return cache
+
     def plan_scores(self, plan: SteeringPlan, saes: Mapping[int, SAE] | None = None) -> np.ndarray:
         """`scores` under one plan."""
         return self.scores(plan.hooks(saes), plan.first_block)
@@ -508,12 +531,15 @@ def draw_bootstrap(
     metric: str = "macro_f1",
     n_boot: int = 1000,
     seed: int = 0,
+    averaged: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per method, `n_boot` resampled values of `metric` averaged over example draws, resampling the draws and
     the test items together (the same resamples for every method, so differences are paired).
 
     `predicted[method]` is `[n_draws, n_items]` of label indices (a method without draws has one row, used for
-    every resampled draw). Returns `{method: [n_boot]}`.
+    every resampled draw). Macro-F1 averages over the label indices `averaged` (default all): answers outside
+    them still count as errors (an "other" label for a transferred plan's unshared labels). Returns
+    `{method: [n_boot]}`.
     """
     if metric not in ("macro_f1", "accuracy"):
         raise SteeringError(f"metric must be 'macro_f1' or 'accuracy', not {metric!r}")
@@ -535,7 +561,10 @@ def draw_bootstrap(
         cell = y[items][:, None, :] * k + pred
         offsets = (np.arange(n_boot * n_draws) * k * k).reshape(n_boot, n_draws, 1)
         counts = np.bincount((cell + offsets).ravel(), minlength=n_boot * n_draws * k * k)
-        out[method] = _f1_from_counts(counts.reshape(n_boot, n_draws, k, k)).mean(-1).mean(-1)
+        per_label = _f1_from_counts(counts.reshape(n_boot, n_draws, k, k))
+        if averaged is not None:
+            per_label = per_label[..., list(averaged)]
+        out[method] = per_label.mean(-1).mean(-1)
     return out
 
 
