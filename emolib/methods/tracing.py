@@ -195,7 +195,7 @@ class Attributions:
     @property
     def gap(self) -> np.ndarray:
         """Clean gold gap per item (the attributed quantity)."""
-        return _gaps(self.label_logprobs, _label_indices(self.gold, self.labels))
+        return gold_gaps(self.label_logprobs, _label_indices(self.gold, self.labels))
 
     def items(self, emotion: str) -> np.ndarray:
         """Indices of the items whose gold label is `emotion`."""
@@ -364,7 +364,7 @@ def _margins(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
     return scores[rows, gold] - others.max(axis=1)
 
 
-def _gaps(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+def gold_gaps(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """Gold score minus the mean of the other labels' scores, per item (the bias-invariant measure)."""
     rows = np.arange(len(gold))
     scores = scores.astype(np.float64)
@@ -377,7 +377,7 @@ def _metrics(scores: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:
     probs = softmax(scores, axis=1)
     rows = np.arange(len(gold))
     return {
-        "gap": _gaps(scores, gold),
+        "gap": gold_gaps(scores, gold),
         "prob": probs[rows, gold],
         "margin": _margins(scores, gold),
         "correct": (scores.argmax(axis=1) == gold).astype(np.float64),

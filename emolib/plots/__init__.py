@@ -22,7 +22,7 @@ from emolib.plots.features import (
 )
 from emolib.plots.flow import boundary_frequency, flow_profiles, role_shares, selective_heatmap, shade_phases
 from emolib.plots.saes import sae_quality
-from emolib.plots.steering import data_efficiency, label_shares, strength_tradeoff
+from emolib.plots.steering import data_efficiency, label_shares, strength_tradeoff, transfer_panels
 from emolib.plots.style import colour, style
 from emolib.plots.tracing import effect_curves, k50_intervals, matrix_heatmap, predicted_vs_measured
 
@@ -52,6 +52,7 @@ __all__ = [
     "shade_phases",
     "strength_tradeoff",
     "style",
+    "transfer_panels",
     "upset_figure",
     "upset_grid",
 ]

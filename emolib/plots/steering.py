@@ -132,3 +132,39 @@ def label_shares(shares: Mapping[str, pd.DataFrame]) -> Figure:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(7, len(labels)), frameon=False)
     return fig
+
+
+#: The methods chapter 5's figure shows per dataset (others are in its tables).
+TRANSFER_METHODS = ("zero-shot", "contextual", "batch", "bias", "random", "diffmean", "causal")
+
+
+def transfer_panels(summaries: Mapping[str, Mapping[str, pd.DataFrame]], title: str) -> Figure:
+    """One panel per model: test macro-F1 with 95% intervals per dataset (x) for the methods of
+    `TRANSFER_METHODS` (side by side), from one regime of chapter 5.
+
+    `summaries[model][dataset]` has columns method, macro_f1, macro_f1_low, macro_f1_high (one row per method).
+    """
+    fig, axes = model_panels(len(summaries), 5.2, 3.6, ncols=min(3, len(summaries)))
+    for ax, (model, by_dataset) in zip(axes, summaries.items(), strict=True):
+        datasets = list(by_dataset)
+        width = 0.8 / len(TRANSFER_METHODS)
+        for j, method in enumerate(TRANSFER_METHODS):
+            rows = [by_dataset[d].set_index("method").loc[method] if method in set(by_dataset[d]["method"]) else None
+                    for d in datasets]  # fmt: skip
+            x = [
+                i + (j - (len(TRANSFER_METHODS) - 1) / 2) * width for i, r in enumerate(rows) if r is not None
+            ]
+            kept = [r for r in rows if r is not None]
+            if not kept:
+                continue
+            values = np.array([r["macro_f1"] for r in kept])
+            low = np.array([r["macro_f1_low"] for r in kept])
+            high = np.array([r["macro_f1_high"] for r in kept])
+            ax.bar(x, values, width, color=_method_colour(method), label=method,
+                   yerr=errors(values, low, high), capsize=2, error_kw={"lw": 0.8})  # fmt: skip
+        ax.set_xticks(range(len(datasets)), datasets)
+        ax.set_ylabel("test macro-F1")
+        ax.set_title(f"{model}: {title}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(TRANSFER_METHODS), frameon=False)
+    return fig

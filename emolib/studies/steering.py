@@ -72,7 +72,7 @@ from emolib.studies.items import AnalysisConfig
 from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when `SteeringResult` or its computation changes, so cached results are rebuilt.
-STEERING_VERSION = "1"
+STEERING_VERSION = "2"
 
 #: Interventions (run through the model on the same grid) and methods without a forward pass of their own.
 INTERVENTIONS = ("causal", "random", "selective", "diffmean")
@@ -132,6 +132,10 @@ class SteeringConfig:
     n_draws: int = 5
     dev_per_label: int = 8
     test_per_label: int = 20
+    #: Exclude chapters 1-3's analysis items (`items`) from dev and test: True where those chapters read this
+    #: dataset (their phases and features were chosen with those labels); chapter 5 turns it off on the datasets
+    #: chapters 1-3 never read, whose smallest labels have too few dev items to give up forty.
+    exclude_analysed: bool = True
     variants: tuple[str, ...] = ("gain", "clamp", "add")
     ks: tuple[int, ...] = (4, 16)
     strengths: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -212,7 +216,7 @@ def study_items(config: SteeringConfig) -> StudyItems:
         for split in ("train", "dev", "test")
     }
     analysed: set[str] = set()
-    for split in config.items.splits:
+    for split in config.items.splits if config.exclude_analysed else ():
         sample = evaluation_items(
             dataset,
             BaselineConfig(
@@ -344,6 +348,34 @@ def selective_features(attributions: Attributions, layers: Sequence[int], k: int
     return out
 
 
+def _by_layer(grouped: Mapping[int, Sequence[int]]) -> dict[str, list[int]]:
+    return {str(layer): [int(f) for f in chosen] for layer, chosen in grouped.items()}
+
+
+def emotion_features(
+    attributions: Attributions, layers: Sequence[int], k: int, seed: Sequence[int], active: bool
+) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """Per emotion of the examples: its top k causal features, k random ones matched to them (as the `random`
+    method draws them) and, with `active`, every feature active on its examples, each grouped by layer (JSON keys):
+    what chapter 5 compares across datasets."""
+    out = {}
+    for j, emotion in enumerate(_emotions(attributions.labels, attributions.gold)):
+        entry = {
+            "causal": _by_layer(attributions.top_features(emotion, layers, k)),
+            "random": _by_layer(
+                attributions.matched_random(emotion, layers, k, np.random.default_rng([*seed, j]))
+            ),
+        }
+        if active:
+            rows = attributions.items(emotion)
+            entry["active"] = {
+                str(layer): np.flatnonzero((attributions.activations[layer][rows] != 0).any(axis=0)).tolist()
+                for layer in layers
+            }
+        out[emotion] = entry
+    return out
+
+
 def feature_plan(
     model: str,
     method: str,
@@ -430,7 +462,9 @@ class SteeringResult:
     `shares`: per-emotion recall and the share of answers per label at `rule.n`. `tradeoff`: dev macro-F1 against
     dev perplexity change along the strength grid (draw 0, `rule.n`, each method's chosen k or layer).
     `generation`: parse rate and agreement of generated answers, clean and under the causal plan. `plan`: the causal
-    plan at `rule.n`, draw 0 (a `SteeringPlan` as JSON). `facts` and `meta` (timings) describe the run.
+    plan at `rule.n`, draw 0 (a `SteeringPlan` as JSON). `transfer`: what chapter 5 applies, frozen, to other
+    datasets: at `rule.n`, every intervention's plan per draw (None where dev chose the model itself) and each
+    draw's fitted label offsets, by label. `facts` and `meta` (timings) describe the run.
     """
 
     study: ClassVar[str] = "steering"
@@ -451,6 +485,7 @@ class SteeringResult:
     plan: dict[str, Any]
     sae_flags: dict[int, str]
     meta: dict[str, Any]
+    transfer: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -463,6 +498,7 @@ class SteeringResult:
             "plan": self.plan,
             "sae_flags": {str(k): v for k, v in self.sae_flags.items()},
             "meta": self.meta,
+            "transfer": self.transfer,
         }
 
     @classmethod
@@ -478,6 +514,7 @@ class SteeringResult:
             plan=dict(payload["plan"]),
             sae_flags={int(k): v for k, v in payload["sae_flags"].items()},
             meta=dict(payload["meta"]),
+            transfer=dict(payload.get("transfer", {})),
         )
 
     # ---------------------------------------------------------------------------------------- views
@@ -516,6 +553,37 @@ class SteeringResult:
     def plan_object(self) -> SteeringPlan:
         """The saved causal plan at the rule's n (draw 0)."""
         return SteeringPlan.from_json(self.plan, source=f"{self.model}'s steering result")
+
+    def transfer_plans(self, method: str) -> list[SteeringPlan | None]:
+        """`method`'s plan of every draw at the rule's n (None: dev chose the model itself), for chapter 5."""
+        if not self.transfer:
+            raise SteeringError(
+                f"{self.model}'s steering result holds no transfer plans (written before chapter 5): re-run "
+                "chapter 4"
+            )
+        plans = self.transfer["plans"][method]
+        source = f"{self.model}'s steering result ({method})"
+        return [None if p is None else SteeringPlan.from_json(p, source=source) for p in plans]
+
+    def transfer_features(self) -> list[dict[str, dict[str, dict[int, list[int]]]]]:
+        """Per draw at the rule's n, per emotion: its top-k causal features, matched random ones and (draw 0) the
+        features active on its examples, each `{layer: [features]}` (`emotion_features`)."""
+        if not self.transfer:
+            self.transfer_plans("causal")  # raises the re-run error
+        return [
+            {
+                emotion: {
+                    kind: {int(layer): list(fs) for layer, fs in grouped.items()}
+                    for kind, grouped in sets.items()
+                }
+                for emotion, sets in draw.items()
+            }
+            for draw in self.transfer["features"]
+        ]
+
+    def transfer_biases(self) -> list[dict[str, float]]:
+        """Each draw's label offsets of the bias correction at the rule's n, by label."""
+        return [dict(b) for b in self.transfer["bias"]]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -558,6 +626,7 @@ class _Study:
         self.plans: dict[tuple[str, int, int], SteeringPlan] = {}
         self.icl_tokens: dict[int, int] = {}
         self.variant_for: dict[str, str] = {}  # per method, the variant chosen at rule.n
+        self.biases: dict[tuple[int, int], np.ndarray] = {}  # (n, draw) -> fitted label offsets
         self.icl_skipped: list[str] = []
 
     def dev_f1(self, scores: np.ndarray) -> float:
@@ -713,6 +782,7 @@ class _Study:
             for n, rows in by_n.items():
                 gold = [self.items.pool.gold[r] for r in rows]
                 bias = fit_label_bias(example_scores[rows], gold, self.items.labels, self.config.bias_l2)
+                self.biases[(n, draw)] = bias
                 self._record("bias", n, draw, clean + bias, {})
                 best = None
                 for layer in self.final:
@@ -775,6 +845,8 @@ class _Study:
     def generation(self) -> pd.DataFrame:
         """Generated answers on the first test items per label, clean and under the causal plan at rule.n."""
         per = self.config.generation_per_label
+        if per == 0:  # not asked for (chapter 5's in-domain runs)
+            return pd.DataFrame(columns=["condition", "items", "parsed", "agree_all"])
         rows = _per_label(self.items.test, per, self.config.seed)
         texts = [self.items.test.texts[i] for i in rows]
         generator = EmotionClassifier(
@@ -911,6 +983,35 @@ def steering_study(lm: LoadedModel, config: SteeringConfig, final: Sequence[int]
     timings["generation"] = time.perf_counter() - began
     summary, versus, recall, shares = _summaries(study, config)
     plan = study.plans.get(("causal", config.rule.n, 0))
+    draws = range(config.n_draws)
+    k_max = max(config.ks)
+    transfer = {
+        "n": config.rule.n,
+        "sae_source": study.sae_source,
+        "k": k_max,
+        # per draw, per emotion: top k_max causal and matched random features (every feature active on the
+        # emotion's examples at draw 0 only: the null of chapter 5's overlap test)
+        "features": [
+            emotion_features(
+                study.attributions.subset(items.draws[d][config.rule.n]),
+                study.final,
+                k_max,
+                (config.seed, d, config.rule.n, k_max),
+                active=d == 0,
+            )
+            for d in draws
+        ],
+        "plans": {
+            method: [
+                p.to_json() if (p := study.plans.get((method, config.rule.n, d))) is not None else None
+                for d in draws
+            ]
+            for method in INTERVENTIONS
+        },
+        "bias": [
+            dict(zip(items.labels, map(float, study.biases[(config.rule.n, d)]), strict=True)) for d in draws
+        ],
+    }
     facts = {
         "model": study.name,
         "dataset": items.dev.dataset,
@@ -945,6 +1046,7 @@ def steering_study(lm: LoadedModel, config: SteeringConfig, final: Sequence[int]
         plan=plan.to_json() if plan is not None else {},
         sae_flags=study.flags,
         meta={"timings_seconds": timings},
+        transfer=transfer,
     )
 
 

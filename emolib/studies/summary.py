@@ -188,6 +188,19 @@ def _steering(verdict: Verdict, result: Any) -> str:
     return f"macro-F1 causal minus the best baseline ({best}) at n = {result.rule.n}: {difference}{tail}"
 
 
+def _across_datasets(verdict: Verdict, result: Any) -> str:
+    n = verdict.numbers
+    return (
+        f"{n.get('cells_holding', 'n/a')} of {n.get('cells', 'n/a')} datasets hold; zero-shot beaten on "
+        f"{n.get('cells_beating_zero_shot', 'n/a')}"
+    )
+
+
+def _across_models(verdict: Verdict, result: Any) -> str:
+    n = verdict.numbers
+    return f"'across datasets' holds for {n.get('models_holding', 'n/a')} of {n.get('models', 'n/a')} models"
+
+
 def _generic(verdict: Verdict, result: Any) -> str:
     return "; ".join(f"{k} = {_number(verdict.numbers, k)}" for k in list(verdict.numbers)[:3]) or "-"
 
@@ -200,6 +213,8 @@ EVIDENCE: dict[str, Evidence] = {
     "varies_by_emotion": _varies,
     "disgust_weaker_diffuse": _disgust,
     "steering_helps": _steering,
+    "across_datasets": _across_datasets,
+    "across_models": _across_models,
 }
 
 
@@ -210,6 +225,7 @@ def result_types() -> dict[str, type]:
     """The typed result of each chapter whose results file holds `models` (the evidence reads them)."""
     from emolib.studies.features import FeaturesResult
     from emolib.studies.flow import FlowResult
+    from emolib.studies.generalisation import GeneralisationResult
     from emolib.studies.steering import SteeringResult
     from emolib.studies.tracing import TracingResult
 
@@ -218,6 +234,7 @@ def result_types() -> dict[str, type]:
         "features": FeaturesResult,
         "tracing": TracingResult,
         "steering": SteeringResult,
+        "generalisation": GeneralisationResult,
     }
 
 
