@@ -20,15 +20,13 @@ import time
 
 import pandas as pd
 
-from emolib.lm.batching import pad_id
 from emolib.lm.device import device_of
 from emolib.lm.models import load_model
 from emolib.lm.precision import compute_dtype
 from emolib.sae.activations import extract_activations, resid_hooks
 from emolib.sae.corpus import build_corpus
 from emolib.sae.loading import load_saes, save_saes
-from emolib.sae.quality import evaluate_saes
-from emolib.sae.suite import evaluation_batch
+from emolib.sae.suite import measure_saes
 from emolib.sae.training import train_saes
 from emolib.studies.presets import get_preset
 
@@ -61,9 +59,6 @@ def main() -> None:
         starts=corpus.starts,
     )
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
-    tokens, mask, keep = evaluation_batch(
-        eval_corpus, config.extraction.skip_first, pad_id(lm.tokenizer), config.seed
-    )
 
     rows = []
     for epochs in args.epochs:
@@ -81,17 +76,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_saes(trained, folder)
             saes = load_saes(folder, device=device_of(lm.model))
-            table = evaluate_saes(
-                lm.model,
-                saes,
-                tokens,
-                attention_mask=mask,
-                keep_original=keep,
-                outlier_factor=config.extraction.outlier_factor,
-                batch_size=config.eval_batch_size,
-                loss_sequences=config.loss_sequences,
-                progress=False,
-            )
+            table = measure_saes(lm, saes, eval_corpus, config, progress=False)
         for hook, row in table.iterrows():
             rows.append(
                 {

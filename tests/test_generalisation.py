@@ -242,7 +242,9 @@ def test_mechanism_verdicts_fail_without_an_excess_over_random_features():
                 "p_value": [1e-4] * emotions_above + [0.9] * (3 - emotions_above),
             }
         )
-        return SimpleNamespace(cross={"meld": transfer}, overlap={"meld": overlap})
+        return SimpleNamespace(
+            source="isear", in_domain={}, cross={"meld": transfer}, overlap={"meld": overlap}
+        )
 
     config = G.GeneralisationConfig()
     strong = G.mechanism_verdicts({"m": result(0.001, 3)}, config)

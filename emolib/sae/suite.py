@@ -257,6 +257,28 @@ def _pretrained_suite(lm: LoadedModel, preset: str, config: SuiteConfig, release
     )
 
 
+def measure_saes(
+    lm: LoadedModel, saes: dict[str, SAE], eval_corpus: Corpus, config: SuiteConfig, progress: bool = True
+) -> pd.DataFrame:
+    """The quality table of `saes` on `eval_corpus` with the suite's evaluation settings (uncached): the one
+    measurement of the suite's own SAEs, of pretrained releases and of the budget benchmark."""
+    extraction = config.extraction
+    tokens, mask, keep = evaluation_batch(
+        eval_corpus, extraction.skip_first, pad_id(lm.tokenizer), config.seed
+    )
+    return evaluate_saes(
+        lm.model,
+        saes,
+        tokens,
+        attention_mask=mask,
+        keep_original=keep,
+        outlier_factor=extraction.outlier_factor,
+        batch_size=config.eval_batch_size,
+        loss_sequences=config.loss_sequences,
+        progress=progress,
+    )
+
+
 def _measured(
     lm: LoadedModel, saes: dict[str, SAE], saes_id: str, config: SuiteConfig
 ) -> tuple[Corpus, pd.DataFrame, Path]:
@@ -279,20 +301,7 @@ def _measured(
         eval_settings["device"] = torch.device(device).type
 
     def evaluate(tmp: Path) -> None:
-        tokens, mask, keep = evaluation_batch(
-            eval_corpus, extraction.skip_first, pad_id(lm.tokenizer), config.seed
-        )
-        table = evaluate_saes(
-            lm.model,
-            saes,
-            tokens,
-            attention_mask=mask,
-            keep_original=keep,
-            outlier_factor=extraction.outlier_factor,
-            batch_size=config.eval_batch_size,
-            loss_sequences=config.loss_sequences,
-        )
-        write_json(tmp / "quality.json", quality_dict(table))
+        write_json(tmp / "quality.json", quality_dict(measure_saes(lm, saes, eval_corpus, config)))
 
     name = lm.info.name
     quality_folder = cached_entry(

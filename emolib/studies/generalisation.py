@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from sae_lens import SAE
 from scipy.stats import hypergeom
 
 from emolib import data
@@ -44,16 +45,18 @@ from emolib.lm.baselines import make_classifier
 from emolib.lm.calibration import CONTENT_FREE_TEXTS, batch_calibrated, contextual_calibrated
 from emolib.lm.classify import ClassifierConfig
 from emolib.lm.models import LoadedModel, load_model
-from emolib.methods.steering import SteeredScorer, SteeringPlan, bootstrap_p, draw_bootstrap, holm
+from emolib.methods.steering import SteeredScorer, SteeringPlan, bootstrap_p, holm
 from emolib.methods.tracing import gold_gaps
-from emolib.sae.suite import sae_suite
-from emolib.stats import format_interval, macro_f1
+from emolib.sae.suite import SAESuite, sae_suite
+from emolib.stats import format_interval
 from emolib.studies.base import cached_result, records, table
 from emolib.studies.steering import (
     INTERVENTIONS,
     REQUIRED_BASELINES,
     SteeringConfig,
     SteeringResult,
+    baseline_rule,
+    paired_summaries,
     run_steering,
     study_items,
 )
@@ -218,9 +221,14 @@ def mapped_bias(offsets: Mapping[str, float], target: Sequence[str]) -> np.ndarr
 
 
 def transfer_study(
-    lm: LoadedModel, source: SteeringResult, target: SteeringConfig, final: Sequence[int], config
+    lm: LoadedModel,
+    source: SteeringResult,
+    target: SteeringConfig,
+    final: Sequence[int],
+    saes: Mapping[int, SAE],
+    config: GeneralisationConfig,
 ) -> TransferResult:
-    """Apply `source`'s frozen plans and offsets to `target`'s test items (module docstring)."""
+    """Apply `source`'s frozen plans and offsets to `target`'s test items (module docstring); `saes` by layer."""
     items = study_items(target)
     labels = items.labels
     mapping = label_mapping(source.labels, labels)
@@ -233,8 +241,6 @@ def transfer_study(
         lm, labels, items.test.dataset, ClassifierConfig(generate=False, progress=False)
     )
     scorer = SteeredScorer(classifier, items.test.texts, from_block=min(final), batch_size=target.batch_size)
-    suite = sae_suite(lm, target.preset, target.saes)
-    saes = {int(hook.split(".")[1]): sae for hook, sae in suite.saes.items()}
     clean = scorer.clean()
     probs = np.exp(clean - clean.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
@@ -286,11 +292,11 @@ def _ablation(
     model: str,
     source: SteeringResult,
     scorer: SteeredScorer,
-    saes: Mapping,
+    saes: Mapping[int, SAE],
     gold: Sequence[str],
     labels: Sequence[str],
     shared: Sequence[str],
-    config,
+    config: GeneralisationConfig,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Gold-gap drops on the target when the source's causal (or matched random) features of each shared emotion
     are zeroed where they fire (gain -1, every position but attention sinks, as steering edits)."""
@@ -394,50 +400,24 @@ def _transfer_summaries(
     gold: Sequence[str],
     labels: Sequence[str],
     shared: Sequence[str],
-    config,
+    config: GeneralisationConfig,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Macro-F1 over the shared labels on shared-gold items, answers outside them mapped to one "other" label."""
     keep = np.array([g in shared for g in gold])
     space = [*shared, OTHER]
     to_space = np.array([space.index(label) if label in shared else len(shared) for label in labels])
     predicted = {m: to_space[a[:, keep]] for m, a in answers.items()}
-    y = [g for g, k in zip(gold, keep, strict=True) if k]
-    averaged = list(range(len(shared)))
-    boot = {"n_boot": config.n_boot, "seed": config.seed}
-    f1 = draw_bootstrap(y, predicted, space, "macro_f1", averaged=averaged, **boot)
-    acc = draw_bootstrap(y, predicted, space, "accuracy", **boot)
-    y_index = [space.index(g) for g in y]
-    tail = (1 - config.level) / 2
-    rows = []
-    for method, stack in predicted.items():
-        rows.append(
-            {
-                "method": method,
-                "macro_f1": float(np.mean([macro_f1(y_index, list(row), averaged) for row in stack])),
-                "macro_f1_low": float(np.quantile(f1[method], tail)),
-                "macro_f1_high": float(np.quantile(f1[method], 1 - tail)),
-                "accuracy": float((stack == np.array(y_index)[None, :]).mean()),
-                "accuracy_low": float(np.quantile(acc[method], tail)),
-                "accuracy_high": float(np.quantile(acc[method], 1 - tail)),
-            }
-        )
-    summary = pd.DataFrame(rows)
-    point = summary.set_index("method")["macro_f1"]
-    versus = []
-    for method in predicted:
-        if method == "causal":
-            continue
-        diff = f1["causal"] - f1[method]
-        versus.append(
-            {
-                "versus": method,
-                "difference": float(point["causal"] - point[method]),
-                "low": float(np.quantile(diff, tail)),
-                "high": float(np.quantile(diff, 1 - tail)),
-                "p_value": bootstrap_p(diff),
-            }
-        )
-    return summary, pd.DataFrame(versus)
+    y_index = np.array([space.index(g) for g, k in zip(gold, keep, strict=True) if k])
+    summary, versus = paired_summaries(
+        y_index,
+        predicted,
+        len(space),
+        n_boot=config.n_boot,
+        seed=config.seed,
+        level=config.level,
+        averaged=range(len(shared)),
+    )
+    return pd.DataFrame(summary), pd.DataFrame(versus)
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -515,9 +495,10 @@ def _f1_cell(at: pd.DataFrame, method: str, n: int) -> str:
 
 
 def generalisation_study(
-    lm: LoadedModel, config: GeneralisationConfig, final: Sequence[int]
+    lm: LoadedModel, config: GeneralisationConfig, final: Sequence[int], suite: SAESuite
 ) -> GeneralisationResult:
-    """Both regimes for one model (uncached; see `run_generalisation`)."""
+    """Both regimes for one model with its SAE `suite` (uncached; see `run_generalisation`)."""
+    saes = {int(hook.split(".")[1]): sae for hook, sae in suite.saes.items()}
     timings: dict[str, float] = {}
     phases = {"final": list(final)}
     source_name = config.source_dataset()
@@ -531,7 +512,7 @@ def generalisation_study(
         in_domain[dataset] = run_steering(lm, config.in_domain(dataset), phases)
         timings[f"in-domain {dataset}"] = time.perf_counter() - began
         began = time.perf_counter()
-        cross[dataset] = transfer_study(lm, source, config.in_domain(dataset), final, config)
+        cross[dataset] = transfer_study(lm, source, config.in_domain(dataset), final, saes, config)
         timings[f"cross {dataset}"] = time.perf_counter() - began
         overlap[dataset] = feature_overlap(source, in_domain[dataset])
     return GeneralisationResult(
@@ -575,7 +556,7 @@ def run_generalisation(
         GeneralisationResult,
         lm.info.cache_name,
         key_parts,
-        lambda: generalisation_study(lm, config, final),
+        lambda: generalisation_study(lm, config, final, suite),
     )
 
 
@@ -593,41 +574,23 @@ def _cell_verdict(
     alpha: float,
     flags: Mapping[int, str],
 ) -> Verdict:
-    """A cell's verdict from Holm-adjusted p-values per comparison (None: not run, counts as not beaten)."""
-    beats = {v: p is not None and p < alpha for v, p in adjusted.items()}
-    baselines = [v for v in adjusted if v != "zero-shot"]
-    beaten = [v for v in baselines if beats[v]]
-    missing = [v for v, p in adjusted.items() if p is None]
-    within = bool(np.isfinite(ppl) and ppl <= tolerance)
-    difference = versus.set_index("versus")["difference"].to_dict()
-    numbers = {
-        "beats_zero_shot": beats.get("zero-shot", False),
-        "baselines_beaten": len(beaten),
-        "baselines": len(baselines),
-        "test_ppl_change": ppl,
-        "gain_over_zero_shot": difference.get("zero-shot", np.nan),
-        **{f"p_{v}": (np.nan if p is None else p) for v, p in adjusted.items()},
-    }
-    reason = (
-        f"{dataset} ({regime}): causal steering {'beats' if beats.get('zero-shot') else 'does not beat'} "
-        f"zero-shot and beats {len(beaten)} of {len(baselines)} equal-data baselines"
-        + (f" ({', '.join(beaten)})" if beaten else "")
-        + (f"; not run, counted as not beaten: {', '.join(missing)}" if missing else "")
-        + f"; perplexity change {ppl:+.2%} (tolerance {tolerance:.0%})"
+    """A cell's verdict by chapter 4's rule (`baseline_rule`) from Holm-adjusted p-values per comparison (None: not
+    run, counts as not beaten)."""
+    verdict, numbers, words = baseline_rule(adjusted, ppl, tolerance, alpha)
+    numbers["gain_over_zero_shot"] = (
+        versus.set_index("versus")["difference"].to_dict().get("zero-shot", np.nan)
     )
-    if beats.get("zero-shot") and len(beaten) == len(baselines) and within:
-        verdict = "holds"
-    elif beats.get("zero-shot"):
-        verdict = "partly"
-    else:
-        verdict = "does not hold"
+    reason = (
+        f"{dataset} ({regime}): causal steering {'beats' if numbers['beats_zero_shot'] else 'does not beat'} "
+        f"zero-shot and {words}; perplexity change {ppl:+.2%} (tolerance {tolerance:.0%})"
+    )
     capped = capped_by_sae(Verdict(verdict, reason, numbers, "transfer_cell"), dict(flags))
     return capped.about(TRANSFER_CLAIM if regime == "cross" else "in_domain", model, f"{dataset}, {regime}")
 
 
 def _source_flags(result: GeneralisationResult) -> dict[int, str]:
     """The quality goals each final-phase SAE misses, as chapter 4's run on the source recorded them."""
-    source = getattr(result, "in_domain", {}).get(getattr(result, "source", None))
+    source = result.in_domain.get(result.source)
     return dict(source.sae_flags) if source is not None else {}
 
 

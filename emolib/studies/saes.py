@@ -10,19 +10,17 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from emolib.lm.batching import pad_id
 from emolib.lm.models import LoadedModel, load_model
 from emolib.sae.loading import load_saes
 from emolib.sae.quality import (
     GOALS,
     QualityGoals,
-    evaluate_saes,
     goal_summary,
     missed_goals,
     quality_dict,
     quality_table,
 )
-from emolib.sae.suite import SAESuite, SuiteConfig, evaluation_batch, sae_suite
+from emolib.sae.suite import SAESuite, SuiteConfig, measure_saes, sae_suite
 from emolib.studies.base import records, table
 
 #: The issue's budget for the whole SAE stage (every book model), in minutes.
@@ -211,20 +209,7 @@ def pretrained_quality(model: str | LoadedModel, config: SaesConfig, release: st
     same held-out corpus, with the same code and settings, as the project's own SAEs."""
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     suite = sae_suite(lm, config.preset, config.suite)
-    settings = suite.config
-    tokens, mask, keep = evaluation_batch(
-        suite.eval_corpus, settings.extraction.skip_first, pad_id(lm.tokenizer), settings.seed
-    )
-    return evaluate_saes(
-        lm.model,
-        load_saes(release),
-        tokens,
-        attention_mask=mask,
-        keep_original=keep,
-        outlier_factor=settings.extraction.outlier_factor,
-        batch_size=settings.eval_batch_size,
-        loss_sequences=settings.loss_sequences,
-    )
+    return measure_saes(lm, load_saes(release), suite.eval_corpus, suite.config)
 
 
 def cost_table(reports: Mapping[str, SAEReport]) -> pd.DataFrame:

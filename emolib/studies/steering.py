@@ -556,20 +556,13 @@ class SteeringResult:
 
     def transfer_plans(self, method: str) -> list[SteeringPlan | None]:
         """`method`'s plan of every draw at the rule's n (None: dev chose the model itself), for chapter 5."""
-        if not self.transfer:
-            raise SteeringError(
-                f"{self.model}'s steering result holds no transfer plans (written before chapter 5): re-run "
-                "chapter 4"
-            )
-        plans = self.transfer["plans"][method]
+        plans = self._transfer()["plans"][method]
         source = f"{self.model}'s steering result ({method})"
         return [None if p is None else SteeringPlan.from_json(p, source=source) for p in plans]
 
     def transfer_features(self) -> list[dict[str, dict[str, dict[int, list[int]]]]]:
         """Per draw at the rule's n, per emotion: its top-k causal features, matched random ones and (draw 0) the
         features active on its examples, each `{layer: [features]}` (`emotion_features`)."""
-        if not self.transfer:
-            self.transfer_plans("causal")  # raises the re-run error
         return [
             {
                 emotion: {
@@ -578,12 +571,20 @@ class SteeringResult:
                 }
                 for emotion, sets in draw.items()
             }
-            for draw in self.transfer["features"]
+            for draw in self._transfer()["features"]
         ]
 
     def transfer_biases(self) -> list[dict[str, float]]:
         """Each draw's label offsets of the bias correction at the rule's n, by label."""
-        return [dict(b) for b in self.transfer["bias"]]
+        return [dict(b) for b in self._transfer()["bias"]]
+
+    def _transfer(self) -> dict[str, Any]:
+        if not self.transfer:
+            raise SteeringError(
+                f"{self.model}'s steering result holds no transfer plans (written before chapter 5): re-run "
+                "chapter 4"
+            )
+        return self.transfer
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -888,6 +889,54 @@ def _draw_answers(study: _Study, method: str, n: int) -> np.ndarray | None:
     return np.stack(rows) if rows else None
 
 
+def paired_summaries(
+    gold: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    n_labels: int,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float,
+    averaged: Sequence[int] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per method, test macro-F1 (over the label indices `averaged`, default all) and accuracy averaged over draws
+    with intervals resampling draws and items (`draw_bootstrap`); and causal minus every other method, paired, with
+    its one-sided p. `gold` are label indices, `predicted[method]` `[draws, items]` answers."""
+    labels = list(range(n_labels))
+    scored = labels if averaged is None else list(averaged)
+    f1 = draw_bootstrap(list(gold), predicted, labels, "macro_f1", n_boot, seed, averaged)
+    acc = draw_bootstrap(list(gold), predicted, labels, "accuracy", n_boot, seed)
+    tail = (1 - level) / 2
+    summary = [
+        {
+            "method": method,
+            "macro_f1": float(np.mean([macro_f1(list(gold), list(v), scored) for v in values])),
+            "macro_f1_low": float(np.quantile(f1[method], tail)),
+            "macro_f1_high": float(np.quantile(f1[method], 1 - tail)),
+            "accuracy": float((values == np.asarray(gold)[None, :]).mean()),
+            "accuracy_low": float(np.quantile(acc[method], tail)),
+            "accuracy_high": float(np.quantile(acc[method], 1 - tail)),
+        }
+        for method, values in predicted.items()
+    ]
+    point = {row["method"]: row["macro_f1"] for row in summary}
+    versus = []
+    for method in predicted:
+        if method == "causal":
+            continue
+        diff = f1["causal"] - f1[method]
+        versus.append(
+            {
+                "versus": method,
+                "difference": point["causal"] - point[method],
+                "low": float(np.quantile(diff, tail)),
+                "high": float(np.quantile(diff, 1 - tail)),
+                "p_value": bootstrap_p(diff),
+            }
+        )
+    return summary, versus
+
+
 def _summaries(
     study: _Study, config: SteeringConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -896,44 +945,13 @@ def _summaries(
     gold = study.items.test.gold
     gold_index = np.array([study.label_index[g] for g in gold])
     summary, versus = [], []
-    boot = {"n_boot": config.n_boot, "seed": config.seed}
-    tail = (1 - config.level) / 2
     for n in config.n_examples:
         predicted = {m: s for m in METHODS if (s := _draw_answers(study, m, n)) is not None}
-        index_labels = list(range(len(labels)))
-        f1 = draw_bootstrap(list(gold_index), predicted, index_labels, "macro_f1", **boot)
-        acc = draw_bootstrap(list(gold_index), predicted, index_labels, "accuracy", **boot)
-        for method, values in predicted.items():
-            point_f1 = np.mean([macro_f1(list(gold_index), list(v), index_labels) for v in values])
-            point_acc = float((values == gold_index[None, :]).mean())
-            summary.append(
-                {
-                    "method": method,
-                    "n": n,
-                    "macro_f1": point_f1,
-                    "macro_f1_low": float(np.quantile(f1[method], tail)),
-                    "macro_f1_high": float(np.quantile(f1[method], 1 - tail)),
-                    "accuracy": point_acc,
-                    "accuracy_low": float(np.quantile(acc[method], tail)),
-                    "accuracy_high": float(np.quantile(acc[method], 1 - tail)),
-                }
-            )
-        causal_point = next(r["macro_f1"] for r in summary if r["method"] == "causal" and r["n"] == n)
-        for method in predicted:
-            if method == "causal":
-                continue
-            diff = f1["causal"] - f1[method]
-            other = next(r["macro_f1"] for r in summary if r["method"] == method and r["n"] == n)
-            versus.append(
-                {
-                    "n": n,
-                    "versus": method,
-                    "difference": causal_point - other,
-                    "low": float(np.quantile(diff, tail)),
-                    "high": float(np.quantile(diff, 1 - tail)),
-                    "p_value": bootstrap_p(diff),
-                }
-            )
+        rows, differences = paired_summaries(
+            gold_index, predicted, len(labels), n_boot=config.n_boot, seed=config.seed, level=config.level
+        )
+        summary += [{"method": row.pop("method"), "n": n, **row} for row in rows]
+        versus += [{"n": n, **row} for row in differences]
     recall, shares = [], []
     n = config.rule.n
     for method in METHODS:
@@ -1097,33 +1115,28 @@ def steering_verdicts(results: Mapping[str, SteeringResult], tolerance: float) -
     return out
 
 
-def steering_verdict(
-    result: SteeringResult, adjusted_p: Mapping[str, float | None], tolerance: float
-) -> Verdict:
-    """One model's verdict from Holm-adjusted p-values per comparison (None: not run, counts as not beaten)."""
-    rule = result.rule
-    beats = {versus: p is not None and p < rule.alpha for versus, p in adjusted_p.items()}
+def baseline_rule(
+    adjusted_p: Mapping[str, float | None], ppl: float, tolerance: float, alpha: float
+) -> tuple[str, dict[str, Any], str]:
+    """The rule of chapters 4 and 5 (`SteeringRule`) from Holm-adjusted p-values per comparison ("zero-shot" and
+    each required baseline; None: not run, counts as not beaten) and the perplexity change: the verdict, its
+    numbers and the words on the baselines ("beats k of m equal-data baselines (...)")."""
+    beats = {versus: p is not None and p < alpha for versus, p in adjusted_p.items()}
     missing = [versus for versus, p in adjusted_p.items() if p is None]
-    causal = result.runs[(result.runs["method"] == "causal") & (result.runs["n"] == rule.n)]
-    ppl = float(causal["test_ppl_change"].mean()) if len(causal) else float("nan")
     within = bool(np.isfinite(ppl) and ppl <= tolerance)
     baselines = [v for v in adjusted_p if v != "zero-shot"]
     beaten = [v for v in baselines if beats[v]]
     numbers = {
-        "n": rule.n,
         "beats_zero_shot": beats.get("zero-shot", False),
         "baselines_beaten": len(beaten),
         "baselines": len(baselines),
         "test_ppl_change": ppl,
         **{f"p_{v}": (np.nan if p is None else p) for v, p in adjusted_p.items()},
     }
-    zero_p = adjusted_p.get("zero-shot")
-    reason = (
-        f"at n = {rule.n}, causal steering {'beats' if beats.get('zero-shot') else 'does not beat'} zero-shot "
-        f"(Holm-adjusted p = {'not run' if zero_p is None else f'{zero_p:.3g}'}) and beats {len(beaten)} of {len(baselines)} equal-data baselines"
+    words = (
+        f"beats {len(beaten)} of {len(baselines)} equal-data baselines"
         + (f" ({', '.join(beaten)})" if beaten else "")
         + (f"; not run, counted as not beaten: {', '.join(missing)}" if missing else "")
-        + f"; test perplexity change {ppl:+.2%} (tolerance {tolerance:.0%})"
     )
     if beats.get("zero-shot") and len(beaten) == len(baselines) and within:
         verdict = "holds"
@@ -1131,6 +1144,24 @@ def steering_verdict(
         verdict = "partly"
     else:
         verdict = "does not hold"
+    return verdict, numbers, words
+
+
+def steering_verdict(
+    result: SteeringResult, adjusted_p: Mapping[str, float | None], tolerance: float
+) -> Verdict:
+    """One model's verdict from Holm-adjusted p-values per comparison (None: not run, counts as not beaten)."""
+    rule = result.rule
+    causal = result.runs[(result.runs["method"] == "causal") & (result.runs["n"] == rule.n)]
+    ppl = float(causal["test_ppl_change"].mean()) if len(causal) else float("nan")
+    verdict, numbers, words = baseline_rule(adjusted_p, ppl, tolerance, rule.alpha)
+    zero_p = adjusted_p.get("zero-shot")
+    reason = (
+        f"at n = {rule.n}, causal steering {'beats' if numbers['beats_zero_shot'] else 'does not beat'} zero-shot "
+        f"(Holm-adjusted p = {'not run' if zero_p is None else f'{zero_p:.3g}'}) and {words}"
+        f"; test perplexity change {ppl:+.2%} (tolerance {tolerance:.0%})"
+    )
+    numbers = {"n": rule.n, **numbers}
     capped = capped_by_sae(Verdict(verdict, reason, numbers, "steering_verdict"), result.sae_flags)
     return capped.about("steering_helps", result.model, "final phase")
 
