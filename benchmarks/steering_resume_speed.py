@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--phase", type=int, default=8, help="layers of the final phase (the last ones)")
     args = parser.parse_args()
     dataset = "isear" if "isear" in data.available_datasets() else "builtin"
-    texts = list(data.select_split(data.load(dataset), "dev")["text"])[: args.texts]
+    texts = data.column(data.select_split(data.load(dataset), "dev"), "text")[: args.texts]
     lm = load_model(args.model)
     classifier = make_classifier(lm, run_labels(dataset, "native"), dataset, ClassifierConfig(generate=False))
     n_layers, d_model = lm.model.cfg.n_layers, lm.model.cfg.d_model

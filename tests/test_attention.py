@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
 
-from emolib.lm.attention import fusable, reference_attention, use_fused_attention
+from emolib.lm.attention import fusable, reference_attention, rerotated_keys, use_fused_attention
 from emolib.lm.batching import expanded_cache, left_padded, prefix_cache
 
 ROWS = [[5, 9, 13, 2, 7, 7, 30, 4], [11, 3], [8, 8, 21, 17, 6]]
@@ -49,6 +49,45 @@ def test_fused_logits_equal_transformer_lens_behind_a_prefix_cache(model):
             cache = expanded_cache(prefix_cache(model, prefix), len(ROWS))
             outputs.append(model(tokens, attention_mask=mask, past_kv_cache=cache))
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+
+
+def _prefix_then_two_steps(model) -> list[torch.Tensor]:
+    """Logits of a padded batch behind a prefix cache, then of one more token per row through the same cache."""
+    tokens, mask = _padded()
+    with torch.no_grad():
+        cache = expanded_cache(prefix_cache(model, [1, 4, 9, 16, 25, 3]), len(ROWS))
+        first = model(tokens, attention_mask=mask, past_kv_cache=cache)
+        step = torch.tensor([[7], [2], [19]])
+        second = model(step, attention_mask=torch.ones_like(step), past_kv_cache=cache)
+    return [first, second]
+
+
+def test_kept_rotated_keys_give_the_same_logits_as_rotating_again(model):
+    kept = _prefix_then_two_steps(model)
+    with rerotated_keys():
+        again = _prefix_then_two_steps(model)
+    with reference_attention():
+        reference = _prefix_then_two_steps(model)
+    for ours, theirs, tl in zip(kept, again, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)  # the same elementwise rotation
+        torch.testing.assert_close(ours, tl, atol=1e-5, rtol=0)
+
+
+def test_behind_a_cache_only_the_new_keys_are_rotated(monkeypatch, tiny_tokenizer):
+    model = make_tiny_model(llama_like_config(len(tiny_tokenizer)), tiny_tokenizer)
+    attn = model.blocks[0].attn
+    lengths = []
+    rotate = attn.apply_rotary
+    monkeypatch.setattr(
+        attn, "apply_rotary", lambda x, *a, **k: lengths.append(x.size(1)) or rotate(x, *a, **k)
+    )
+    _prefix_then_two_steps(model)
+    prefix, suffix = 6, _padded()[0].shape[1]
+    assert lengths == [prefix, prefix, suffix, suffix, 1, 1]  # (q, k) per call: never the cached keys again
+    lengths.clear()
+    with rerotated_keys():
+        _prefix_then_two_steps(model)
+    assert lengths == [prefix, prefix, suffix, prefix + suffix, 1, prefix + suffix + 1]
 
 
 def test_fused_gradients_equal_transformer_lens(model):

@@ -22,6 +22,8 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformers import PreTrainedTokenizerBase
 
+from emolib.lm.attention import share_rotated_keys
+
 Tokens = Int[Tensor, "batch pos"]
 Mask = Int[Tensor, "batch pos"]
 
@@ -113,15 +115,16 @@ def prefix_cache(
 
 def expanded_cache(cache: TransformerLensKeyValueCache, batch: int) -> TransformerLensKeyValueCache:
     """A copy of a batch-1 cache broadcast to `batch` rows (views; appends allocate new tensors, never frozen)."""
+    entries = []
+    for source in cache.entries:
+        entry = TransformerLensKeyValueCacheEntry(
+            past_keys=source.past_keys.expand(batch, -1, -1, -1),
+            past_values=source.past_values.expand(batch, -1, -1, -1),
+        )
+        share_rotated_keys(source, entry, batch)
+        entries.append(entry)
     return TransformerLensKeyValueCache(
-        entries=[
-            TransformerLensKeyValueCacheEntry(
-                past_keys=e.past_keys.expand(batch, -1, -1, -1),
-                past_values=e.past_values.expand(batch, -1, -1, -1),
-            )
-            for e in cache.entries
-        ],
-        previous_attention_mask=cache.previous_attention_mask.expand(batch, -1),
+        entries=entries, previous_attention_mask=cache.previous_attention_mask.expand(batch, -1)
     )
 
 
