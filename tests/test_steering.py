@@ -501,3 +501,19 @@ def test_dev_and_test_leave_out_each_other_and_the_analysed_items(tiny_steering)
     too_many = dataclasses.replace(config, test_per_label=50)
     with pytest.raises(SteeringError, match="fewer than 50 items outside chapters 1-3's analysis set"):
         steering.study_items(too_many)
+
+
+def test_a_chapter_protocol_changes_chapter_4_and_chapter_5s_source_alike():
+    from emolib.studies.presets import PresetError, get_preset
+
+    preset = get_preset("quick").with_protocol({"n_examples": [1, 2, 3], "n_draws": 3})
+    assert preset.steering.n_examples == (1, 2, 3) and preset.steering.n_draws == 3
+    assert preset.generalisation.source == preset.steering  # chapter 5 reads the run chapter 4 cached
+    assert preset.generalisation.steering == get_preset("quick").generalisation.steering
+    in_domain = preset.with_in_domain({"n_draws": 2}).generalisation
+    assert in_domain.steering.n_draws == 2 and in_domain.source == preset.steering
+    assert get_preset("quick").with_protocol(None) is get_preset("quick")
+    with pytest.raises(PresetError, match="unknown steering protocol fields \\['n_draw'\\]"):
+        get_preset("quick").with_protocol({"n_draw": 5})
+    with pytest.raises(SteeringError, match="verdict's n=3 is not among"):
+        get_preset("quick").with_protocol({"n_examples": [1, 2]})

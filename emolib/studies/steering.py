@@ -111,7 +111,8 @@ class SteeringRule:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """Everything one model's steering study depends on; defaults are the full preset (module docstring).
+    """Everything one model's steering study depends on; defaults are issue 15's protocol (module docstring), which
+    the full preset resizes to fit the book's budget (`emolib.studies.presets`).
 
     `items` are chapters 1-3's analysis items (excluded from dev and test) and `saes` the suite they read.
     `grid` crosses `variants` x `ks` (features per emotion; for DiffMean, as many candidate layers of the final
