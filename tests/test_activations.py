@@ -22,6 +22,8 @@ from emolib.sae.activations import (
     ExtractionConfig,
     activation_key,
     extract_activations,
+    last_token_outliers,
+    norm_outliers,
     resid_hooks,
     sequences_sha256,
     token_chunks,
@@ -667,3 +669,24 @@ def test_starts_keep_a_shared_prefix_once_and_enter_the_key(tiny_model):
         torch.testing.assert_close(cut.load(hook), expected)
     with pytest.raises(ValueError, match="one non-negative position per sequence"):
         extract(tiny_model, sequences, hooks=hooks, starts=[0, 1])
+
+
+def test_last_token_outliers_flag_a_planted_answer_norm_and_agree_with_the_training_rule(tiny_model):
+    prompts = [[5, 9, 13, 2, 7, 7, 30, 4], [11, 3, 8, 6], [8, 8, 21, 17, 6, 12]]
+    hooks = list(resid_hooks(tiny_model.cfg.n_layers))
+    clean = last_token_outliers(tiny_model, prompts, hooks, factor=5.0, batch_size=2)
+    for i, prompt in enumerate(prompts):  # one prompt at a time, no padding: the training rule itself
+        _, cache = tiny_model.run_with_cache(torch.tensor([prompt]))
+        for j, hook in enumerate(hooks):
+            norms = cache[hook].norm(dim=-1)
+            measured = torch.arange(len(prompt))[None, :] >= 1
+            assert clean[i, j] == bool(norm_outliers(norms, measured, 5.0)[0, -1])
+    assert not clean.any()  # a random model's last tokens are ordinary
+
+    def plant(x, hook):  # the second prompt's last token (padded batch position 3) 100x its norm at layer 0
+        x[1, 3] *= 100.0
+        return x
+
+    with tiny_model.hooks(fwd_hooks=[(hooks[0], plant)]):
+        planted = last_token_outliers(tiny_model, prompts, hooks, factor=5.0, batch_size=3)
+    assert planted[1, 0] and not planted[0].any() and not planted[2].any()

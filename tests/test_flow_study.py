@@ -194,7 +194,7 @@ def test_quick_study_on_a_tiny_model(result, lm):
     adequacy = result.adequacy_table()
     assert adequacy.index.tolist() == list(range(N_LAYERS)) and "probe: error term" in adequacy.columns
     assert (adequacy["FVE at the answer"] <= 1).all()
-    for column in ("probe: reconstruction", "probe: error term"):
+    for column in ("probe: reconstruction", "probe: error term", "answers a norm outlier"):
         assert adequacy[column].between(0, 1).all()
     answers = result.answer_feature_table()
     assert answers.index.tolist() == [1, 2, 3] and "follow the answer" in answers.columns

@@ -15,6 +15,7 @@ products), so neither is part of the cache key; everything else in `ExtractionCo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -361,6 +362,48 @@ def norm_outliers(
     that would dominate an SAE's squared error. The same rule drops them from training and from evaluation."""
     median = norms.masked_fill(~measured, torch.nan).nanmedian(dim=1).values  # lower median
     return measured & (norms > factor * median[:, None])
+
+
+def _keep_norm(norms: dict[str, Tensor], x: Tensor, hook) -> None:
+    norms[hook.name] = x.float().norm(dim=-1)
+
+
+def last_token_outliers(
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    hooks: Sequence[str],
+    factor: float,
+    skip_first: int = 1,
+    batch_size: int = 8,
+) -> Bool[np.ndarray, "prompts hooks"]:
+    """Per prompt and hook, whether the SAE-training rule (`norm_outliers` over the prompt's tokens from
+    `skip_first` on) flags the prompt's last token: the answer position the chapters read, where an SAE trained
+    without such tokens is off its training distribution. Right-padded batches (a causal model's earlier positions
+    never see the padding, whatever its attention window)."""
+    hooks = list(hooks)
+    stop = max(int(hook.split(".")[1]) for hook in hooks) + 1
+    flagged = np.zeros((len(prompts), len(hooks)), dtype=bool)
+    for start in range(0, len(prompts), batch_size):
+        rows = [list(p) for p in prompts[start : start + batch_size]]
+        lengths = torch.tensor([len(r) for r in rows])
+        tokens = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+        position = torch.arange(tokens.shape[1])[None, :]
+        measured = (position < lengths[:, None]) & (position >= skip_first)
+        norms: dict[str, Tensor] = {}
+        with torch.no_grad():
+            model.run_with_hooks(
+                tokens,
+                attention_mask=(position < lengths[:, None]).long(),
+                stop_at_layer=stop,
+                fwd_hooks=[(hook, functools.partial(_keep_norm, norms)) for hook in hooks],
+            )
+        last = lengths - 1
+        for j, hook in enumerate(hooks):
+            outliers = norm_outliers(norms[hook], measured, factor)
+            flagged[start : start + len(rows), j] = outliers[torch.arange(len(rows)), last].numpy()
+    return flagged
 
 
 class _ShardWriter:

@@ -59,7 +59,7 @@ from emolib.methods.roles import (
 )
 from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, gold_or_answer, selective_with_null
 from emolib.methods.similarity import consecutive_cka
-from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
+from emolib.sae.activations import ExtractionConfig, extract_activations, last_token_outliers, resid_hooks
 from emolib.sae.quality import goal_summary
 from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import Estimate, format_interval, mean_interval
@@ -68,7 +68,9 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
-STUDY_VERSION = "2"  # 2: enough shuffles per layer for a Holm correction across layers
+#: 2: enough shuffles per layer for a Holm correction across layers; 3: the share of answer positions the SAE
+#: training's norm-outlier rule flags, per layer
+STUDY_VERSION = "3"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -673,6 +675,18 @@ def _phase_cut(boot: BoundaryBootstrap) -> PhaseCut:
     return PhaseCut(phases=tuple(tuple(p) for p in boot.point.phases), intervals=tuple(boot.intervals))
 
 
+def _answer_outliers(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite) -> np.ndarray:
+    """Per item and layer, 1.0 where the SAE-training outlier rule flags the answer position, else 0.0 (NaN when
+    the suite drops no outliers or is a pretrained release, whose training rule we do not know)."""
+    factor = suite.config.extraction.outlier_factor
+    if factor is None or suite.release is not None:
+        return np.full((aset.n, len(aset.layers)), np.nan)
+    hooks = [_hook(layer) for layer in aset.layers]
+    return last_token_outliers(
+        lm.model, aset.prompts, hooks, factor, skip_first=suite.config.extraction.skip_first
+    ).astype(float)
+
+
 def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConfig) -> FlowResult:
     """The whole study of one model (uncached): measurements, phases, roles, cards and verdicts per subset."""
     names = dict(config.subsets)
@@ -681,6 +695,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
     phases: dict[str, tuple[PhaseCountTest, dict[int, BoundaryBootstrap]]] = {}
     skipped: dict[str, str] = {}
     timings: dict[str, float] = {}
+    answer_outliers = _answer_outliers(lm, aset, suite)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="probe folds reduced")  # the fold count is in the tables
         for s, (idx, labels, _) in parts.items():
@@ -689,6 +704,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
                 continue
             began = time.time()
             measured[s] = _measure(lm, aset, suite, idx, labels, config)
+            measured[s].table["answer_outlier"] = answer_outliers[idx].mean(axis=0)
             phases[s] = _phases(measured[s], config)
             timings[s] = time.time() - began
     began = time.time()
@@ -1277,11 +1293,14 @@ class FlowResult:
         ]
         if not isinstance(part, SubsetFlow) or not set(columns) <= set(part.per_layer.columns):
             return pd.DataFrame()
+        if "answer_outlier" in part.per_layer.columns:  # measured since STUDY_VERSION 3
+            columns.insert(1, "answer_outlier")
         frame = part.per_layer[columns].copy()
         frame.insert(0, "model", self.model)
         return frame.rename(
             columns={
                 "fve_answer": "FVE at the answer",
+                "answer_outlier": "answers a norm outlier",
                 "probe_resid": "probe: residual",
                 "probe_reconstruction": "probe: reconstruction",
                 "probe_error": "probe: error term",
