@@ -15,7 +15,6 @@ products), so neither is part of the cache key; everything else in `ExtractionCo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import re
@@ -364,10 +363,6 @@ def norm_outliers(
     return measured & (norms > factor * median[:, None])
 
 
-def _keep_norm(norms: dict[str, Tensor], x: Tensor, hook) -> None:
-    norms[hook.name] = x.float().norm(dim=-1)
-
-
 def last_token_outliers(
     model: HookedTransformer,
     prompts: Sequence[Sequence[int]],
@@ -381,28 +376,20 @@ def last_token_outliers(
     without such tokens is off its training distribution. Right-padded batches (a causal model's earlier positions
     never see the padding, whatever its attention window)."""
     hooks = list(hooks)
-    stop = max(int(hook.split(".")[1]) for hook in hooks) + 1
+    stop = _stop_layer(model, hooks)
     flagged = np.zeros((len(prompts), len(hooks)), dtype=bool)
     for start in range(0, len(prompts), batch_size):
-        rows = [list(p) for p in prompts[start : start + batch_size]]
-        lengths = torch.tensor([len(r) for r in rows])
-        tokens = torch.zeros((len(rows), int(lengths.max())), dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
+        tokens, mask = right_padded(prompts[start : start + batch_size], pad=0)
         position = torch.arange(tokens.shape[1])[None, :]
-        measured = (position < lengths[:, None]) & (position >= skip_first)
-        norms: dict[str, Tensor] = {}
+        measured = mask.bool() & (position >= skip_first)
+        capture, norms = _capturing(hooks, tuple(tokens.shape), lambda x: x.float().norm(dim=-1))
         with torch.no_grad():
-            model.run_with_hooks(
-                tokens,
-                attention_mask=(position < lengths[:, None]).long(),
-                stop_at_layer=stop,
-                fwd_hooks=[(hook, functools.partial(_keep_norm, norms)) for hook in hooks],
-            )
-        last = lengths - 1
+            _forward(model, tokens, mask, capture, stop)
+        rows, last = torch.arange(len(tokens)), mask.sum(dim=1) - 1
         for j, hook in enumerate(hooks):
-            outliers = norm_outliers(norms[hook], measured, factor)
-            flagged[start : start + len(rows), j] = outliers[torch.arange(len(rows)), last].numpy()
+            flagged[start : start + len(tokens), j] = norm_outliers(norms[hook], measured, factor)[
+                rows, last
+            ].numpy()
     return flagged
 
 

@@ -3,7 +3,9 @@
 A preset is a `Preset` of frozen study configs; a chapter reads its config with `get_preset(preset).<study>` and
 overrides a field with `dataclasses.replace`. The items the analysis chapters read (`items`) and the SAEs
 (`suite`) are shared by every study of a preset, so they are built once and keyed by the preset's name. Every
-config's defaults are the full preset, so `full` lists only what the studies share; `quick` shrinks what costs.
+config's defaults are the full preset, so `full` lists only what the studies share, except chapter 4's and 5's
+protocols, whose defaults are issue 15's sizes and which `full` resizes for the book's budget; `quick` shrinks
+what costs.
 """
 
 from __future__ import annotations
