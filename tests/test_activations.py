@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import gemma_like_config, llama_like_config, make_tiny_model
@@ -23,6 +24,7 @@ from emolib.sae.activations import (
     activation_key,
     extract_activations,
     last_token_outliers,
+    masked_mean_codes,
     norm_outliers,
     resid_hooks,
     sequences_sha256,
@@ -690,3 +692,42 @@ def test_last_token_outliers_flag_a_planted_answer_norm_and_agree_with_the_train
     with tiny_model.hooks(fwd_hooks=[(hooks[0], plant)]):
         planted = last_token_outliers(tiny_model, prompts, hooks, factor=5.0, batch_size=3)
     assert planted[1, 0] and not planted[0].any() and not planted[2].any()
+
+
+def test_masked_mean_codes_equal_encoding_each_prompt_alone_then_averaging(any_tiny_model):
+    """Batched, right-padded, behind a shared-prefix cache: the same as one prompt at a time, every masked
+    position encoded (a nonlinear encoder, so the order encode-then-average matters) and averaged."""
+    model = any_tiny_model
+    shared = [5, 9, 13]
+    rests = [[2, 7, 7, 30, 4], [11, 3], [8, 8, 21, 17, 6, 12]]
+    prompts = [shared + r for r in rests]
+    masks = [[False] * 3 + [True] * (len(r) - 1) + [False] for r in rests]  # the text, not the answer cue
+    hooks = list(resid_hooks(model.cfg.n_layers))
+    weights = {
+        h: torch.randn(model.cfg.d_model, 6, generator=torch.Generator().manual_seed(i))
+        for i, h in enumerate(hooks)
+    }
+    encoders = {h: (lambda x, w=w: torch.relu(x @ w)) for h, w in weights.items()}
+    batched = masked_mean_codes(model, prompts, masks, encoders, shared=len(shared), batch_size=2)
+    differs = []
+    for i, prompt in enumerate(prompts):
+        _, cache = model.run_with_cache(torch.tensor([prompt]))
+        chosen = torch.tensor(masks[i])
+        for hook in hooks:
+            expected = encoders[hook](cache[hook][0, chosen].float()).mean(dim=0)
+            np.testing.assert_allclose(batched[hook][i], expected.numpy(), rtol=1e-4, atol=1e-5)
+            mean_first = encoders[hook](cache[hook][0, chosen].float().mean(dim=0))
+            differs.append(not np.allclose(batched[hook][i], mean_first.numpy(), atol=1e-5))
+    assert any(differs)  # averaging the residual first would fail the comparison above
+    assert masked_mean_codes(model, prompts, masks, encoders, batch_size=3)[hooks[0]].shape == (3, 6)
+
+
+def test_masked_mean_codes_name_the_prompt_that_cannot_be_averaged(tiny_model):
+    encoders = {"blocks.0.hook_resid_post": lambda x: x}
+    prompts = [[5, 9, 2], [5, 9, 4, 4]]
+    with pytest.raises(ValueError, match="prompt 1 has no masked position"):
+        masked_mean_codes(tiny_model, prompts, [[0, 0, 1], [0, 0, 0, 0]], encoders, shared=2)
+    with pytest.raises(ValueError, match="prompt 0 has 3 tokens but its mask 2"):
+        masked_mean_codes(tiny_model, prompts, [[0, 1], [0, 0, 1, 1]], encoders)
+    with pytest.raises(ValueError, match="prompt 1 does not share the first 2 tokens"):
+        masked_mean_codes(tiny_model, [[5, 9, 2], [5, 8, 4]], [[0, 0, 1], [0, 0, 1]], encoders, shared=2)

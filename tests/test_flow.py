@@ -350,6 +350,65 @@ def test_the_calibrated_penalty_lets_noise_buy_a_phase_about_five_percent_of_the
     assert 0.01 <= np.mean(hits) <= 0.12
 
 
+def walking_items(seed: int, n_items: int = 150, n_layers: int = 20, step_at: int | None = None) -> dict:
+    """Per-item values `[layers, items]` of two metrics that random-walk across layers (an item's value at layer
+    l + 1 is its value at l plus noise: the cross-layer correlation of real per-item outcomes), with no change of
+    the mean unless `step_at` adds a step of 1.5 there."""
+    rng = np.random.default_rng(seed)
+    walks = np.cumsum(rng.normal(size=(2, n_layers, n_items)), axis=1)
+    if step_at is not None:
+        walks[:, step_at:] += 1.5
+    return {"a": walks[0], "b": 3 * walks[1]}
+
+
+def bootstrap_choice(values: dict, n_resamples: int = 300, seed: int = 0) -> tuple[int, float]:
+    n_items = next(iter(values.values())).shape[1]
+    profile_fn = functools.partial(phases.item_metric_profile, values)
+    rng = np.random.default_rng(seed)
+    resamples = [profile_fn(rng.integers(0, n_items, size=n_items)) for _ in range(n_resamples)]
+    profile = profile_fn()
+    penalty = phases.bootstrap_penalty(profile, resamples)
+    return phases.phase_count_test(profile, penalty=penalty).chosen, penalty
+
+
+def test_a_penalty_from_item_bootstraps_keeps_correlated_noise_from_buying_phases():
+    """Item outcomes correlated across layers make the mean profile a smooth random walk: noise that independent
+    per-layer noise prices too low (the calibrated penalty with its neighbour-difference noise level buys phases
+    in nearly every walk; given the true per-layer standard error, still more often than it should), while the
+    bootstrap's deviations carry the correlation and rarely do. A real step is still found."""
+    from_bootstrap, from_neighbours, from_independent = [], [], []
+    for seed in range(30):
+        values = walking_items(seed)
+        from_bootstrap.append(bootstrap_choice(values)[0])
+        profile = phases.item_metric_profile(values)
+        from_neighbours.append(phases.phase_count_test(profile).chosen)
+        se = [v.std(axis=1).mean() / np.sqrt(v.shape[1]) for v in values.values()]
+        from_independent.append(phases.phase_count_test(profile, sd=se).chosen)
+    false_phases = {
+        name: sum(k > 1 for k in chosen)
+        for name, chosen in (
+            ("bootstrap", from_bootstrap),
+            ("neighbours", from_neighbours),
+            ("independent", from_independent),
+        )
+    }
+    assert false_phases["bootstrap"] <= 4  # about 5% by construction, 13% allowed
+    assert false_phases["neighbours"] >= 25  # the price the flow study used before fails here
+    assert false_phases["independent"] > false_phases["bootstrap"]
+    stepped = [bootstrap_choice(walking_items(seed, n_items=600, step_at=10))[0] for seed in range(5)]
+    assert all(k >= 2 for k in stepped)
+
+
+def test_bootstrap_penalty_checks_its_resamples():
+    values = walking_items(0)
+    profile = phases.item_metric_profile(values)
+    with pytest.raises(FlowError, match="at least one resampled"):
+        phases.bootstrap_penalty(profile, [])
+    with pytest.raises(FlowError, match="layers and metrics"):
+        phases.bootstrap_penalty(profile, [profile.iloc[1:]])
+    assert phases.bootstrap_penalty(profile, [profile]) == 0.0  # no deviation: no price
+
+
 def test_penalty_extremes_and_smooth_trends():
     profile = planted(THREE, 0.3, 0)
     assert phases.phase_count_test(profile, penalty=0.0).chosen == 4
@@ -514,17 +573,49 @@ def test_shuffled_selectivity_reuses_ranks_and_equals_selectivity_of_the_shuffle
 
 
 def test_selective_with_null_stops_early_where_the_null_reaches_the_count():
-    """Besag-Clifford: a layer whose count the permutations reach stops after `stop_after` of them; a layer with a
-    planted feature the null never reaches runs them all, and its p-value is 1 / (1 + n)."""
+    """Besag-Clifford: a layer whose count and top AUROCs the permutations reach stops at the first permutation
+    by which `stop_after` of them have reached each statistic; a layer with a planted feature the null never
+    reaches runs them all, and its p-value is 1 / (1 + n)."""
     rng = np.random.default_rng(3)
     noise = np.maximum(rng.normal(size=(45, 20)), 0)
     y = np.repeat(["joy", "fear", "anger"], 15)
     emotions = ("joy", "fear", "anger")
     stopped = selectivity.selective_with_null(noise, y, emotions, n_shuffles=500, stop_after=4)
-    assert stopped.count == 0 and len(stopped.null_counts) == 4 and stopped.p_value == 1.0
+    n = len(stopped.null_counts)
+    assert stopped.count == 0 and n < 500 and stopped.p_value == 1.0
+    reached = np.minimum.reduce(
+        [
+            np.cumsum(stopped.null_counts >= stopped.count),
+            np.cumsum(stopped.null_max >= stopped.auroc_max),
+            np.cumsum(stopped.null_top >= stopped.auroc_top),
+        ]
+    )
+    assert reached[-1] == 4 and (n == 1 or reached[-2] < 4)
+    assert stopped.row()["auroc_top_p"] > 0.05 and stopped.row()["auroc_max_p"] > 0.05
     codes, y = coded_items()
     full = selectivity.selective_with_null(codes, y, emotions, n_shuffles=60, stop_after=4)
     assert len(full.null_counts) == 60 and full.p_value == pytest.approx(1 / 61)
+
+
+def test_top_aurocs_see_a_feature_too_weak_for_the_count():
+    """A feature whose activation on one emotion is 1.9 times larger (AUROC about 0.66, under the count's 0.7):
+    no selective feature, but its AUROC beats every permutation's largest; on noise it does not."""
+    rng = np.random.default_rng(5)
+    y = np.repeat(["joy", "fear", "anger"], 100)
+    codes = rng.exponential(size=(300, 20))
+    weak = codes.copy()
+    weak[:, 0] = np.where(y == "joy", 1.9, 1.0) * codes[:, 0]
+    emotions = ("joy", "fear", "anger")
+    planted = selectivity.selective_with_null(weak, y, emotions, n_shuffles=60, stop_after=4)
+    row = planted.row()
+    assert planted.count == 0 and 0.6 < planted.auroc_max < 0.7
+    assert planted.auroc_max == pytest.approx(planted.selectivity.auroc[0, 0])
+    assert len(planted.null_max) == 60 and row["auroc_max_p"] == pytest.approx(1 / 61)
+    assert row["auroc_max"] > row["auroc_max_null_max"]
+    top = np.sort(planted.selectivity.auroc[planted.selectivity.tested].ravel())[-10:]
+    assert planted.auroc_top == pytest.approx(top.mean())
+    noise = selectivity.selective_with_null(codes, y, emotions, n_shuffles=60, stop_after=4)
+    assert noise.row()["auroc_max_p"] > 0.05 and noise.row()["auroc_top_p"] > 0.05
 
 
 def test_enough_shuffles_for_a_holm_correction_across_layers():
@@ -677,6 +768,28 @@ def test_late_emergence_verdict():
     assert verdict([True, False, False, False, False, False], [3, 0, 0, 0, 0, 0]) == "does not hold"
     with pytest.raises(FlowError, match="same layers"):
         flow.late_emergence_verdict(pd.Series(none), pd.Series([0.0] * 5), phase)
+
+    def with_decodable(present, excess, decodable):
+        return flow.late_emergence_verdict(
+            pd.Series(present, index=layers),
+            pd.Series(excess, index=layers),
+            phase,
+            pd.Series(decodable, index=layers),
+        )
+
+    late = [False] * 4 + [True, True]
+    # counted features only late, but earlier features carry emotion beyond the control: the claim fails in part
+    found = with_decodable(late, [0, 0, 0, 0, 5, 9], [False, True, True, False, True, True])
+    assert found.verdict == "partly" and "layers 1-2 carry emotion" in found.reason
+    assert found.numbers["layers_decodable_before_last_phase"] == 2
+    assert with_decodable(late, [0, 0, 0, 0, 5, 9], [False] * 4 + [True, True]).verdict == "holds"
+    # nothing counted: emotion carried only by earlier features, or only by late ones, or by none
+    assert with_decodable(none, [0.0] * 6, [True] + [False] * 5).verdict == "does not hold"
+    assert with_decodable(none, [0.0] * 6, [True] * 6).verdict == "does not hold"
+    assert with_decodable(none, [0.0] * 6, [False] * 5 + [True]).verdict == "partly"
+    assert with_decodable(none, [0.0] * 6, none).verdict == "inconclusive"
+    mostly_early = with_decodable([True, True, True, True, True, False], [9, 9, 9, 9, 1, 0], [True] * 6)
+    assert mostly_early.verdict == "does not hold"
 
 
 def test_phase_roles_verdict():

@@ -39,6 +39,7 @@ from emolib.studies.flow import (
     FlowResult,
     PhaseCut,
     SkippedSubset,
+    decodable_layers,
     emergence_row,
     item_subset,
     late_emergence_verdict,
@@ -196,6 +197,12 @@ def test_quick_study_on_a_tiny_model(result, lm):
     assert (adequacy["FVE at the answer"] <= 1).all()
     for column in ("probe: reconstruction", "probe: error term", "answers a norm outlier"):
         assert adequacy[column].between(0, 1).all()
+    aurocs = result.auroc_table()
+    assert aurocs.index.tolist() == list(range(N_LAYERS)) and "text: selective (null max)" in aurocs.columns
+    for prefix in ("", "text_"):  # the top-10 mean never exceeds the largest; both are AUROCs
+        assert part.per_layer[f"{prefix}auroc_top"].between(0, 1).all()
+        assert (part.per_layer[f"{prefix}auroc_max"] >= part.per_layer[f"{prefix}auroc_top"]).all()
+    assert "text codes" in result.timings
     answers = result.answer_feature_table()
     assert answers.index.tolist() == [1, 2, 3] and "follow the answer" in answers.columns
     layers = part.per_layer  # Holm across layers: adjusted p-values never below the raw ones
@@ -438,7 +445,22 @@ def test_emergence_row_on_a_hand_made_profile():
         "first layer, residual probe above control (phase)": "2 (2)",
         "first layer, SAE probe above control (phase)": "4 (3)",
         "first layer, lens above chance (phase)": "3 (2)",  # 0.29 > 0.2 + 2 x 0.04; 0.25 is not
+        "first layer, top-10 AUROC beyond null (phase)": "not measured",  # a results file before version 4
+        "first layer, text-token features beyond control (phase)": "not measured",
+        "first layer, text-token top-10 AUROC beyond null (phase)": "not measured",
     }
+    measured = per_layer_table(
+        auroc_top_beyond_control=[False, True, True, True, True, True],
+        text_selective_beyond_control=[True] * 6,
+        text_auroc_top_beyond_control=[False] * 6,
+    )
+    row = emergence_row(measured, cut, n_items=100)
+    assert row["first layer, top-10 AUROC beyond null (phase)"] == "1 (1)"
+    assert row["first layer, text-token features beyond control (phase)"] == "0 (1)"
+    assert row["first layer, text-token top-10 AUROC beyond null (phase)"] == "none"
+    # the top AUROCs beyond their null at layer 1 make the features decodable there; the probe only from layer 4
+    assert decodable_layers(measured).tolist() == [False, True, True, True, True, True]
+    assert decodable_layers(per_layer_table()).tolist() == [False] * 4 + [True, True]
     never = emergence_row(
         per_layer_table(selective_beyond_control=[False] * 6, lens_chance=[0.9] * 6), cut, 100
     )

@@ -186,13 +186,47 @@ def calibrated_penalty(
     s = _z_noise_sd(profile, sd)
     noise = np.random.default_rng(seed).normal(size=(n_sim, n, d)) * s
     s_sim = np.broadcast_to(s, (n_sim, d)) if sd is not None else _diff_sd(noise, axis=1)
+    ratio = best_split_drops(noise, min_size) / np.maximum((s_sim**2).sum(axis=1), np.finfo(float).tiny)
+    return float(np.quantile(ratio, level) * (s**2).sum())
+
+
+def best_split_drops(noise: Float[np.ndarray, "draws layers metrics"], min_size: int = 2) -> np.ndarray:
+    """Per draw, the largest drop of the within-phase sum of squares that one change point buys (phases of at
+    least `min_size` layers), from cumulative sums: the statistic a change-point price must exceed."""
+    n = noise.shape[1]
     sums = np.cumsum(noise, axis=1)
     t = np.arange(min_size, n - min_size + 1)  # first position of the second phase
     left = sums[:, t - 1] / t[:, None]
     right = (sums[:, -1:] - sums[:, t - 1]) / (n - t)[:, None]
-    drop = ((t * (n - t) / n)[:, None] * (left - right) ** 2).sum(axis=2).max(axis=1)
-    ratio = drop / np.maximum((s_sim**2).sum(axis=1), np.finfo(float).tiny)
-    return float(np.quantile(ratio, level) * (s**2).sum())
+    return ((t * (n - t) / n)[:, None] * (left - right) ** 2).sum(axis=2).max(axis=1)
+
+
+def bootstrap_penalty(
+    profile: pd.DataFrame, resamples: Sequence[pd.DataFrame], *, level: float = 0.95, min_size: int = 2
+) -> float:
+    """Price of one change point from item-bootstrap profiles: the `level` quantile, over resamples, of the
+    largest cost drop one change point buys in the resample's deviation from `profile` (z-scored by the
+    profile's own scales, as the cost is).
+
+    The deviations are the profile's sampling noise with its real structure: a per-item metric averaged over
+    the same items is correlated across layers (an item that is hard at layer 10 is hard at 11) and across
+    metrics, which Gaussian noise independent per layer (`calibrated_penalty`) does not have, and smooth
+    correlated noise buys larger drops. Noise alone then adds a phase with probability about `1 - level`.
+    """
+    profile = _checked_profile(profile)
+    if not 0 < level < 1:
+        raise FlowError(f"level must be in (0, 1), not {level}")
+    if len(resamples) < 1:
+        raise FlowError("bootstrap_penalty needs at least one resampled profile")
+    _check_phases(len(profile), 2, min_size)
+    values = profile.to_numpy(dtype=np.float64)
+    for r in resamples:
+        if not (r.index.equals(profile.index) and list(r.columns) == list(profile.columns)):
+            raise FlowError("every resampled profile needs the profile's layers and metrics")
+    scale = _scales(values)
+    deviations = np.stack([r.to_numpy(dtype=np.float64) - values for r in resamples])
+    noise = np.divide(deviations, scale, out=np.zeros_like(deviations), where=scale > 0)
+    return float(np.quantile(best_split_drops(noise, min_size), level))
 
 
 def trend_cost(profile: pd.DataFrame, degree: int = 3) -> float:

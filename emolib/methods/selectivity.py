@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,14 +23,21 @@ from emolib.methods.common import (
     check_choice,
 )
 
+#: How many of a layer's strongest feature x emotion AUROCs the `top` statistic of `SelectiveCount` averages.
+TOP_AUROCS = 10
+
 
 @dataclass
 class SelectiveCount:
     """Emotion-selective SAE features of one layer (features selective for at least one emotion) beside the
-    same rule applied to permuted labels.
+    same rule applied to permuted labels, and two threshold-free statistics beside theirs.
 
     `mass_share` is the share of all feature activation (summed over items and features) that the selective
     features carry; `null_counts` and `null_shares` are the same numbers for each label permutation.
+    `auroc_max` and `auroc_top` are the largest one-vs-rest AUROC of any tested feature x emotion and the mean of
+    the `TOP_AUROCS` largest: they see emotion information too weak for the count's AUROC threshold (a count of
+    zero says nothing about a layer whose best feature reaches 0.68 where permutations reach 0.60);
+    `null_max` and `null_top` hold them per permutation.
     """
 
     selectivity: Selectivity
@@ -38,11 +45,15 @@ class SelectiveCount:
     mass_share: float
     null_counts: np.ndarray
     null_shares: np.ndarray
+    auroc_max: float = np.nan
+    auroc_top: float = np.nan
+    null_max: np.ndarray = field(default_factory=lambda: np.empty(0))
+    null_top: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def p_value(self) -> float:
         """Permutation p-value of the count: (1 + #permutations with at least as many) / (1 + #permutations)."""
-        return float((1 + (self.null_counts >= self.count).sum()) / (1 + len(self.null_counts)))
+        return permutation_p(self.count, self.null_counts)
 
     @property
     def exceeds_null(self) -> bool:
@@ -52,14 +63,48 @@ class SelectiveCount:
     def row(self) -> dict[str, float]:
         return {
             "selective": self.count,
-            "selective_null_mean": float(self.null_counts.mean()) if len(self.null_counts) else np.nan,
-            "selective_null_max": float(self.null_counts.max()) if len(self.null_counts) else np.nan,
+            "selective_null_mean": _mean(self.null_counts),
+            "selective_null_max": _max(self.null_counts),
             "selective_p": self.p_value,
             "selective_exceeds_null": self.exceeds_null,
             "mass_share": self.mass_share,
-            "mass_share_null_mean": float(self.null_shares.mean()) if len(self.null_shares) else np.nan,
-            "mass_share_null_max": float(self.null_shares.max()) if len(self.null_shares) else np.nan,
+            "mass_share_null_mean": _mean(self.null_shares),
+            "mass_share_null_max": _max(self.null_shares),
+            "auroc_max": self.auroc_max,
+            "auroc_max_null_max": _max(self.null_max),
+            "auroc_max_p": permutation_p(self.auroc_max, self.null_max),
+            "auroc_top": self.auroc_top,
+            "auroc_top_null_mean": _mean(self.null_top),
+            "auroc_top_null_max": _max(self.null_top),
+            "auroc_top_p": permutation_p(self.auroc_top, self.null_top),
         }
+
+
+def permutation_p(observed: float, null: np.ndarray) -> float:
+    """(1 + #permutations at least as large) / (1 + #permutations): the observed labels count as one
+    permutation, so the p-value is never 0 and stays valid for a sequentially stopped null (NaN without one)."""
+    if len(null) == 0 or np.isnan(observed):
+        return np.nan
+    return float((1 + (np.asarray(null) >= observed).sum()) / (1 + len(null)))
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else np.nan
+
+
+def _max(values: np.ndarray) -> float:
+    return float(np.max(values)) if len(values) else np.nan
+
+
+def top_aurocs(result: Selectivity, top: int = TOP_AUROCS) -> tuple[float, float]:
+    """The largest one-vs-rest AUROC of any tested feature x emotion and the mean of the `top` largest (NaN when
+    nothing was tested)."""
+    values = result.auroc[result.tested].ravel()
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return np.nan, np.nan
+    best = np.partition(values, len(values) - min(top, len(values)))[-min(top, len(values)) :]
+    return float(best.max()), float(best.mean())
 
 
 def _mass_share(codes: np.ndarray, chosen: np.ndarray) -> float:
@@ -78,13 +123,15 @@ def selective_with_null(
     stop_after: int | None = None,
 ) -> SelectiveCount:
     """`features.selectivity` of SAE codes `[n_items, d_sae]` and, on up to `n_shuffles` seeded label
-    permutations, how many features the same rule finds by chance and how much activation they carry.
+    permutations, how many features the same rule finds by chance, how much activation they carry, and the
+    largest AUROCs (`top_aurocs`).
 
     Permuting keeps the codes, class sizes and the label-blind feature filter, as `features.shuffled_control`
     does; this also returns each permutation's selective set's mass share, so the share has a control too.
-    `stop_after` h stops once h permutations have found at least as many features as observed (Besag and
-    Clifford's sequential test): the p-value is then large anyway, and only layers whose count the null does not
-    reach pay for every permutation. `SelectiveCount.p_value` stays valid (conservative) either way.
+    `stop_after` h stops once h permutations have reached the observed value of every statistic (count, largest
+    AUROC, top-AUROC mean; Besag and Clifford's sequential test): their p-values are then large anyway, and
+    only layers where some statistic beats the null pay for every permutation. The p-values stay valid
+    (conservative) either way.
     """
     config = config or SelectivityConfig()
     if n_shuffles < 1:
@@ -95,14 +142,18 @@ def selective_with_null(
     labels = np.asarray(labels).astype(str)
     observed = selectivity(codes, labels, emotions, config)
     chosen = observed.selective.any(axis=1)
-    counts, shares = [], []
-    reached = 0
+    auroc_max, auroc_top = top_aurocs(observed)
+    counts, shares, maxima, tops = [], [], [], []
+    reached = np.zeros(3, dtype=int)
     for result in permuted_selectivities(codes, labels, emotions, config, n_shuffles, seed)[1]:
         null = result.selective.any(axis=1)
         counts.append(int(null.sum()))
         shares.append(_mass_share(codes, null))
-        reached += counts[-1] >= int(chosen.sum())
-        if stop_after is not None and reached >= stop_after:
+        best, top = top_aurocs(result)
+        maxima.append(best)
+        tops.append(top)
+        reached += [counts[-1] >= int(chosen.sum()), not best < auroc_max, not top < auroc_top]
+        if stop_after is not None and (reached >= stop_after).all():
             break
     return SelectiveCount(
         selectivity=observed,
@@ -110,6 +161,10 @@ def selective_with_null(
         mass_share=_mass_share(codes, chosen),
         null_counts=np.array(counts),
         null_shares=np.array(shares),
+        auroc_max=auroc_max,
+        auroc_top=auroc_top,
+        null_max=np.array(maxima),
+        null_top=np.array(tops),
     )
 
 

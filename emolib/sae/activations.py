@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -391,6 +391,52 @@ def last_token_outliers(
                 rows, last
             ].numpy()
     return flagged
+
+
+def masked_mean_codes(
+    model: HookedTransformer,
+    prompts: Sequence[Sequence[int]],
+    masks: Sequence[Sequence[bool]],
+    encoders: Mapping[str, Callable[[Tensor], Tensor]],
+    shared: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Float[np.ndarray, "prompts features"]]:
+    """Per hook, the mean over each prompt's masked positions of `encoders[hook](activation)`: e.g. SAE codes
+    averaged over the text's own tokens, what a stretch of text activates rather than one position. Encoding
+    comes before averaging (an SAE is nonlinear: the codes of a mean residual are not the mean codes).
+
+    `masks[i]` marks the positions of prompt `i` to average (at least one). The first `shared` tokens, the same
+    in every prompt and in no mask (an instruction prefix), run once into a key-value cache. Right-padded
+    batches: a causal model's real tokens never see the padding."""
+    hooks = list(encoders)
+    if len(prompts) != len(masks):
+        raise ValueError(f"{len(prompts)} prompts but {len(masks)} masks")
+    for i, (ids, mask) in enumerate(zip(prompts, masks, strict=True)):
+        if len(mask) != len(ids):
+            raise ValueError(f"prompt {i} has {len(ids)} tokens but its mask {len(mask)}")
+        if not any(mask[shared:]):
+            raise ValueError(f"prompt {i} has no masked position after the shared prefix of {shared} tokens")
+        if any(mask[:shared]) or list(ids[:shared]) != list(prompts[0][:shared]):
+            raise ValueError(f"prompt {i} does not share the first {shared} tokens, unmasked, with prompt 0")
+    stop = _stop_layer(model, hooks)
+    cache = prefix_cache(model, prompts[0][:shared], stop) if shared and stop != 0 else None
+    start_at = shared if cache is not None else 0
+    out: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    for start in range(0, len(prompts), batch_size):
+        rows = range(start, min(start + batch_size, len(prompts)))
+        tokens, attention = right_padded([prompts[i][start_at:] for i in rows], pad=0)
+        selected, _ = right_padded([[int(m) for m in masks[i][start_at:]] for i in rows], pad=0)
+        b_idx, p_idx = selected.bool().nonzero(as_tuple=True)
+        weight = (1.0 / selected.sum(dim=1))[b_idx]
+        capture, acts = _capturing(hooks, tuple(tokens.shape), lambda x, b=b_idx, p=p_idx: x[b, p].float())
+        with torch.no_grad():
+            batch_cache = expanded_cache(cache, len(rows)) if cache is not None else None
+            _forward(model, tokens, attention, capture, stop, batch_cache)
+            for hook in hooks:
+                codes = encoders[hook](acts[hook]).float()
+                mean = torch.zeros((len(rows), codes.shape[1])).index_add_(0, b_idx, codes * weight[:, None])
+                out[hook].append(mean.numpy())
+    return {h: np.concatenate(parts) for h, parts in out.items()}
 
 
 class _ShardWriter:

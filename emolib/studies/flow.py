@@ -42,6 +42,7 @@ from emolib.methods.phases import (
     BoundaryBootstrap,
     PhaseCountTest,
     bootstrap_boundaries,
+    bootstrap_penalty,
     feasible_candidates,
     item_metric_profile,
     leave_one_metric_out,
@@ -59,7 +60,13 @@ from emolib.methods.roles import (
 )
 from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, gold_or_answer, selective_with_null
 from emolib.methods.similarity import consecutive_cka
-from emolib.sae.activations import ExtractionConfig, extract_activations, last_token_outliers, resid_hooks
+from emolib.sae.activations import (
+    ExtractionConfig,
+    extract_activations,
+    last_token_outliers,
+    masked_mean_codes,
+    resid_hooks,
+)
 from emolib.sae.quality import goal_summary
 from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
 from emolib.stats import Estimate, format_interval, mean_interval
@@ -69,8 +76,9 @@ from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
 #: 2: enough shuffles per layer for a Holm correction across layers; 3: the share of answer positions the SAE
-#: training's norm-outlier rule flags, per layer
-STUDY_VERSION = "3"
+#: training's norm-outlier rule flags, per layer; 4: top-AUROC statistics beside their null, selectivity on
+#: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles
+STUDY_VERSION = "4"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -167,24 +175,56 @@ def three_phase_verdict(
     return verdict("does not hold", f"the test chooses {chosen} phase(s), not three ({boot})")
 
 
-def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Series) -> Verdict:
+def late_emergence_verdict(
+    present: pd.Series, excess: pd.Series, phase: pd.Series, decodable: pd.Series | None = None
+) -> Verdict:
     """Verdict on "emotion features emerge only in the last phase" from per-layer results.
 
-    `present[layer]`: the layer has more emotion-selective features than every label permutation; `excess`:
-    observed minus null-mean count (clipped at 0); `phase`: phase number per layer (1-based). inconclusive: no
-    layer has features beyond the null; holds: every such layer is in the last phase; partly: some are earlier,
-    but the last phase holds at least half of the summed excess; does not hold: otherwise.
+    `present[layer]`: the layer has more emotion-selective features than the label permutations; `excess`:
+    observed minus null-mean count (clipped at 0); `phase`: phase number per layer (1-based); `decodable[layer]`
+    (optional): the layer's SAE features carry emotion beyond their shuffled-label control by a threshold-free
+    measure (the top AUROCs, a probe on the codes), which a count at a fixed AUROC threshold can miss.
+    inconclusive: no layer shows either; holds: every layer that shows either is in the last phase; partly:
+    some are earlier, but the last phase shows emotion features and holds at least half of the summed excess;
+    does not hold: otherwise (also when only earlier phases show emotion).
     """
     present, excess, phase = present.astype(bool), excess.clip(lower=0), phase.astype(int)
-    if not (present.index.equals(excess.index) and present.index.equals(phase.index)):
-        raise FlowError("present, excess and phase must be indexed by the same layers")
+    decodable = pd.Series(False, index=present.index) if decodable is None else decodable.astype(bool)
+    if not (
+        present.index.equals(excess.index)
+        and present.index.equals(phase.index)
+        and present.index.equals(decodable.index)
+    ):
+        raise FlowError("present, excess, phase and decodable must be indexed by the same layers")
     last = int(phase.max())
     layers = present.index[present.to_numpy()]
-    numbers: dict[str, Any] = {"layers_beyond_control": len(layers), "last_phase": last}
-    if len(layers) == 0:
+    early_decodable = decodable.index[(decodable & (phase < last)).to_numpy()]
+    numbers: dict[str, Any] = {
+        "layers_beyond_control": len(layers),
+        "last_phase": last,
+        "layers_decodable": int(decodable.sum()),
+        "layers_decodable_before_last_phase": len(early_decodable),
+    }
+    if len(layers) == 0 and not decodable.any():
         return Verdict(
             "inconclusive",
-            "no layer has more emotion-selective features than the shuffled-label control",
+            "no layer has more emotion-selective features than the shuffled-label control, and no layer's "
+            "features carry emotion beyond it",
+            numbers,
+            rule="late_emergence_verdict",
+        )
+    decoded = (
+        f"; features of layers {_layer_list(early_decodable)} carry emotion beyond the control before the last "
+        "phase (top AUROCs or a probe on the codes)"
+        if len(early_decodable)
+        else ""
+    )
+    if len(layers) == 0:
+        late = bool((decodable & (phase == last)).any())
+        return Verdict(
+            "partly" if late and len(early_decodable) == 0 else "does not hold",
+            "no layer has more emotion-selective features than the shuffled-label control"
+            + (decoded or "; only last-phase features carry emotion beyond it"),
             numbers,
             rule="late_emergence_verdict",
         )
@@ -199,18 +239,34 @@ def late_emergence_verdict(present: pd.Series, excess: pd.Series, phase: pd.Seri
         "share_of_excess_in_last_phase": None if np.isnan(share_last) else share_last,
     }
     where = f"first at layer {first} (phase {phase[first]} of {last}); {share_last:.0%} of the excess in the last phase"
-    if in_last.all():
+    if in_last.all() and len(early_decodable) == 0:
         decision, reason = (
             "holds",
             f"emotion-selective features beyond the control only in the last phase: {where}",
         )
+    elif in_last.all():
+        decision = "partly"
+        reason = f"emotion-selective features beyond the control only in the last phase: {where}{decoded}"
     elif in_last.any() and share_last >= 0.5:
         decision = "partly"
-        reason = f"emotion-selective features beyond the control also before the last phase: {where}"
+        reason = f"emotion-selective features beyond the control also before the last phase: {where}{decoded}"
     else:
         decision = "does not hold"
-        reason = f"emotion-selective features beyond the control mostly before the last phase: {where}"
+        reason = (
+            f"emotion-selective features beyond the control mostly before the last phase: {where}{decoded}"
+        )
     return Verdict(decision, reason, numbers, rule="late_emergence_verdict")
+
+
+def _layer_list(layers: Sequence[int]) -> str:
+    """ "3-5, 9" for layers 3, 4, 5, 9: runs of consecutive layers as ranges."""
+    runs: list[list[int]] = []
+    for layer in sorted(int(x) for x in layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def phase_roles_verdict(shares: pd.DataFrame) -> Verdict:
@@ -257,7 +313,8 @@ class FlowConfig:
     label permutations (`n_shuffles`; None: enough that the smallest permutation p-value passes a Holm
     correction at `layer_alpha` across every layer, stopping a layer's shuffles once `shuffle_stop` of them reach
     its count); the phase profile averages `profile_metrics` over items and is cut into
-    `candidates` phase counts, its boundaries resampled `n_boot` times. Feature roles come from every token of
+    `candidates` phase counts, each change point priced by `penalty_resamples` item-bootstrap profiles
+    (`bootstrap_penalty`), its boundaries resampled `n_boot` times. Feature roles come from every token of
     `role_prompts` analysis prompts (`roles` thresholds). `subsets` names the item subsets ("all", "correct");
     on correct items an emotion with fewer than `selectivity.min_items` items is left out.
     """
@@ -269,6 +326,7 @@ class FlowConfig:
     shuffle_stop: int = 10
     layer_alpha: float = 0.05
     n_boot: int = 200
+    penalty_resamples: int = 1000
     role_prompts: int = 40
     probe: ProbeConfig = field(
         default_factory=lambda: ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=1000, seed=0)
@@ -289,8 +347,19 @@ class FlowConfig:
             raise FlowError(
                 f"the candidates must include three phases (the claim tested), got {self.candidates}"
             )
-        if min(self.n_shuffles or 1, self.shuffle_stop, self.n_boot, self.role_prompts) < 1:
-            raise FlowError("n_shuffles, shuffle_stop, n_boot and role_prompts must be at least 1")
+        if (
+            min(
+                self.n_shuffles or 1,
+                self.shuffle_stop,
+                self.n_boot,
+                self.penalty_resamples,
+                self.role_prompts,
+            )
+            < 1
+        ):
+            raise FlowError(
+                "n_shuffles, shuffle_stop, n_boot, penalty_resamples and role_prompts must be at least 1"
+            )
         if not 0 < self.layer_alpha < 1:
             raise FlowError(f"layer_alpha must be in (0, 1), not {self.layer_alpha}")
 
@@ -314,6 +383,7 @@ class FlowConfig:
             "shuffle_stop": self.shuffle_stop,
             "layer_alpha": self.layer_alpha,
             "n_boot": self.n_boot,
+            "penalty_resamples": self.penalty_resamples,
             "role_prompts": self.role_prompts,
             "probe": {"folds": self.probe.folds, "C": self.probe.C, "n_boot": self.probe.n_boot},
             "selectivity": {
@@ -388,8 +458,10 @@ def _measure_layer(
     idx: np.ndarray,
     labels: tuple[str, ...],
     config: FlowConfig,
+    text_codes: np.ndarray,
 ) -> _Layer:
-    """Probes (residual and SAE codes), selective features with their null, the logit lens, at one layer."""
+    """Probes (residual and SAE codes), selective features with their null, the logit lens, at one layer; the
+    same selectivity on the codes averaged over each text's own tokens (`text_codes`, rows `idx`)."""
     gold = aset.gold[idx]
     groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
     h = aset.resid(layer)[idx]
@@ -410,6 +482,15 @@ def _measure_layer(
     fve_answer = variance.compute()
     sel = selective_with_null(
         z,
+        gold,
+        labels,
+        config.selectivity,
+        n_shuffles=config.shuffles_for(len(aset.layers)),
+        seed=layer,
+        stop_after=config.shuffle_stop,
+    )
+    on_text = selective_with_null(
+        text_codes[idx],
         gold,
         labels,
         config.selectivity,
@@ -444,6 +525,7 @@ def _measure_layer(
         "probe_error_high": probe_error.accuracy.high,
         "fve_answer": fve_answer,
         **sel.row(),
+        **{f"text_{key}": value for key, value in on_text.row().items()},
         # on misclassified items: selective features that follow the gold label vs the model's answer
         "follow_gold": float(followed["follow_gold"].sum(min_count=1)),
         "follow_answer": float(followed["follow_answer"].sum(min_count=1)),
@@ -472,18 +554,26 @@ def _measure(
     idx: np.ndarray,
     labels: tuple[str, ...],
     config: FlowConfig,
+    text_codes: Mapping[int, np.ndarray],
 ) -> _Measured:
     """Every per-layer measurement of one model on one subset of its items, and consecutive-layer CKA."""
-    layers = {layer: _measure_layer(lm, aset, suite, layer, idx, labels, config) for layer in aset.layers}
+    layers = {
+        layer: _measure_layer(lm, aset, suite, layer, idx, labels, config, text_codes[layer])
+        for layer in aset.layers
+    }
     last = layers[aset.layers[-1]]
     agreement = float(
         (last.lens_pred == aset.predicted[idx]).mean()
     )  # last layer: the lens is the classifier
     frame = pd.DataFrame([m.row for m in layers.values()]).set_index("layer")
-    frame["selective_p_holm"] = multipletests(frame["selective_p"], method="holm")[1]
-    frame["selective_beyond_control"] = (frame["selective_p_holm"] < config.layer_alpha) & (
-        frame["selective"] > 0
-    )
+    for prefix in ("", "text_"):  # permutation p-values Holm-corrected across layers
+        frame[f"{prefix}selective_beyond_control"] = holm_beyond(
+            frame[f"{prefix}selective_p"], config.layer_alpha
+        ) & (frame[f"{prefix}selective"] > 0)
+        frame[f"{prefix}auroc_top_beyond_control"] = holm_beyond(
+            frame[f"{prefix}auroc_top_p"], config.layer_alpha
+        )
+    frame["selective_p_holm"] = multipletests(frame["selective_p"].fillna(1.0), method="holm")[1]
     frame["selective_shuffles"] = [len(m.selective.null_counts) for m in layers.values()]
     cka = consecutive_cka({layer: m.resid for layer, m in layers.items()}, seed=0)
     frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
@@ -514,9 +604,16 @@ def _phases(
     profile_fn = functools.partial(item_metric_profile, measured.values, layers=layers)
     profile = profile_fn(np.arange(len(measured.idx)))
     candidates = feasible_candidates(config.candidates, len(layers))
-    test = phase_count_test(profile, candidates, penalty="calibrated", seed=0)
     n = len(measured.idx)
-    boots = {3: bootstrap_boundaries(profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=candidates)}
+    rng = np.random.default_rng(1)  # not the boundary bootstrap's stream (seed 0)
+    resamples = [profile_fn(rng.integers(0, n, size=n)) for _ in range(config.penalty_resamples)]
+    penalty = bootstrap_penalty(profile, resamples) if len(candidates) > 1 else 0.0
+    test = phase_count_test(profile, candidates, penalty=penalty)
+    boots = {
+        3: bootstrap_boundaries(
+            profile_fn, n, 3, n_boot=config.n_boot, seed=0, candidates=candidates, penalty=penalty
+        )
+    }
     if test.chosen not in boots and test.chosen > 1:
         boots[test.chosen] = bootstrap_boundaries(profile_fn, n, test.chosen, n_boot=config.n_boot, seed=0)
     return test, boots, leave_one_metric_out(profile, 3)
@@ -647,6 +744,8 @@ def _verdicts(
     phase = cut.point.phase_of(t.index.tolist())
     present = t["selective_beyond_control"].astype(bool)
     excess = t["selective"] - t["selective_null_mean"]
+    decodable = decodable_layers(t)
+    read = present | decodable
     return {
         "three_phases": three_phase_verdict(
             test.chosen,
@@ -656,9 +755,9 @@ def _verdicts(
             _r2_pair(test),
             moved_boundaries(_phase_cut(cut), without),
         ),
-        "late_emotion": capped_by_sae(  # read through the SAEs of the layers with features beyond control
-            late_emergence_verdict(present, excess, phase),
-            {int(layer): str(t.loc[layer, "sae_misses"] or "") for layer in t.index[present.to_numpy()]},
+        "late_emotion": capped_by_sae(  # read through the SAEs of the layers whose features show emotion
+            late_emergence_verdict(present, excess, phase, decodable),
+            {int(layer): str(t.loc[layer, "sae_misses"] or "") for layer in t.index[read.to_numpy()]},
         ),
         "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
     }
@@ -687,6 +786,32 @@ def _answer_outliers(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite) -> np.
     ).astype(float)
 
 
+def _text_codes(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite) -> dict[int, np.ndarray]:
+    """Per layer, each analysis item's SAE codes averaged over its text's own tokens (not the template's): where
+    emotion words sit, before any of it has to reach the answer position."""
+    encoders = {_hook(layer): suite.saes[_hook(layer)].encode for layer in aset.layers}
+    codes = masked_mean_codes(
+        lm.model, aset.prompts, aset.text_masks, encoders, shared=aset.prefix_length, batch_size=8
+    )
+    return {layer: codes[_hook(layer)] for layer in aset.layers}
+
+
+def holm_beyond(p_values: pd.Series, alpha: float) -> pd.Series:
+    """Which layers' permutation p-values survive a Holm correction across layers at `alpha` (an untested
+    layer, NaN, counts as p = 1)."""
+    adjusted = multipletests(p_values.fillna(1.0), method="holm")[1]
+    return pd.Series(adjusted < alpha, index=p_values.index)
+
+
+def decodable_layers(per_layer: pd.DataFrame) -> pd.Series:
+    """Layers whose SAE features carry emotion beyond their shuffled-label control without a count threshold:
+    the mean of the top AUROCs beats its permutations (Holm-corrected), or a probe on the codes lies above its
+    control (interval ends apart). False throughout for results files from before the AUROC statistics."""
+    top = per_layer.get("auroc_top_beyond_control", pd.Series(False, index=per_layer.index))
+    probe = per_layer["probe_sae_low"] > per_layer["probe_sae_control_high"]
+    return top.astype(bool) | probe
+
+
 def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConfig) -> FlowResult:
     """The whole study of one model (uncached): measurements, phases, roles, cards and verdicts per subset."""
     names = dict(config.subsets)
@@ -696,6 +821,9 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
     skipped: dict[str, str] = {}
     timings: dict[str, float] = {}
     answer_outliers = _answer_outliers(lm, aset, suite)
+    began = time.time()
+    text_codes = _text_codes(lm, aset, suite)
+    timings["text codes"] = time.time() - began
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="probe folds reduced")  # the fold count is in the tables
         for s, (idx, labels, _) in parts.items():
@@ -703,7 +831,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
                 skipped[s] = f"fewer than two emotions have {config.selectivity.min_items} or more {names[s]}"
                 continue
             began = time.time()
-            measured[s] = _measure(lm, aset, suite, idx, labels, config)
+            measured[s] = _measure(lm, aset, suite, idx, labels, config, text_codes)
             measured[s].table["answer_outlier"] = answer_outliers[idx].mean(axis=0)
             phases[s] = _phases(measured[s], config)
             timings[s] = time.time() - began
@@ -1031,6 +1159,9 @@ def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[
     def where(layer: int | None) -> str:
         return "none" if layer is None else f"{layer} ({phase[layer]})"
 
+    def first_of(column: str) -> str:  # columns measured since flow STUDY_VERSION 4
+        return where(first_layer(t[column].astype(bool))) if column in t.columns else "not measured"
+
     return {
         "layers with features beyond control": int(t["selective_beyond_control"].astype(bool).sum()),
         "first such layer (phase)": where(first_sel),
@@ -1039,6 +1170,9 @@ def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[
         "first layer, residual probe above control (phase)": where(first_probe),
         "first layer, SAE probe above control (phase)": where(first_probe_sae),
         "first layer, lens above chance (phase)": where(first_lens),
+        "first layer, top-10 AUROC beyond null (phase)": first_of("auroc_top_beyond_control"),
+        "first layer, text-token features beyond control (phase)": first_of("text_selective_beyond_control"),
+        "first layer, text-token top-10 AUROC beyond null (phase)": first_of("text_auroc_top_beyond_control"),
     }
 
 
@@ -1307,6 +1441,38 @@ class FlowResult:
                 "probe_sae": "probe: SAE codes",
                 "sae_misses": "SAE misses",
             }
+        )
+
+    def auroc_table(self) -> pd.DataFrame:
+        """Per layer (all items), without a count threshold: the mean of the top-10 and the largest one-vs-rest
+        AUROC of the SAE features at the answer position and averaged over the text's own tokens, each with the
+        largest value of its shuffled-label null, and the text tokens' selective-feature count beside its null's
+        largest; a star where the permutation test passes after Holm correction across layers (empty for results
+        files written before these were measured)."""
+        part = self.subsets.get("all")
+        if not isinstance(part, SubsetFlow) or "text_auroc_top" not in part.per_layer.columns:
+            return pd.DataFrame()
+        t = part.per_layer
+
+        def cell(prefix: str, stat: str, digits: int = 3) -> list[str]:
+            star = t.get(f"{prefix}{stat}_beyond_control")
+            null = t[f"{prefix}{stat}_null_max"]
+            return [
+                f"{v:.{digits}f} ({n:.{digits}f}){' *' if star is not None and star[layer] else ''}"
+                for layer, v, n in zip(t.index, t[f"{prefix}{stat}"], null, strict=True)
+            ]
+
+        return pd.DataFrame(
+            {
+                "model": self.model,
+                "answer: top-10 AUROC (null max)": cell("", "auroc_top"),
+                "answer: max AUROC (null max)": cell("", "auroc_max"),
+                "text: top-10 AUROC (null max)": cell("text_", "auroc_top"),
+                "text: max AUROC (null max)": cell("text_", "auroc_max"),
+                "text: selective (null max)": cell("text_", "selective", digits=0),
+                "SAE misses": t["sae_misses"],
+            },
+            index=t.index,
         )
 
     def answer_feature_table(self) -> pd.DataFrame:

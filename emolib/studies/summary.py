@@ -129,13 +129,17 @@ def _three_phases(verdict: Verdict, result: Any) -> str:
 
 def _late_emotion(verdict: Verdict, result: Any) -> str:
     n = verdict.numbers
+    early = n.get("layers_decodable_before_last_phase")
+    carried = (
+        "" if early is None else f"; {early} layer(s) before the last phase carry emotion (top AUROCs, probe)"
+    )
     if not n.get("layers_beyond_control"):
-        return "no layer beyond the shuffled-label control"
+        return "no layer beyond the shuffled-label control" + carried
     share = n.get("share_of_excess_in_last_phase")
     where = "n/a" if share is None else f"{share:.0%}"
     return (
         f"first layer beyond the control L{n.get('first_layer')} (phase {n.get('first_phase')} of "
-        f"{n.get('last_phase')}); {where} of the excess in the last phase"
+        f"{n.get('last_phase')}); {where} of the excess in the last phase{carried}"
     )
 
 
