@@ -103,7 +103,8 @@ def top_aurocs(result: Selectivity, top: int = TOP_AUROCS) -> tuple[float, float
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return np.nan, np.nan
-    best = np.partition(values, len(values) - min(top, len(values)))[-min(top, len(values)) :]
+    k = min(top, len(values))
+    best = np.partition(values, len(values) - k)[-k:]
     return float(best.max()), float(best.mean())
 
 

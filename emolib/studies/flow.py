@@ -480,24 +480,16 @@ def _measure_layer(
     variance = ExplainedVarianceCalculator()  # the appendix's FVE, restricted to the answer position
     variance.add_batch(torch.from_numpy(recon), torch.from_numpy(np.asarray(h, dtype=np.float64)))
     fve_answer = variance.compute()
-    sel = selective_with_null(
-        z,
-        gold,
-        labels,
-        config.selectivity,
+    selective = functools.partial(  # the same rule and permutations at the answer and on the text's tokens
+        selective_with_null,
+        labels=gold,
+        emotions=labels,
+        config=config.selectivity,
         n_shuffles=config.shuffles_for(len(aset.layers)),
         seed=layer,
         stop_after=config.shuffle_stop,
     )
-    on_text = selective_with_null(
-        text_codes[idx],
-        gold,
-        labels,
-        config.selectivity,
-        n_shuffles=config.shuffles_for(len(aset.layers)),
-        seed=layer,
-        stop_after=config.shuffle_stop,
-    )
+    sel, on_text = selective(z), selective(text_codes[idx])
     followed = gold_or_answer(z, gold, aset.predicted[idx], sel.selectivity.sets())
     lens = logit_lens(lm.model, h, groups)
     lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
@@ -567,13 +559,13 @@ def _measure(
     )  # last layer: the lens is the classifier
     frame = pd.DataFrame([m.row for m in layers.values()]).set_index("layer")
     for prefix in ("", "text_"):  # permutation p-values Holm-corrected across layers
-        frame[f"{prefix}selective_beyond_control"] = holm_beyond(
-            frame[f"{prefix}selective_p"], config.layer_alpha
+        frame[f"{prefix}selective_p_holm"] = holm_adjusted(frame[f"{prefix}selective_p"])
+        frame[f"{prefix}selective_beyond_control"] = (
+            frame[f"{prefix}selective_p_holm"] < config.layer_alpha
         ) & (frame[f"{prefix}selective"] > 0)
-        frame[f"{prefix}auroc_top_beyond_control"] = holm_beyond(
-            frame[f"{prefix}auroc_top_p"], config.layer_alpha
+        frame[f"{prefix}auroc_top_beyond_control"] = (
+            holm_adjusted(frame[f"{prefix}auroc_top_p"]) < config.layer_alpha
         )
-    frame["selective_p_holm"] = multipletests(frame["selective_p"].fillna(1.0), method="holm")[1]
     frame["selective_shuffles"] = [len(m.selective.null_counts) for m in layers.values()]
     cka = consecutive_cka({layer: m.resid for layer, m in layers.items()}, seed=0)
     frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
@@ -790,17 +782,14 @@ def _text_codes(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite) -> dict[int
     """Per layer, each analysis item's SAE codes averaged over its text's own tokens (not the template's): where
     emotion words sit, before any of it has to reach the answer position."""
     encoders = {_hook(layer): suite.saes[_hook(layer)].encode for layer in aset.layers}
-    codes = masked_mean_codes(
-        lm.model, aset.prompts, aset.text_masks, encoders, shared=aset.prefix_length, batch_size=8
-    )
+    codes = masked_mean_codes(lm.model, aset.prompts, aset.text_masks, encoders, shared=aset.prefix_length)
     return {layer: codes[_hook(layer)] for layer in aset.layers}
 
 
-def holm_beyond(p_values: pd.Series, alpha: float) -> pd.Series:
-    """Which layers' permutation p-values survive a Holm correction across layers at `alpha` (an untested
-    layer, NaN, counts as p = 1)."""
-    adjusted = multipletests(p_values.fillna(1.0), method="holm")[1]
-    return pd.Series(adjusted < alpha, index=p_values.index)
+def holm_adjusted(p_values: pd.Series) -> pd.Series:
+    """Per-layer permutation p-values after a Holm correction across layers (an untested layer, NaN, counts as
+    p = 1)."""
+    return pd.Series(multipletests(p_values.fillna(1.0), method="holm")[1], index=p_values.index)
 
 
 def decodable_layers(per_layer: pd.DataFrame) -> pd.Series:
