@@ -4,6 +4,8 @@ and on the tiny model for promoted tokens."""
 
 from __future__ import annotations
 
+import itertools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, rankdata
 from sklearn.metrics import roc_auc_score
 
 from emolib import plots, verdicts
@@ -253,6 +255,174 @@ def test_draws_must_match_the_selectivity(data, sel):
     )
     with pytest.raises(common.FeatureError, match="do not match"):
         feature_sets.shared_specific(sel, other)
+
+
+# ------------------------------------------------------------------------------------------------ emotion sets
+
+
+def test_one_vs_rest_misses_features_shared_by_many_emotions_and_emotion_sets_find_them(sel):
+    """The planted general features fire on all six emotions but not on neutral: one-vs-rest AUROC about
+    (2E - 1 - m) / (2E - 2) = 7/12 for each, so no emotion claims them; the set rule gives them all six."""
+    general = list(GENERAL)
+    assert not sel.matrix("full")[general].any()
+    assert np.nanmax(sel.auroc[general, :6]) < 0.7
+    members = sel.matrix("sets")
+    for feature in general:
+        assert [EMOTIONS[j] for j in np.flatnonzero(members[feature])] == list(EMOTIONS[:6])
+    for emotion, ids in SHARED.items():
+        for feature in ids:
+            assert {EMOTIONS[j] for j in np.flatnonzero(members[feature])} == set(emotion)
+    for emotion, ids in STRONG.items():
+        assert all(np.flatnonzero(members[f]).tolist() == [EMOTIONS.index(emotion)] for f in ids)
+    assert not members[
+        [TRAP, *NOISE, *DEAD]
+    ].any()  # the weak-but-often trap, noise and dead features get none
+    counts = feature_sets.shared_specific(sel, criterion="sets")
+    assert counts.loc["any"].to_dict() == {"n_selective": 53, "n_specific": 44, "n_shared": 9}
+    assert counts.loc["fear", "n_shared"] == 3  # the general features
+
+
+def test_a_perfect_feature_of_m_emotions_has_the_stated_one_vs_rest_auroc():
+    labels = [e for e in EMOTIONS for _ in range(20)]
+    for m in range(1, 7):
+        fires = np.isin(labels, EMOTIONS[:m]).astype(float)[:, None]
+        result = selectivity.selectivity(fires, labels, EMOTIONS)
+        assert result.auroc[0, 0] == pytest.approx((2 * 7 - 1 - m) / (2 * 7 - 2))
+        assert np.flatnonzero(result.matrix("sets")[0]).tolist() == list(range(m))
+
+
+def set_by_brute_force(
+    codes: np.ndarray,
+    labels: list[str],
+    emotions: tuple[str, ...],
+    threshold: float,
+    every_subset: bool = False,
+):
+    """The emotion-set rule feature by feature, with scikit-learn's AUROC of each prefix of the emotions ordered
+    by the mean rank of their items (stable order on ties), or of every subset (`every_subset`)."""
+    labels = np.asarray(labels)
+    out = np.zeros((codes.shape[1], len(emotions)), dtype=bool)
+    for f in range(codes.shape[1]):
+        x = codes[:, f]
+        if x.max() == x.min():
+            continue
+        ranks = rankdata(x)
+        mean_rank = [ranks[labels == e].mean() for e in emotions]
+        order = sorted(range(len(emotions)), key=lambda j: -mean_rank[j])
+        candidates = (
+            [
+                list(c)
+                for m in range(1, len(emotions))
+                for c in itertools.combinations(range(len(emotions)), m)
+            ]
+            if every_subset
+            else [order[:m] for m in range(1, len(emotions))]
+        )
+        best, best_auroc = None, -1.0
+        for chosen in sorted(candidates, key=len):
+            inside = np.isin(labels, [emotions[j] for j in chosen])
+            auroc = roc_auc_score(inside, x)
+            if auroc > best_auroc + 1e-12:
+                best, best_auroc = chosen, auroc
+                higher = x[inside].mean() > x[~inside].mean()
+        if best_auroc >= threshold and higher:
+            out[f, best] = True
+    return out
+
+
+def test_emotion_sets_match_the_brute_force_rule_on_unbalanced_classes():
+    rng = np.random.default_rng(7)
+    sizes = [30, 45, 25, 60, 35]
+    emotions = tuple(EMOTIONS[:5])
+    labels = [e for e, n in zip(emotions, sizes, strict=True) for _ in range(n)]
+    y = np.array([emotions.index(e) for e in labels])
+    prob = rng.uniform(0.02, 0.95, size=(5, 80))
+    fires = rng.random((len(y), 80)) < prob[y]
+    codes = np.where(fires, rng.exponential(1.0, fires.shape), 0.0)
+    result = selectivity.selectivity(
+        codes, labels, emotions, selectivity.SelectivityConfig(auroc_threshold=0.6)
+    )
+    expected = set_by_brute_force(codes, labels, emotions, 0.6)
+    assert expected.any(axis=1).sum() > 20 and (expected.sum(axis=1) >= 2).sum() > 5
+    np.testing.assert_array_equal(result.matrix("sets"), expected)
+
+
+def test_on_balanced_classes_the_best_prefix_is_the_best_of_every_subset():
+    rng = np.random.default_rng(8)
+    emotions = tuple(EMOTIONS[:5])
+    labels = [e for e in emotions for _ in range(40)]
+    y = np.array([emotions.index(e) for e in labels])
+    fires = rng.random((len(y), 40)) < rng.uniform(0.02, 0.95, size=(5, 40))[y]
+    codes = np.where(fires, rng.exponential(1.0, fires.shape), 0.0)
+    result = selectivity.selectivity(
+        codes, labels, emotions, selectivity.SelectivityConfig(auroc_threshold=0.6)
+    )
+    expected = set_by_brute_force(codes, labels, emotions, 0.6, every_subset=True)
+    assert (expected.sum(axis=1) >= 2).sum() > 3
+    np.testing.assert_array_equal(result.matrix("sets"), expected)
+
+
+def test_emotion_sets_of_draws_and_their_errors(data, sel, draws):
+    codes, labels = data
+    sets = draws.matrix("sets")
+    assert sets.shape == draws.selective.shape and draws.matrix() is draws.selective
+    # every draw keeps the planted general features' six-emotion set
+    assert sets[:, list(GENERAL), :6].all() and not sets[:, list(GENERAL), 6].any()
+    boot = feature_sets.shared_specific(sel, draws, criterion="sets")
+    assert boot.loc["any", "n_shared"] == 9 and boot.loc["any", "n_shared_low"] >= 8
+    with pytest.raises(common.FeatureError, match="'auroc' criterion"):
+        draws.matrix("full")
+    with pytest.raises(common.FeatureError, match="criterion must be one of"):
+        feature_sets.shared_specific(sel, criterion="pairs")
+    with pytest.raises(common.FeatureError, match="one column per class"):
+        selectivity.emotion_sets(np.ones((3, 4)), np.ones((3, 4)), [10, 10, 10], 0.7)
+
+
+def test_set_sizes_beside_their_null(sel, null):
+    summary = null.set_size_summary(sel)
+    assert summary.index.tolist() == [1, 2, 3, 4, 5, 6]  # a set never holds all seven emotions
+    assert summary["observed"].tolist() == [44, 6, 0, 0, 0, 3]
+    assert summary.loc[6, "most common set"] == "all but neutral (3)"
+    assert summary.loc[2, "most common set"] in {"anger, disgust (3)", "joy, surprise (3)"}
+    assert summary.loc[3, "most common set"] == "-"
+    assert summary.loc[6, "p_value"] == pytest.approx(1 / 20) and summary.loc[3, "p_value"] == 1.0
+    codes, labels = noise()
+    noisy_null = feature_sets.shuffled_shared_specific(codes, labels, EMOTIONS, n_shuffles=9)
+    assert (
+        noisy_null.set_size_summary(selectivity.selectivity(codes, labels, EMOTIONS))["observed"].sum() == 0
+    )
+
+
+def test_the_mix_verdict_on_emotion_sets_sees_what_one_vs_rest_cannot():
+    """Specific features plus features shared by five emotions each: one-vs-rest finds nothing shared, so its
+    mix 'does not hold'; the emotion-set rule finds both kinds and the mix holds."""
+    rng = np.random.default_rng(11)
+    labels = [e for e in EMOTIONS for _ in range(80)]
+    y = np.array([EMOTIONS.index(e) for e in labels])
+    prob = np.full((7, 60), 0.02)
+    for j in range(7):
+        prob[j, 2 * j : 2 * j + 2] = 0.9  # two specific features per emotion
+    for k, group in enumerate([(0, 1, 2, 3, 4), (2, 3, 4, 5, 6), (0, 1, 5, 6, 3)]):
+        prob[list(group), 14 + 3 * k : 17 + 3 * k] = 0.9  # three features shared by five emotions, per group
+    prob[:, 23:] = 0.1  # noise
+    fires = rng.random((len(y), 60)) < prob[y]
+    codes = np.where(fires, rng.exponential(1.0, fires.shape) + 0.1, 0.0)
+    result = selectivity.selectivity(codes, labels, EMOTIONS)
+    null = feature_sets.shuffled_shared_specific(codes, labels, EMOTIONS, n_shuffles=19, seed=2)
+    draws = selectivity.bootstrap_selectivity(codes, labels, EMOTIONS, boot=selectivity.BootstrapConfig(40))
+    verdicts_by_rule = {}
+    for rule, boot_rule in (("full", "auroc"), ("sets", "sets")):
+        boot = feature_sets.shared_specific(result, draws, criterion=boot_rule)
+        verdicts_by_rule[rule] = features.mix_verdict(
+            null.summary(feature_sets.shared_specific(result, criterion=rule), rule),
+            boot,
+            null.summary(boot, boot_rule),
+            null.n_shuffles,
+        )
+    assert verdicts_by_rule["full"].verdict == "does not hold"
+    assert "no shared feature at all" in verdicts_by_rule["full"].reason
+    assert verdicts_by_rule["sets"].verdict == "holds"
+    assert verdicts_by_rule["sets"].numbers["n_shared"] == 9
 
 
 # --------------------------------------------------------------------------------------------------- overlap
@@ -502,7 +672,8 @@ def test_shared_specific_null_uses_the_shuffled_control_permutations(data, null)
     full = null.counts.xs("full", level="criterion")
     assert list(full[("n_selective", "any")]) == list(control.counts["any"])
     assert list(full[("n_specific", "any")]) == list(control.counts["specific"])
-    assert null.n_shuffles == 19 and set(null.counts.index.get_level_values("criterion")) == {"full", "auroc"}
+    rules = set(null.counts.index.get_level_values("criterion"))
+    assert null.n_shuffles == 19 and rules == {"full", "auroc", "sets"}
 
 
 def test_shared_specific_null_summary_sets_counts_beside_chance(sel, draws, null):

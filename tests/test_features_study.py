@@ -92,6 +92,14 @@ def test_the_study_runs_on_the_tiny_model(study):
     assert list(replication.index) == [*EMOTIONS, "all"]
     assert set(replication.columns) == {"selected", "replicated", "rate", "chance_rate"}
     assert (replication["replicated"] <= replication["selected"]).all()
+    # the mix verdict reads the emotion-set rule's totals, and the set sizes add up to them
+    sets, mix = result.counts_sets, result.verdicts_by_claim["shared_and_specific"]
+    assert mix.numbers["n_shared"] == sets.loc["any", ("n_shared", "observed")]
+    assert mix.numbers["n_specific"] == sets.loc["any", ("n_specific", "observed")]
+    sizes = result.set_size_table()
+    assert sizes["observed"].sum() == sets.loc["any", ("n_selective", "observed")]
+    assert sizes.loc[("tiny-features", 1), "observed"] == mix.numbers["n_specific"]
+    assert not result.bootstrap_table("sets").empty
     # quick preset: 19 shuffles, the fewest that can give p <= 0.05, so the mix rule decides
     assert "cannot give" not in result.verdicts_by_claim["shared_and_specific"].reason
 
@@ -241,10 +249,13 @@ def known_result(study) -> FeaturesResult:
         index=pd.Index(["any"], name="emotion"),
         columns=columns,
     )
+    sets = full.copy()
+    sets[("n_shared", "observed")] = 9
     return dataclasses.replace(
         result,
         per_layer=per_layer,
         counts_full=full,
+        counts_sets=sets,
         final_phase=features.FinalPhase(2, 3, "test", 3, 2),
     )
 
@@ -257,14 +268,18 @@ def test_layer_summary_and_readme_row_on_known_tables(study):
     assert summary["layers above the null's 95th pct, final phase"] == "1 of 2"
     assert summary["layers above the null's 95th pct, earlier"] == "1 of 2"
     assert summary["layer with most selective features"] == 2
-    row = result.readme_row()
+    row = result.readme_row()  # the totals the verdict reads: the emotion-set rule's
     assert (row["final phase"], row["specific (null q95)"], row["shared (null q95)"]) == (
         "L2-3",
         "8 (4)",
-        "4 (2)",
+        "9 (2)",
     )
+    older = dataclasses.replace(result, counts_sets=None).readme_row()  # a results file from before it
+    assert older["shared (null q95)"] == "4 (2)"
+    assert dataclasses.replace(result, counts_sets=None).counts_table("sets").empty
     counts = result.counts_table().loc[("tiny-features", "any")]
     assert counts["selective"] == "12 (null 3.2, q95 8; p = 0.050)"
+    assert result.counts_table("sets").loc[("tiny-features", "any"), "shared"].startswith("9 (null 1.0")
     assert result.overview().iloc[0]["phases in the cut / preferred by the flow test"] == "3 / 2"
 
 
@@ -402,6 +417,7 @@ def test_the_final_phase_is_rerun_at_the_ends_of_its_cut_range(study, same_cache
     table = result.cut_range_table()
     assert table.index.tolist() == [0, 1] and table["chosen"].tolist() == [False, True]
     assert {"n_specific", "p_specific", "n_shared", "p_shared"} <= set(table.columns)
+    assert {"one-vs-rest n_specific", "one-vs-rest p_shared"} <= set(table.columns)
     again = FeaturesResult.from_json(json.loads(json.dumps(result.to_json())))
     pd.testing.assert_frame_equal(again.cut_range_table(), table, check_dtype=False)
 

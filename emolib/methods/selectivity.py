@@ -179,6 +179,12 @@ TOTALS = ("any", "specific", "shared")
 
 CRITERIA = ("full", "auroc")
 
+#: The emotion-set rule (`emotion_sets`): a feature counts for the set of emotions it best separates from the rest.
+SETS = "sets"
+
+#: Every rule a count of shared and specific features can use: the one-vs-rest criteria and the emotion-set rule.
+COUNT_RULES = (*CRITERIA, SETS)
+
 
 @dataclass(frozen=True)
 class SelectivityConfig:
@@ -263,10 +269,18 @@ class Selectivity:
         return [self.emotions.index(e) for e in among]
 
     def matrix(self, criterion: str = "full", among: Sequence[str] | None = None) -> np.ndarray:
-        """Boolean `[d_sae, len(among)]`: selective by the full rule, or by the AUROC-only rule ("auroc")."""
-        check_choice(criterion, CRITERIA, "criterion")
+        """Boolean `[d_sae, len(among)]`: selective by the full rule, by the AUROC-only rule ("auroc"), or member
+        of the emotion set the feature separates ("sets", `emotion_sets`)."""
+        check_choice(criterion, COUNT_RULES, "criterion")
         if criterion == "full":
             chosen = self.selective
+        elif criterion == SETS:
+            chosen = (
+                emotion_sets(
+                    self.auroc, self.mean_in - self.mean_out, self.class_sizes, self.config.auroc_threshold
+                )
+                & self.tested[:, None]
+            )
         else:
             chosen = _effect_rule(self.auroc, self.mean_in, self.mean_out, self.config) & self.tested[:, None]
         return chosen[:, self._columns(among)]
@@ -308,6 +322,48 @@ class Selectivity:
 def _effect_rule(auroc: np.ndarray, mean_in: np.ndarray, mean_out: np.ndarray, config: SelectivityConfig):
     with np.errstate(invalid="ignore"):
         return (np.nan_to_num(auroc, nan=0.0) >= config.auroc_threshold) & (mean_in > mean_out)
+
+
+def emotion_sets(
+    auroc: np.ndarray, mean_diff: np.ndarray, class_sizes: Sequence[int], threshold: float
+) -> np.ndarray:
+    """Boolean `[..., E]`: for each feature, the set of emotions it separates from all other emotions, when it does.
+
+    One-vs-rest cannot see a feature shared by many emotions: on balanced classes a feature that fires on m of E
+    emotions has one-vs-rest AUROC (2E - 1 - m) / (2E - 2) for each of them (0.67 for 5 of 7, below a 0.7
+    threshold). Here each feature's emotions are ordered by the mean rank of their items (on balanced classes, by
+    their one-vs-rest AUROC), and among the sets of the top 1 to E - 1 the one whose items best separate from the
+    other items (set-vs-rest AUROC, the smallest set on ties) is the feature's set; the feature counts when that
+    AUROC is at least `threshold` and its mean activation is higher in the set than outside. A set of one emotion
+    is specific, of two or more shared. The ordered prefixes are the best sets of each size when classes are
+    balanced.
+
+    Everything comes from per-emotion statistics (the set's rank sum is the sum of its emotions' rank sums; its
+    mean difference a weighted sum of theirs), so label permutations and bootstrap draws get it for free.
+    `auroc` and `mean_diff` (emotion's mean minus the other items' mean) are `[..., E]`; NaN AUROC (an untested
+    feature) gives no set. No multiple-testing correction is applied: the shuffled-label null is the yardstick.
+    """
+    sizes = np.asarray(class_sizes, dtype=np.float64)
+    auroc, mean_diff = np.asarray(auroc, dtype=np.float64), np.asarray(mean_diff, dtype=np.float64)
+    if auroc.shape != mean_diff.shape or auroc.shape[-1:] != sizes.shape:
+        raise FeatureError(
+            f"auroc {auroc.shape} and mean_diff {mean_diff.shape} must both end in one column per class "
+            f"({len(sizes)} class sizes)"
+        )
+    n = sizes.sum()
+    rank_sums = auroc * sizes * (n - sizes) + sizes * (sizes + 1) / 2
+    weights = sizes * (n - sizes) * mean_diff  # sums to zero over emotions (see the docstring's derivation)
+    order = np.argsort(-(rank_sums / sizes), axis=-1, kind="stable")
+    in_set = np.cumsum(sizes[order], axis=-1)[..., :-1]
+    set_rank = np.cumsum(np.take_along_axis(rank_sums, order, axis=-1), axis=-1)[..., :-1]
+    set_weight = np.cumsum(np.take_along_axis(weights, order, axis=-1), axis=-1)[..., :-1]
+    with np.errstate(invalid="ignore"):
+        set_auroc = (set_rank - in_set * (in_set + 1) / 2) / (in_set * (n - in_set))
+    best = np.argmax(np.nan_to_num(set_auroc, nan=-1.0), axis=-1)[..., None]
+    separates = np.take_along_axis(set_auroc, best, axis=-1) >= threshold
+    higher = np.take_along_axis(set_weight, best, axis=-1) > 0
+    position = np.argsort(order, axis=-1)  # each emotion's place in the feature's order
+    return (position <= best) & separates & higher
 
 
 def _count_row(selective: np.ndarray, emotions: Sequence[str]) -> dict[str, int]:
@@ -665,6 +721,25 @@ class SelectivityDraws:
     auroc: np.ndarray
     mean_diff: np.ndarray
     selective: np.ndarray
+    class_sizes: tuple[int, ...] = ()
+    auroc_threshold: float = SelectivityConfig.auroc_threshold
+
+    def matrix(self, criterion: str | None = None) -> np.ndarray:
+        """Boolean `[n_boot, d_sae, n_emotions]`: the draws' own criterion (None) or the emotion-set rule
+        ("sets"; the resamples keep every class's size, so each draw's sets come from its AUROCs and means)."""
+        if criterion in (None, self.config.criterion):
+            return self.selective
+        if criterion != SETS:
+            raise FeatureError(
+                f"these draws decide selectivity by the {self.config.criterion!r} criterion; they can also give "
+                f"{SETS!r}, not {criterion!r}"
+            )
+        return np.stack(
+            [
+                emotion_sets(auroc, diff, self.class_sizes, self.auroc_threshold)
+                for auroc, diff in zip(self.auroc, self.mean_diff, strict=True)
+            ]
+        )
 
 
 def bootstrap_selectivity(
@@ -713,7 +788,13 @@ def bootstrap_selectivity(
         mean_diff[b, cols] = diff
         selective[b, cols] = (auroc[b, cols] >= config.auroc_threshold) & (diff > 0)
     return SelectivityDraws(
-        emotions=emotions, config=boot, auroc=auroc, mean_diff=mean_diff, selective=selective
+        emotions=emotions,
+        config=boot,
+        auroc=auroc,
+        mean_diff=mean_diff,
+        selective=selective,
+        class_sizes=tuple(int(v) for v in sizes),
+        auroc_threshold=config.auroc_threshold,
     )
 
 

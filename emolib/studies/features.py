@@ -33,6 +33,7 @@ from emolib.methods.feature_sets import (
 )
 from emolib.methods.selectivity import (
     EMOTIONAL,
+    SETS,
     BootstrapConfig,
     PooledCodes,
     Selectivity,
@@ -53,7 +54,7 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-FEATURES_VERSION = "2"  # 2: split-half replication, the final phase under its cut range
+FEATURES_VERSION = "3"  # 2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -80,8 +81,9 @@ def mix_verdict(
 ) -> Verdict:
     """Do an emotion's selective features mix shared and specific ones, beyond chance?
 
-    `full`: `NullSharedSpecific.summary` of the full-rule counts; `boot`: `shared_specific(sel, draws)`; and
-    `boot_null`: the summary of the draws' criterion. Holds when the totals of specific and of shared features
+    `full`: `NullSharedSpecific.summary` of the counts; `boot`: `shared_specific(sel, draws, criterion=...)`; and
+    `boot_null`: the summary of the draws by the same rule. The chapter passes the emotion-set rule's tables
+    (`selectivity.emotion_sets`), which see features shared by many emotions that one-vs-rest misses. Holds when the totals of specific and of shared features
     both beat the shuffled labels (permutation p <= `alpha`) and at least half the emotions have both kinds, each
     with its bootstrap lower bound above the null's 95th percentile for that emotion; partly when both kinds are
     found and only one total beats the null, or fewer emotions have both; does not hold when neither total beats
@@ -139,7 +141,7 @@ def mix_verdict(
 
 def fragile_if_cut_matters(verdict: Verdict, cut_range: pd.DataFrame | None, alpha: float = 0.05) -> Verdict:
     """`verdict` of the chosen final phase, read against the cut range: when whether both totals (specific and
-    shared) beat the shuffled labels changes with where the final phase starts (within its bootstrap interval), the
+    shared, the emotion-set rule's `p_specific` and `p_shared`) beat the shuffled labels changes with where the final phase starts (within its bootstrap interval), the
     finding exists for some cuts only: it is fragile, and a "holds" becomes "partly"."""
     if cut_range is None or len(cut_range) < 2:
         return verdict
@@ -394,6 +396,14 @@ def _optional_table(rows: Sequence[Mapping[str, Any]] | None, index: str) -> pd.
     return None if rows is None else table(rows, index)
 
 
+def _optional_records(frame: pd.DataFrame | None) -> list[dict[str, Any]] | None:
+    return None if frame is None else records(frame)
+
+
+def _optional_unflat(rows: Sequence[Mapping[str, Any]] | None) -> pd.DataFrame | None:
+    return None if rows is None else _unflat(rows)
+
+
 def _flat(summary: pd.DataFrame) -> list[dict[str, Any]]:
     """A null summary with (measure, statistic) columns as flat `measure.statistic` keys, one record per row."""
     frame = summary.copy()
@@ -441,7 +451,9 @@ class FeaturesResult:
 
     `per_layer`: selective-feature counts of each layer's SAE on its own with their shuffled null; `counts_full`
     the full-rule shared / specific counts beside the null (`NullSharedSpecific.summary`), `counts_bootstrap` the
-    effect-size counts with intervals and `counts_bootstrap_null` their null; `diffuseness` per emotion and
+    effect-size counts with intervals and `counts_bootstrap_null` their null; `counts_sets*` the same three by the
+    emotion-set rule (what the mix verdict reads) and `set_sizes` its features by set size beside the null;
+    `diffuseness` per emotion and
     `versus[measure]` the paired comparison of the diffuse emotion with the others (empty without that label);
     `general_emotional` the emotional-vs-neutral count beside its null and `general_overlap` how many shared and
     specific features are among them (None without a neutral label); `coactivation[kind]` for "all" and
@@ -481,6 +493,12 @@ class FeaturesResult:
     cut_range: pd.DataFrame | None = (
         None  # specific / shared totals with the final phase cut at each end of its range
     )
+    # The emotion-set rule (None in results files written before it): counts beside the null, with intervals
+    # beside theirs, and features by the size of their emotion set.
+    counts_sets: pd.DataFrame | None = None
+    counts_sets_bootstrap: pd.DataFrame | None = None
+    counts_sets_bootstrap_null: pd.DataFrame | None = None
+    set_sizes: pd.DataFrame | None = None
 
     # -------------------------------------------------------------------------------------------- JSON
 
@@ -520,6 +538,12 @@ class FeaturesResult:
             "seconds": self.seconds,
             "split_half_replication": None if self.replication is None else records(self.replication),
             "cut_range": None if self.cut_range is None else records(self.cut_range),
+            "counts_sets": None if self.counts_sets is None else _flat(self.counts_sets),
+            "counts_sets_bootstrap": _optional_records(self.counts_sets_bootstrap),
+            "counts_sets_bootstrap_null": (
+                None if self.counts_sets_bootstrap_null is None else _flat(self.counts_sets_bootstrap_null)
+            ),
+            "set_sizes": _optional_records(self.set_sizes),
         }
 
     @classmethod
@@ -565,6 +589,10 @@ class FeaturesResult:
             seconds=float(payload.get("seconds", 0.0)),
             replication=_optional_table(payload.get("split_half_replication"), "emotion"),
             cut_range=_optional_table(payload.get("cut_range"), "first layer"),
+            counts_sets=_optional_unflat(payload.get("counts_sets")),
+            counts_sets_bootstrap=_optional_table(payload.get("counts_sets_bootstrap"), "emotion"),
+            counts_sets_bootstrap_null=_optional_unflat(payload.get("counts_sets_bootstrap_null")),
+            set_sizes=_optional_table(payload.get("set_sizes"), "emotions in the set"),
         )
 
     # -------------------------------------------------------------------------------------------- verdicts
@@ -586,8 +614,9 @@ class FeaturesResult:
         )
 
     def readme_row(self) -> dict[str, Any]:
-        """The model's row of the README's features table."""
-        full = self.counts_full
+        """The model's row of the README's features table: the totals the verdict reads (the emotion-set rule; the
+        one-vs-rest full rule for results files written before it)."""
+        full = self.counts_full if self.counts_sets is None else self.counts_sets
         return {
             "Features (ch. 2)": self.model,
             "final phase": f"L{self.final_phase.first}-{self.final_phase.last}",
@@ -661,9 +690,12 @@ class FeaturesResult:
             .set_index(["model", "emotion"])
         )
 
-    def counts_table(self) -> pd.DataFrame:
-        """Selective, specific and shared features per emotion (full rule), each beside its shuffled-label null."""
-        full = self.counts_full
+    def counts_table(self, rule: str = "full") -> pd.DataFrame:
+        """Selective, specific and shared features per emotion, each beside its shuffled-label null: by the
+        one-vs-rest full rule ("full") or the emotion-set rule ("sets"; empty for results files without it)."""
+        full = self.counts_full if rule == "full" else self.counts_sets
+        if full is None:
+            return pd.DataFrame()
 
         def beside_null(measure: str) -> list[str]:
             s = full[measure]
@@ -682,9 +714,16 @@ class FeaturesResult:
             }
         ).set_index(["model", "emotion"])
 
-    def bootstrap_table(self) -> pd.DataFrame:
-        """Specific and shared features per emotion (effect-size rule) with intervals, beside the null's q95."""
-        boot, bnull = self.counts_bootstrap, self.counts_bootstrap_null
+    def bootstrap_table(self, rule: str = "auroc") -> pd.DataFrame:
+        """Specific and shared features per emotion with intervals, beside the null's q95: by the one-vs-rest
+        effect-size rule ("auroc") or the emotion-set rule ("sets"; empty for results files without it)."""
+        boot, bnull = (
+            (self.counts_bootstrap, self.counts_bootstrap_null)
+            if rule == "auroc"
+            else (self.counts_sets_bootstrap, self.counts_sets_bootstrap_null)
+        )
+        if boot is None or bnull is None:
+            return pd.DataFrame()
         return pd.DataFrame(
             {
                 "model": self.model,
@@ -695,6 +734,15 @@ class FeaturesResult:
                 "shared, null q95": bnull[("n_shared", "null_q95")].to_numpy(),
             }
         ).set_index(["model", "emotion"])
+
+    def set_size_table(self) -> pd.DataFrame:
+        """Features whose emotion set has 1, 2, ... emotions, beside the shuffled labels (empty for results files
+        without it)."""
+        if self.set_sizes is None:
+            return pd.DataFrame()
+        frame = self.set_sizes.reset_index()
+        frame.insert(0, "model", self.model)
+        return frame.set_index(["model", "emotions in the set"])
 
     def general_table(self, neutral: str = "neutral") -> pd.DataFrame:
         """One row: features of general emotional content (emotional vs neutral) beside their null, and how many
@@ -813,8 +861,9 @@ def _selective_counts(
 def _cut_range_counts(
     codes_by_layer: Mapping[int, np.ndarray], aset: AnalysisSet, phase: FinalPhase, config: FeaturesConfig
 ) -> pd.DataFrame | None:
-    """Full-rule specific and shared totals of the pooled final phase, with their shuffled-label p-values, for the
-    chosen first layer and each end of its bootstrap interval (None without an interval to try)."""
+    """Specific and shared totals of the pooled final phase with their shuffled-label p-values, by the emotion-set
+    rule (what the verdict reads) and by the one-vs-rest full rule, for the chosen first layer and each end of its
+    bootstrap interval (None without an interval to try)."""
     if not phase.alternatives():
         return None
     rule, labels, rows = config.selectivity, list(aset.labels), []
@@ -823,17 +872,14 @@ def _cut_range_counts(
         null = shuffled_shared_specific(
             pooled.codes, aset.gold, labels, rule, n_shuffles=config.n_shuffles, seed=config.seed
         )
-        summary = null.summary(shared_specific(selectivity(pooled.codes, aset.gold, labels, rule)), "full")
-        rows.append(
-            {
-                "first layer": first,
-                "chosen": first == phase.first,
-                "n_specific": int(summary.loc["any", ("n_specific", "observed")]),
-                "p_specific": float(summary.loc["any", ("n_specific", "p_value")]),
-                "n_shared": int(summary.loc["any", ("n_shared", "observed")]),
-                "p_shared": float(summary.loc["any", ("n_shared", "p_value")]),
-            }
-        )
+        sel = selectivity(pooled.codes, aset.gold, labels, rule)
+        row: dict[str, Any] = {"first layer": first, "chosen": first == phase.first}
+        for criterion, prefix in ((SETS, ""), ("full", "one-vs-rest ")):
+            summary = null.summary(shared_specific(sel, criterion=criterion), criterion)
+            for kind in ("specific", "shared"):
+                row[f"{prefix}n_{kind}"] = int(summary.loc["any", (f"n_{kind}", "observed")])
+                row[f"{prefix}p_{kind}"] = float(summary.loc["any", (f"n_{kind}", "p_value")])
+        rows.append(row)
     return pd.DataFrame(rows).set_index("first layer")
 
 
@@ -980,6 +1026,10 @@ def _features(
     full = null.summary(shared_specific(sel), "full")
     boot_table = shared_specific(sel, draws)
     boot_null = null.summary(boot_table, boot.criterion)
+    # Sharing tested directly: each feature counts for the emotion set it separates (what the verdict reads).
+    sets_full = null.summary(shared_specific(sel, criterion=SETS), SETS)
+    sets_boot = shared_specific(sel, draws, criterion=SETS)
+    sets_boot_null = null.summary(sets_boot, SETS)
     diffuse = diffuseness(sel, draws)
     versus = None
     if config.diffuse in labels:
@@ -1009,7 +1059,7 @@ def _features(
     n_support = diffuse.loc[config.diffuse, "n_support"] if versus is not None else None
     verdicts = {
         "shared_and_specific": fragile_if_cut_matters(
-            mix_verdict(full, boot_table, boot_null, null.n_shuffles, config.verdict_alpha),
+            mix_verdict(sets_full, sets_boot, sets_boot_null, null.n_shuffles, config.verdict_alpha),
             cut_range,
             config.verdict_alpha,
         ),
@@ -1047,6 +1097,10 @@ def _features(
         seconds=time.time() - started,
         replication=replication,
         cut_range=cut_range,
+        counts_sets=sets_full,
+        counts_sets_bootstrap=sets_boot,
+        counts_sets_bootstrap_null=sets_boot_null,
+        set_sizes=null.set_size_summary(sel),
     )
 
 
