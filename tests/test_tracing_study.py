@@ -24,6 +24,7 @@ from emolib.methods.common import FlowError
 from emolib.methods.tracing import FeatureTracer
 from emolib.studies import tracing
 from emolib.studies.base import combined
+from emolib.studies.features import FinalPhase
 from emolib.studies.presets import PRESETS
 from emolib.studies.tracing import (
     CLAIMS,
@@ -375,3 +376,55 @@ def test_verdicts_read_mostly_through_failing_saes_are_inconclusive():
     most = capped_by_sae(holds, {4: "fve", 5: "fve, dead", 6: ""})
     assert most.verdict == "inconclusive" and "uncapped, the rule says holds" in most.reason
     assert most.numbers["layers_missing_sae_goals"] == 2 and most.numbers["n_small"] == 3
+
+
+def test_a_verdict_that_changes_across_the_cut_range_is_fragile():
+    holds = Verdict("holds", "3 of 4 emotions", {"n_small": 3}, "small_set_verdict")
+    steady = tracing.fragile_across_cuts(holds, {"final phase from layer 18": holds})
+    assert steady.verdict == "holds" and steady.numbers["fragile"] is False
+    assert tracing.fragile_across_cuts(holds, {}) is holds  # no interval: nothing to survive
+    partly = Verdict("partly", "1 of 4", {"n_small": 1}, "small_set_verdict")
+    shaky = tracing.fragile_across_cuts(holds, {"final phase from layer 18": partly, "from 21": holds})
+    assert shaky.verdict == "partly" and shaky.numbers["fragile"] is True
+    assert "fragile" in shaky.reason and "final phase from layer 18: partly" in shaky.reason
+    assert "from 21" not in shaky.reason
+    # a negative verdict stays what it is, and says that another cut disagrees
+    negative = tracing.fragile_across_cuts(partly, {"final phase from layer 18": holds})
+    assert negative.verdict == "partly" and "layer 18: holds" in negative.reason
+
+
+def test_cut_range_spans_start_the_final_phase_at_each_other_end_of_its_interval():
+    final = FinalPhase(20, 23, "test", first_range=(18, 21))
+    assert tracing.cut_range_spans(final) == {
+        "final phase from layer 18": (18, 19, 20, 21, 22, 23),
+        "final phase from layer 21": (21, 22, 23),
+    }
+    assert tracing.cut_range_spans(FinalPhase(20, 23, "test", first_range=(20, 20))) == {}
+    assert tracing.cut_range_spans(FinalPhase(20, 23, "test")) == {}
+
+
+def test_run_tracing_traces_the_cut_range(tiny_study):
+    """The final phase (layer 1) also traced from layer 0: the spans get ablation curves and verification from the
+    same rankings, their verdicts by the same rules sit in a table, and the final verdicts say whether they agree."""
+    lm, config, flow = tiny_study
+    result = run_tracing(lm, config, flow, cut_range={"final phase from layer 0": [0, 1]})
+    table = result.cut_range
+    assert table.index.tolist() == ["phase 2", "final phase from layer 0"]
+    assert table["chosen"].tolist() == [True, False] and table["layers"].tolist() == ["1-1", "0-1"]
+    assert list(table.columns[2:]) == list(CLAIMS.values())
+    assert {"cut_range_curves", "cut_range_verify"} <= set(result.meta["timings_seconds"])
+    assert result.meta["cut_range"] == {"final phase from layer 0": [0, 1]}
+    for key, verdict in result.final_verdicts.items():
+        assert "fragile" in verdict.numbers
+        differs = table.loc["final phase from layer 0", CLAIMS[key]] != table.loc["phase 2", CLAIMS[key]]
+        assert verdict.numbers["fragile"] == differs
+    assert set(result.phases) == {"phase 1", "phase 2"}  # the spans are not phases of the chapter's views
+    again = TracingResult.from_json(json.loads(json.dumps(result.to_json())))
+    pd.testing.assert_frame_equal(again.cut_range, table)
+    off = run_tracing(lm, dataclasses.replace(config, cut_range=False), flow, cut_range={"x": [0, 1]})
+    assert off.cut_range is None
+    assert tracing.cut_range_table({"m": result, "n": off}).index.tolist() == [
+        ("m", "phase 2"),
+        ("m", "final phase from layer 0"),
+    ]
+    assert tracing.cut_range_table({"n": off}).empty

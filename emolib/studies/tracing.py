@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -43,15 +44,18 @@ from emolib.methods.tracing import (
 from emolib.sae.suite import SuiteConfig, sae_suite
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, combined, read_study_results, records, result_for, table
+from emolib.studies.features import FinalPhase
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, analysis_set
 from emolib.verdicts import Verdict, capped_by_sae
 
-#: Bump when the per-item study's computation changes, so cached studies are rebuilt.
-STUDY_VERSION = "2"  # 2: gap metric, attributions of the gap, k50 against the clean value
+#: Bump when the per-item study's computation changes, so cached studies are rebuilt (2: gap metric, gap
+#: attributions, k50 against the clean value; 3: the final phase's cut range).
+STUDY_VERSION = "3"
 
-#: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt.
-TRACING_VERSION = "2"  # 2: shuffled-label control, gated and SAE-capped verdicts
+#: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt (2: shuffled-label
+#: control, gated and SAE-capped verdicts; 3: fragile across the cut range).
+TRACING_VERSION = "3"
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
@@ -69,6 +73,8 @@ _STUDY_TABLES = (
     "verification_summary",
     "top_features",
     "concentration",
+    "cut_range_curves",
+    "cut_range_verification",
 )
 
 
@@ -102,7 +108,9 @@ class TracingConfig:
     a model with no clean preference for the gold label has nothing to explain. `shuffled_control` also ablates the
     top features of a ranking made for permuted labels. `top` features per emotion and phase are ranked in the
     study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
-    names the emotion of the "weaker and more diffuse" claim.
+    names the emotion of the "weaker and more diffuse" claim. `cut_range` also traces the final phase from each
+    end of its first layer's bootstrap interval (ablation curves and verification only), so that a verdict that
+    holds for one cut only is reported as fragile.
     """
 
     preset: str = "full"
@@ -130,6 +138,7 @@ class TracingConfig:
     seed: int = 0
     rule: TracingRule = field(default_factory=TracingRule)
     disgust: str = "disgust"
+    cut_range: bool = True
 
 
 def ranking_items(config: TracingConfig) -> AnalysisConfig:
@@ -159,6 +168,8 @@ class Study:
     top_features: pd.DataFrame
     concentration: pd.DataFrame
     meta: dict
+    cut_range_curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+    cut_range_verification: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def run_study(
@@ -167,13 +178,17 @@ def run_study(
     held_out: tuple[Sequence[str], Sequence[str]],
     phases: Mapping[str, Iterable[int]],
     config: TracingConfig,
+    cut_range: Mapping[str, Iterable[int]] | None = None,
 ) -> Study:
     """Attribute on the ranking items (texts, gold), ablate on the held-out items, summarise, verify.
 
     Features are ranked, and mean-ablation references taken, on the ranking items only, so the held-out effects
-    are not selected on the items they are measured on.
+    are not selected on the items they are measured on. `cut_range` names other spans of the final phase (its
+    first layer at the ends of chapter 1's bootstrap interval): they get the ablation curves and the
+    verification the verdicts read, from the same rankings, in `cut_range_curves` and `cut_range_verification`.
     """
     phases = check_phases(phases, tracer.layers)
+    cut_range = check_phases(cut_range, tracer.layers) if cut_range else {}
     timings: dict[str, float] = {}
 
     def timed(stage: str, fn, *args, **kwargs):
@@ -199,6 +214,19 @@ def run_study(
         "cross_emotion", tracer.cross_emotion, ranked, texts, gold, phases, config.cross_k, means=means
     )
     verification, summary = timed("verify", tracer.verify, ranked, held, phases)
+    cut_curves, cut_verification = pd.DataFrame(), pd.DataFrame()
+    if cut_range:
+        cut_curves = timed(
+            "cut_range_curves",
+            tracer.ablation_curves,
+            ranked,
+            texts,
+            gold,
+            cut_range,
+            means=means,
+            shuffled=shuffled,
+        )
+        cut_verification = timed("cut_range_verify", tracer.verify, ranked, held, cut_range)[0]
     boot = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
     return Study(
         curves=curves,
@@ -209,8 +237,11 @@ def run_study(
         verification_summary=summary,
         top_features=ranked.table(phases, top=config.top),
         concentration=ranked.concentration(phases, tracer.config.ks),
+        cut_range_curves=cut_curves,
+        cut_range_verification=cut_verification,
         meta={
             "phases": {name: list(layers) for name, layers in phases.items()},
+            "cut_range": {name: list(layers) for name, layers in cut_range.items()},
             "n_ranking": len(rank_texts),
             "n_held_out": len(texts),
             "ranking_per_label": pd.Series(rank_gold).value_counts().to_dict(),
@@ -229,9 +260,11 @@ def cached_study(
     held_out: tuple[Sequence[str], Sequence[str]],
     phases: Mapping[str, Iterable[int]],
     config: TracingConfig,
+    cut_range: Mapping[str, Iterable[int]] | None = None,
 ) -> Study:
     """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
-    prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases and the config."""
+    prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases, the cut range
+    and the config."""
     model_name = model_key(model_name, tracer.model)
     key = config_key(
         STUDY_VERSION,
@@ -242,19 +275,28 @@ def cached_study(
         pairs_digest(ranking[1], ranking[0]),
         pairs_digest(held_out[1], held_out[0]),
         {name: list(layers) for name, layers in phases.items()},
+        {name: list(layers) for name, layers in (cut_range or {}).items()},
         config,
     )
     folder = cache_dir("tracing") / f"{model_name}-{key}"
 
     def build(tmp) -> None:
-        study = run_study(tracer, ranking, held_out, phases, config)
+        study = run_study(tracer, ranking, held_out, phases, config, cut_range)
         for name in _STUDY_TABLES:
             getattr(study, name).to_csv(tmp / f"{name}.csv", index=False)
         (tmp / "meta.json").write_text(json.dumps(study.meta, indent=2, default=str))
 
     entry = cached_entry(folder, build, meta={"model": model_name, "sae_id": sae_id})
-    tables = {name: pd.read_csv(entry / f"{name}.csv") for name in _STUDY_TABLES}
+    tables = {name: _read_table(entry / f"{name}.csv") for name in _STUDY_TABLES}
     return Study(**tables, meta=json.loads((entry / "meta.json").read_text()))
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A study table from its CSV; a table without rows or columns (no cut range) was written as an empty file."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
@@ -464,6 +506,31 @@ def phase_verdicts(
     return {key: gated(verdict, *agreement, rule) for key, verdict in verdicts.items()}
 
 
+def fragile_across_cuts(verdict: Verdict, others: Mapping[str, Verdict]) -> Verdict:
+    """The final phase's `verdict` read against the same claim's verdicts when the phase starts elsewhere in
+    chapter 1's bootstrap interval (`others`, by span): where one differs, the finding exists for some cuts only,
+    so it is fragile and a "holds" becomes "partly"; the reason names every span's verdict."""
+    if not others:
+        return verdict
+    differing = {span: v.verdict for span, v in others.items() if v.verdict != verdict.verdict}
+    numbers = {**verdict.numbers, "fragile": bool(differing)}
+    if not differing:
+        return dataclasses.replace(verdict, numbers=numbers)
+    spans = ", ".join(f"{span}: {outcome}" for span, outcome in differing.items())
+    outcome = "partly" if verdict.verdict == "holds" else verdict.verdict
+    note = f"; fragile: where the final phase starts elsewhere in its bootstrap interval the rule says otherwise ({spans})"
+    return dataclasses.replace(verdict, verdict=outcome, reason=verdict.reason + note, numbers=numbers)
+
+
+def cut_range_spans(final: FinalPhase) -> dict[str, tuple[int, ...]]:
+    """The final phase with its first layer at each end of chapter 1's bootstrap interval other than the chosen
+    one (`FinalPhase.alternatives`): the spans a tracing verdict must survive (none without an interval)."""
+    return {
+        f"final phase from layer {first}": tuple(range(first, final.last + 1))
+        for first in final.alternatives()
+    }
+
+
 # ------------------------------------------------------------------------------------------------ result
 
 
@@ -483,6 +550,66 @@ def _matrix(payload: Mapping[str, Mapping[str, float]], index: str, columns: str
     frame = pd.DataFrame({c: [payload[c].get(r, np.nan) for r in rows] for c in payload}, index=rows)
     frame.index.name, frame.columns.name = index, columns
     return frame.astype(float)
+
+
+def _cut_range_verdicts(
+    model: str,
+    study: Study,
+    config: TracingConfig,
+    spans: Mapping[str, tuple[int, ...]],
+    sae_flags: Mapping[str, Mapping[int, str]],
+) -> dict[str, dict[str, Verdict]]:
+    """Every claim's verdict in each cut-range span, by the same rules, gate and SAE cap as the phases'."""
+    if not spans:
+        return {}
+    rule, curves = config.rule, study.cut_range_curves
+    boot = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
+    k50 = k50_table(curves, reference=config.k50_reference, min_effect=dict(config.min_effect), **boot)
+    spanned = dataclasses.replace(study, curves=curves, k50=k50, verification=study.cut_range_verification)
+    paired = {"metric": rule.metric, "n_boot": config.n_boot, "seed": config.seed}
+    versus = top_vs_random(curves, **paired)
+    has_shuffled = (curves["condition"] == "shuffled").any()
+    shuffled = top_vs_random(curves, control="shuffled", **paired) if has_shuffled else None
+    return {
+        span: {
+            key: capped_by_sae(verdict, sae_flags.get(span, {})).about(key, model, span)
+            for key, verdict in phase_verdicts(spanned, versus, span, rule, config.disgust, shuffled).items()
+        }
+        for span in spans
+    }
+
+
+def _cut_range_table(
+    phases: Mapping[str, tuple[int, ...]],
+    final: str,
+    final_verdicts: Mapping[str, Verdict],
+    spans: Mapping[str, tuple[int, ...]],
+    by_span: Mapping[str, Mapping[str, Verdict]],
+) -> pd.DataFrame:
+    """One row per start of the final phase (the chosen one first): its layers and every claim's verdict by the
+    rules at that cut (before `fragile_across_cuts` reads them together)."""
+    rows = [
+        {
+            "span": final,
+            "layers": _span(phases[final]),
+            "chosen": True,
+            **{CLAIMS[key]: v.verdict for key, v in final_verdicts.items()},
+        }
+    ]
+    for span, layers in spans.items():
+        rows.append(
+            {
+                "span": span,
+                "layers": _span(layers),
+                "chosen": False,
+                **{CLAIMS[key]: v.verdict for key, v in by_span[span].items()},
+            }
+        )
+    return pd.DataFrame(rows).set_index("span")
+
+
+def _span(layers: Sequence[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}"
 
 
 @dataclass
@@ -521,6 +648,7 @@ class TracingResult:
     confusion: pd.DataFrame
     confusion_source: str
     phase_verdicts: dict[str, dict[str, Verdict]]
+    cut_range: pd.DataFrame | None = None  # verdicts with the final phase starting across its interval
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -555,6 +683,13 @@ class TracingResult:
             }
             for phase in phases
         }
+        spans = {name: tuple(layers) for name, layers in study.meta.get("cut_range", {}).items()}
+        by_span = _cut_range_verdicts(model, study, config, spans, sae_flags)
+        cut_table = _cut_range_table(phases, final, verdicts[final], spans, by_span) if spans else None
+        verdicts[final] = {
+            key: fragile_across_cuts(verdict, {span: v[key] for span, v in by_span.items()})
+            for key, verdict in verdicts[final].items()
+        }
         return cls(
             model=model,
             phases=phases,
@@ -579,6 +714,7 @@ class TracingResult:
             confusion=confusion_shift(study.cross, phase=final, source=source, ablation=rule.ablation),
             confusion_source=str(source),
             phase_verdicts=verdicts,
+            cut_range=cut_table,
         )
 
     # ---------------------------------------------------------------------------------------- JSON
@@ -615,6 +751,7 @@ class TracingResult:
                 phase: {key: v.as_dict() for key, v in verdicts.items()}
                 for phase, verdicts in self.phase_verdicts.items()
             },
+            "cut_range": None if self.cut_range is None else records(self.cut_range),
         }
 
     @classmethod
@@ -647,6 +784,7 @@ class TracingResult:
                 phase: {key: Verdict.from_dict(v) for key, v in verdicts.items()}
                 for phase, verdicts in payload["phase_verdicts"].items()
             },
+            cut_range=None if payload.get("cut_range") is None else table(payload["cut_range"], "span"),
         )
 
     # ---------------------------------------------------------------------------------------- verdicts
@@ -871,9 +1009,12 @@ def run_tracing(
     model: str | LoadedModel,
     config: TracingConfig | None = None,
     phases: PhaseSource | Mapping[str, Iterable[int]] | None = None,
+    cut_range: Mapping[str, Iterable[int]] | None = None,
 ) -> TracingResult:
     """One model's tracing study (cached): `phases` from chapter 1's result for the model (None: read from the
-    flow chapter's results of `config.preset`) or given by hand."""
+    flow chapter's results of `config.preset`) or given by hand. With `config.cut_range`, the final phase is also
+    traced from the other end of its first layer's bootstrap interval (`cut_range_spans` of chapter 1's result),
+    or over the spans `cut_range` gives by hand (`{name: layers}`)."""
     config = config or TracingConfig()
     lm = load_model(model) if isinstance(model, str) else model
     name = lm.info.name
@@ -881,6 +1022,11 @@ def run_tracing(
         flow = read_study_results("flow", FlowResult, preset=config.preset)
         phases = result_for(flow, name, "01_flow")
     layers, chosen = study_phases(phases, config.n_phases)
+    spans: dict[str, tuple[int, ...]] = {}
+    if config.cut_range and cut_range is not None:
+        spans = {str(span): tuple(int(layer) for layer in members) for span, members in cut_range.items()}
+    elif config.cut_range and isinstance(phases, FlowResult):
+        spans = cut_range_spans(FinalPhase.from_flow(phases, name, config.n_phases))
     held = analysis_set(lm, config.preset, config.items)
     ranking = analysis_set(lm, config.preset, ranking_items(config))
     suite = sae_suite(lm, config.preset, config.saes)
@@ -892,6 +1038,7 @@ def run_tracing(
         suite.key,
         {phase: list(members) for phase, members in layers.items()},
         chosen,
+        {span: list(members) for span, members in spans.items()},
     )
 
     def build() -> TracingResult:
@@ -904,6 +1051,7 @@ def run_tracing(
             (held.texts, list(held.gold)),
             layers,
             config,
+            spans,
         )
         flagged = {p: [layer for layer in members if suite.flag(layer)] for p, members in layers.items()}
         facts = {
@@ -918,7 +1066,9 @@ def run_tracing(
             },
             "features per phase": ", ".join(str(tracer.n_features(members)) for members in layers.values()),
         }
-        flags = {p: {layer: suite.flag(layer) for layer in members} for p, members in layers.items()}
+        flags = {
+            p: {layer: suite.flag(layer) for layer in members} for p, members in {**layers, **spans}.items()
+        }
         return TracingResult.from_study(name, study, config, chosen, facts, flags)
 
     return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
@@ -980,6 +1130,13 @@ def verification_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
 def verdicts_by_phase(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     """Every model's verdicts in every phase (rows: model, phase; columns: claims in words)."""
     return combined(results, "verdicts_by_phase", by_model=True)
+
+
+def cut_range_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Every model's verdicts with the final phase at its chosen start and at the other ends of its bootstrap
+    interval (rows: model, span); empty when no model has an interval to try."""
+    tables = {name: r.cut_range for name, r in results.items() if r.cut_range is not None}
+    return pd.concat(tables, names=["model"]) if tables else pd.DataFrame()
 
 
 def findings_headings(results: Mapping[str, TracingResult]) -> dict[str, str]:
