@@ -94,6 +94,25 @@ def capped_by_sae(verdict: Verdict, flags: Mapping[int, str]) -> Verdict:
     return replace(verdict, reason=verdict.reason + note, numbers=numbers)
 
 
+def stable_across_seeds(verdict: Verdict, others: Mapping[int, Verdict], seed: int = 0) -> Verdict:
+    """`verdict` from the book's SAEs (training `seed`) read against the same rule on SAEs of the same layers
+    retrained with other seeds (`others`, by seed): where any seed's verdict differs, the finding rests on one
+    training run and the verdict is "inconclusive", every seed's verdict in the reason (as `seed_verdicts` in its
+    numbers); where all agree, it stands. Without other seeds it is returned as it is."""
+    if not others:
+        return verdict
+    outcomes = {seed: verdict.verdict, **{s: v.verdict for s, v in others.items()}}
+    listed = "; ".join(f"seed {s}: {outcome}" for s, outcome in outcomes.items())
+    stable = len(set(outcomes.values())) == 1
+    numbers = {**verdict.numbers, "seed_verdicts": listed, "stable_across_seeds": stable}
+    if stable:
+        return replace(verdict, numbers=numbers)
+    reason = (
+        f"SAE training seeds disagree ({listed}), so the finding rests on one training run; seed {seed}: "
+    )
+    return replace(verdict, verdict="inconclusive", reason=reason + verdict.reason, numbers=numbers)
+
+
 def preset_note(preset: str) -> str:
     """The note under a quick run's findings ("" for the full preset)."""
     return "" if preset == "full" else PRESET_NOTE.format(preset=preset)

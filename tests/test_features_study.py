@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import tiny_loaded
 from test_features import D_SAE, DEAD, EMOTIONS, EXPECTED, GENERAL, planted
 
@@ -24,7 +25,7 @@ from emolib.studies.features import (
     run_features,
 )
 from emolib.studies.presets import PRESETS
-from emolib.verdicts import Verdict, findings_markdown
+from emolib.verdicts import Verdict, findings_markdown, stable_across_seeds
 
 CONFIG = PRESETS["quick"].features
 PHASE = (1, 1)  # the tiny model's last layer (it has two)
@@ -436,3 +437,69 @@ def test_a_mix_that_holds_for_one_cut_only_is_fragile():
         fragile.verdict == "partly" and "fragile" in fragile.reason and "layer 20: not both" in fragile.reason
     )
     assert features.fragile_if_cut_matters(holds, None) is holds
+
+
+# ------------------------------------------------------------------------------------------------ SAE seeds
+
+
+def test_a_verdict_the_seeds_disagree_on_is_inconclusive():
+    holds = Verdict("holds", "both kinds beat the null", {"n_shared": 4}, "mix_verdict")
+    assert stable_across_seeds(holds, {}) is holds
+    steady = stable_across_seeds(holds, {1: holds, 2: holds})
+    assert steady.verdict == "holds" and steady.numbers["stable_across_seeds"] is True
+    assert steady.numbers["seed_verdicts"] == "seed 0: holds; seed 1: holds; seed 2: holds"
+    partly = Verdict("partly", "one total", {}, "mix_verdict")
+    shaky = stable_across_seeds(holds, {1: holds, 2: partly})
+    assert shaky.verdict == "inconclusive" and shaky.numbers["stable_across_seeds"] is False
+    assert shaky.reason.startswith(
+        "SAE training seeds disagree (seed 0: holds; seed 1: holds; seed 2: partly)"
+    )
+    assert shaky.reason.endswith("both kinds beat the null") and shaky.numbers["n_shared"] == 4
+    # a negative verdict the seeds disagree on is no firmer
+    assert stable_across_seeds(partly, {1: holds}).verdict == "inconclusive"
+
+
+class Decoder:
+    """Stands for an SAE where only its decoder is read."""
+
+    def __init__(self, w_dec: np.ndarray) -> None:
+        self.W_dec = torch.from_numpy(w_dec)
+
+
+def analysed(codes: np.ndarray, labels: list[str]) -> features._PhaseAnalysis:
+    """A `_PhaseAnalysis` holding only what `_seed_row` reads: the pooled codes of one layer (3), selectivity."""
+    pooled = selectivity.pool_layers({3: codes})
+    sel = selectivity.selectivity(pooled.codes, labels, EMOTIONS)
+    return features._PhaseAnalysis(pooled, sel, *([None] * 11))
+
+
+def test_the_seed_row_finds_features_again_by_decoder_direction():
+    """A 'retrained' SAE whose features are the book SAE's in another order (directions slightly perturbed) finds
+    every emotion-set feature again with its role; one with fresh random directions finds none."""
+    codes, labels = planted()
+    rng = np.random.default_rng(0)
+    w_dec = rng.normal(size=(D_SAE, 16)).astype(np.float32)
+    order = rng.permutation(D_SAE)  # seed feature j is book feature order[j]
+    perturbed = w_dec[order] + 0.01 * rng.normal(size=w_dec.shape).astype(np.float32)
+    main, other = analysed(codes, labels), analysed(codes[:, order], labels)
+    verdicts = {"shared_and_specific": Verdict("holds", "r", rule="mix_verdict")}
+    row = features._seed_row(1, main, other, {3: Decoder(w_dec)}, {3: Decoder(perturbed)}, verdicts, 0.9)
+    n = int(main.sel.matrix("sets").any(axis=1).sum())
+    assert n == 53 and row["emotion-set features"] == n
+    assert row["book SAEs' features found again"] == f"{n} of {n}"
+    assert row["found again, same emotion set"] == f"{n} of {n}"
+    assert row[CLAIMS["shared_and_specific"]] == "holds"
+    fresh = rng.normal(size=w_dec.shape).astype(np.float32)
+    row = features._seed_row(1, main, other, {3: Decoder(w_dec)}, {3: Decoder(fresh)}, verdicts, 0.9)
+    assert row["book SAEs' features found again"] == f"0 of {n}"
+
+
+def test_the_study_reads_its_verdicts_on_every_seed(study):
+    _, _, result = study
+    table = result.seeds_table()
+    assert table.index.get_level_values("seed").tolist() == [0, *CONFIG.sae_seeds]
+    assert set(CLAIMS.values()) <= set(table.columns)
+    for key, verdict in result.verdicts_by_claim.items():
+        assert "seed 0: " in verdict.numbers["seed_verdicts"]
+        per_seed = table[CLAIMS[key]].tolist()
+        assert verdict.numbers["stable_across_seeds"] == (len(set(per_seed)) == 1)

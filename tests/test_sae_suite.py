@@ -86,6 +86,19 @@ def test_a_changed_training_config_retrains(tiny_lm, tmp_cache, builtin_only):
     assert second.extraction["key"] == first.extraction["key"], "the activations are reused"
 
 
+def test_seed_saes_retrain_some_layers_with_another_seed(tiny_lm, tmp_cache, builtin_only):
+    """The suite's own seed on one layer gives that layer's suite SAE exactly (an SAE does not depend on which
+    other layers train beside it); another seed gives another SAE, trained on the same activations."""
+    suite = sae_suite(tiny_lm, "test", TINY_SUITE)
+    hook = "blocks.1.hook_resid_post"
+    same = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=TINY_SUITE.training.seed)
+    assert list(same) == [hook]
+    torch.testing.assert_close(same[hook].W_dec, suite.saes[hook].W_dec, rtol=0, atol=0)
+    other = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=7)
+    assert list(other) == [hook] and not torch.equal(other[hook].W_dec, suite.saes[hook].W_dec)
+    assert other[hook].cfg.d_sae == suite.saes[hook].cfg.d_sae
+
+
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):
     corpus = build_corpus(tiny_lm.tokenizer, True, TINY_SUITE.corpus)
     tokens, mask, keep = evaluation_batch(corpus, skip_first=1, pad=0, seed=3)
@@ -177,6 +190,9 @@ def test_a_pretrained_release_replaces_training(tiny_lm, tiny_release, monkeypat
     assert suite.quality.equals(tiny_release.quality)
     assert set(suite.timings) == {"evaluate"}
     assert suite.k is None  # no L0 goal for SAEs not trained for a k (`missed_goals`)
+    assert (
+        suite_module.seed_saes(tiny_lm, "test", config, [0], seed=1) == {}
+    )  # one set of SAEs, no retraining
     from emolib.studies.saes import SAEReport
 
     report = SAEReport.of(suite)

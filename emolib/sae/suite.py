@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from emolib.lm.batching import pad_id, right_padded
 from emolib.lm.device import device_of
 from emolib.lm.models import LoadedModel
 from emolib.lm.precision import compute_dtype, dtype_name
-from emolib.sae.activations import ExtractionConfig, extract_activations, resid_hooks
+from emolib.sae.activations import ActivationStore, ExtractionConfig, extract_activations, resid_hooks
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
 from emolib.sae.loading import PRETRAINED, SAEError, load_saes
 from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict, quality_table
@@ -176,33 +177,11 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
     if release is not None:
         return _pretrained_suite(lm, preset, config, release)
     name = lm.info.name
-    precision = compute_dtype(lm.model)  # SAEs train, and are measured, in the precision the forwards use
-    device = device_of(lm.model)  # and on the model's device
     hooks = list(resid_hooks(lm.info.n_layers))
-    extraction = dataclasses.replace(config.extraction, hooks=tuple(hooks))
-    corpus = build_corpus(lm.tokenizer, lm.info.chat, config.corpus)
-    store = extract_activations(
-        lm,
-        name,
-        corpus.sequences,
-        extraction,
-        description=corpus.description,
-        preset=preset,
-        starts=corpus.starts,
-    )
+    corpus, store = _training_activations(lm, preset, config)
     training = config.training.for_rows(store.n_rows, config.epochs)
-    folder = train_saes_cached(
-        functools.partial(store.endless_batches, hooks=hooks),
-        training,
-        hooks=hooks,
-        d_in=lm.info.d_model,
-        activation_key=store.key,
-        metadata={"model_name": name},
-        name=name,
-        precision=precision,
-        device=device,
-    )
-    saes = load_saes(folder, device=device)
+    folder = _train(lm, store, training, hooks)
+    saes = load_saes(folder, device=device_of(lm.model))
     eval_corpus, quality, quality_folder = _measured(lm, saes, folder.name, config)
     return SAESuite(
         model=name,
@@ -218,6 +197,56 @@ def sae_suite(lm: LoadedModel, preset: str, config: SuiteConfig) -> SAESuite:
         quality=quality,
         entries={"extract": store.folder, "train": folder, "evaluate": quality_folder},
     )
+
+
+def _training_activations(
+    lm: LoadedModel, preset: str, config: SuiteConfig
+) -> tuple[Corpus, ActivationStore]:
+    """The training corpus and its stored activations at every layer (cached)."""
+    extraction = dataclasses.replace(config.extraction, hooks=tuple(resid_hooks(lm.info.n_layers)))
+    corpus = build_corpus(lm.tokenizer, lm.info.chat, config.corpus)
+    store = extract_activations(
+        lm,
+        lm.info.name,
+        corpus.sequences,
+        extraction,
+        description=corpus.description,
+        preset=preset,
+        starts=corpus.starts,
+    )
+    return corpus, store
+
+
+def _train(
+    lm: LoadedModel, store: ActivationStore, training: SAETrainingConfig, hooks: Sequence[str]
+) -> Path:
+    """SAEs of `hooks` trained on `store` (cached), in the precision and on the device the model's forwards use."""
+    return train_saes_cached(
+        functools.partial(store.endless_batches, hooks=list(hooks)),
+        training,
+        hooks=list(hooks),
+        d_in=lm.info.d_model,
+        activation_key=store.key,
+        metadata={"model_name": lm.info.name},
+        name=lm.info.name,
+        precision=compute_dtype(lm.model),
+        device=device_of(lm.model),
+    )
+
+
+def seed_saes(
+    lm: LoadedModel, preset: str, config: SuiteConfig, layers: Sequence[int], seed: int
+) -> dict[str, SAE]:
+    """SAEs of `layers` retrained with another training `seed` (initialisation and data order), on the same stored
+    activations and otherwise as the suite's: how much a feature-level verdict owes to one training run. Each
+    hook's initialisation depends only on the seed and the hook, so training a few layers gives the SAEs a full
+    run with that seed would. Cached; empty for a model whose suite reads a pretrained release (one set of SAEs)."""
+    if config.release_for(lm.info.name) is not None:
+        return {}
+    _, store = _training_activations(lm, preset, config)
+    training = dataclasses.replace(config.training.for_rows(store.n_rows, config.epochs), seed=seed)
+    folder = _train(lm, store, training, [f"blocks.{layer}.hook_resid_post" for layer in layers])
+    return load_saes(folder, device=device_of(lm.model))
 
 
 def pretrained_key(release: str) -> str:

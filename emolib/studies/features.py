@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+import torch
+from sae_lens import SAE
 
 from emolib import data
 from emolib.lm.models import LoadedModel, load_model
@@ -25,6 +27,7 @@ from emolib.methods.coactivation import HeldOutCoactivation, heldout_coactivatio
 from emolib.methods.common import FeatureError
 from emolib.methods.diffuseness import compare_diffuseness, diffuseness
 from emolib.methods.feature_sets import (
+    NullSharedSpecific,
     intersections,
     jaccard,
     shared_specific,
@@ -46,15 +49,16 @@ from emolib.methods.selectivity import (
     shuffled_control,
     split_half_replication,
 )
-from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
+from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_saes
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, plain, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
-from emolib.verdicts import Verdict, capped_by_sae
+from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-FEATURES_VERSION = "3"  # 2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads
+#: (2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads; 4: SAE seeds)
+FEATURES_VERSION = "4"
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -248,7 +252,10 @@ class FeaturesConfig:
     dev items alone (`held_out_selectivity`: the quick preset has 6 items a label there); the permutation p-value at
     which a count beats the shuffled labels (`verdict_alpha`); the dataset with surprise and neutral labels for the
     second analysis set (`surprise_dataset`, the built-in set when it is not available); the labels the claims
-    name; the diffuseness measures the Disgust test uses. `preset` keys the items (`items`) and SAEs (`saes`) read.
+    name; the diffuseness measures the Disgust test uses. `sae_seeds` retrain the final phase's SAEs with other
+    training seeds, on which every verdict is computed again (a verdict the seeds disagree on is inconclusive), and
+    a feature is found again in another seed's SAE when a decoder direction there has cosine at least
+    `match_cosine` with it. `preset` keys the items (`items`) and SAEs (`saes`) read.
     """
 
     n_shuffles: int = 39
@@ -266,6 +273,8 @@ class FeaturesConfig:
     neutral: str = "neutral"
     measures: tuple[str, ...] = ("k50", "k80", "entropy")
     top_features: int = 5
+    sae_seeds: tuple[int, ...] = (1, 2)
+    match_cosine: float = 0.9
     preset: str = "full"
     items: AnalysisConfig = AnalysisConfig()
     saes: SuiteConfig = SuiteConfig()
@@ -499,6 +508,9 @@ class FeaturesResult:
     counts_sets_bootstrap: pd.DataFrame | None = None
     counts_sets_bootstrap_null: pd.DataFrame | None = None
     set_sizes: pd.DataFrame | None = None
+    # Per SAE training seed of the final phase's layers (the book's first): its uncapped verdicts and how many of the
+    # book SAEs' emotion-set features it finds again (None without retrained seeds).
+    seeds: pd.DataFrame | None = None
 
     # -------------------------------------------------------------------------------------------- JSON
 
@@ -544,6 +556,7 @@ class FeaturesResult:
                 None if self.counts_sets_bootstrap_null is None else _flat(self.counts_sets_bootstrap_null)
             ),
             "set_sizes": _optional_records(self.set_sizes),
+            "sae_seeds": _optional_records(self.seeds),
         }
 
     @classmethod
@@ -593,6 +606,7 @@ class FeaturesResult:
             counts_sets_bootstrap=_optional_table(payload.get("counts_sets_bootstrap"), "emotion"),
             counts_sets_bootstrap_null=_optional_unflat(payload.get("counts_sets_bootstrap_null")),
             set_sizes=_optional_table(payload.get("set_sizes"), "emotions in the set"),
+            seeds=_optional_table(payload.get("sae_seeds"), "seed"),
         )
 
     # -------------------------------------------------------------------------------------------- verdicts
@@ -734,6 +748,15 @@ class FeaturesResult:
                 "shared, null q95": bnull[("n_shared", "null_q95")].to_numpy(),
             }
         ).set_index(["model", "emotion"])
+
+    def seeds_table(self) -> pd.DataFrame:
+        """Per SAE training seed of the final phase's layers: the rules' verdicts (before the SAE cap) and the book
+        SAEs' emotion-set features found again (empty without retrained seeds)."""
+        if self.seeds is None:
+            return pd.DataFrame()
+        frame = self.seeds.reset_index()
+        frame.insert(0, "model", self.model)
+        return frame.set_index(["model", "seed"])
 
     def set_size_table(self) -> pd.DataFrame:
         """Features whose emotion set has 1, 2, ... emotions, beside the shuffled labels (empty for results files
@@ -997,6 +1020,131 @@ def _coactivation(
     }
 
 
+@dataclass
+class _PhaseAnalysis:
+    """The final phase's pooled features on one set of SAEs: selectivity, its null and bootstrap tables, the
+    diffuseness comparison, and the second set's pooled codes and co-activation (what the verdicts read)."""
+
+    pooled: PooledCodes
+    sel: Selectivity
+    null: NullSharedSpecific
+    full: pd.DataFrame
+    boot_table: pd.DataFrame
+    boot_null: pd.DataFrame
+    sets_full: pd.DataFrame
+    sets_boot: pd.DataFrame
+    sets_boot_null: pd.DataFrame
+    diffuse: pd.DataFrame
+    versus: dict[str, pd.DataFrame] | None
+    s_pooled: PooledCodes
+    coact: dict[str, HeldOutCoactivation]
+
+
+def _analyse_phase(
+    codes_by_layer: Mapping[int, np.ndarray],
+    s_codes: Mapping[int, np.ndarray],
+    aset: AnalysisSet,
+    sset: AnalysisSet,
+    config: FeaturesConfig,
+) -> _PhaseAnalysis:
+    """Pool the final phase's codes (`codes_by_layer` on the analysis set, `s_codes` on the second set) and
+    measure everything the claims' verdicts read."""
+    rule, boot, labels = config.selectivity, config.bootstrap, list(aset.labels)
+    pooled = pool_layers(codes_by_layer, rule)
+    sel = selectivity(pooled.codes, aset.gold, labels, rule)
+    null = shuffled_shared_specific(
+        pooled.codes, aset.gold, labels, rule, n_shuffles=config.n_shuffles, seed=config.seed
+    )
+    draws = bootstrap_selectivity(pooled.codes, aset.gold, labels, rule, boot)
+    boot_table = shared_specific(sel, draws)
+    # Sharing tested directly: each feature counts for the emotion set it separates (what the verdict reads).
+    sets_boot = shared_specific(sel, draws, criterion=SETS)
+    versus = None
+    if config.diffuse in labels:
+        others = [e for e in labels if e not in (config.diffuse, config.neutral)]
+        versus = {
+            m: compare_diffuseness(sel, draws, config.diffuse, m, others=others) for m in config.measures
+        }
+    s_pooled = pool_layers(s_codes, rule)
+    emotions = [e for e in sset.labels if e != config.neutral]
+    return _PhaseAnalysis(
+        pooled=pooled,
+        sel=sel,
+        null=null,
+        full=null.summary(shared_specific(sel), "full"),
+        boot_table=boot_table,
+        boot_null=null.summary(boot_table, boot.criterion),
+        sets_full=null.summary(shared_specific(sel, criterion=SETS), SETS),
+        sets_boot=sets_boot,
+        sets_boot_null=null.summary(sets_boot, SETS),
+        diffuse=diffuseness(sel, draws),
+        versus=versus,
+        s_pooled=s_pooled,
+        coact=_coactivation(sset, s_pooled, emotions, config) if config.surprise in emotions else {},
+    )
+
+
+def _claim_verdicts(analysis: _PhaseAnalysis, config: FeaturesConfig) -> dict[str, Verdict]:
+    """The chapter's verdict rules on one analysis, before the cut range, the seeds and the SAE cap read them."""
+    a = analysis
+    n_support = a.diffuse.loc[config.diffuse, "n_support"] if a.versus is not None else None
+    return {
+        "shared_and_specific": mix_verdict(
+            a.sets_full, a.sets_boot, a.sets_boot_null, a.null.n_shuffles, config.verdict_alpha
+        ),
+        "disgust_more_diffuse": diffuse_verdict(a.versus, n_support, config.diffuse),
+        "surprise_coactivates": coactivation_verdict(a.coact.get("all"), config.surprise),
+    }
+
+
+def _unit_rows(weights: torch.Tensor) -> np.ndarray:
+    w = weights.detach().float().cpu().numpy()
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def _seed_row(
+    seed: int,
+    main: _PhaseAnalysis,
+    other: _PhaseAnalysis,
+    main_saes: Mapping[int, SAE],
+    seed_saes: Mapping[int, SAE],
+    verdicts: Mapping[str, Verdict],
+    match_cosine: float,
+) -> dict[str, Any]:
+    """One seed's verdicts, and how many of the book SAEs' emotion-set features it finds again: a feature whose
+    decoder direction has a partner of cosine at least `match_cosine` in the seed's SAE of the same layer is
+    found; found with the same role when that partner is counted for the same emotion set."""
+    members = main.sel.matrix(SETS)
+    chosen = np.flatnonzero(members.any(axis=1))
+    other_members = other.sel.matrix(SETS)
+    other_column = {
+        (int(layer), int(feature)): j
+        for j, (layer, feature) in enumerate(zip(other.pooled.layer, other.pooled.feature, strict=True))
+    }
+    found = same_role = 0
+    for layer in sorted({int(main.pooled.layer[c]) for c in chosen}):
+        columns = [c for c in chosen if main.pooled.layer[c] == layer]
+        cosine = (
+            _unit_rows(main_saes[layer].W_dec[main.pooled.feature[columns]])
+            @ _unit_rows(seed_saes[layer].W_dec).T
+        )
+        for row, column in enumerate(columns):
+            partner = int(np.argmax(cosine[row]))
+            if cosine[row, partner] < match_cosine:
+                continue
+            found += 1
+            j = other_column.get((layer, partner))
+            same_role += int(j is not None and np.array_equal(other_members[j], members[column]))
+    n = len(chosen)
+    return {
+        "seed": seed,
+        "emotion-set features": int(other_members.any(axis=1).sum()),
+        "book SAEs' features found again": f"{found} of {n}",
+        "found again, same emotion set": f"{same_role} of {n}",
+        **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
+    }
+
+
 def _features(
     lm: LoadedModel,
     config: FeaturesConfig,
@@ -1005,9 +1153,10 @@ def _features(
     aset: AnalysisSet,
     sset: AnalysisSet,
 ) -> FeaturesResult:
-    """The study on one model: every layer alone, the final phase pooled, the second set's contrasts."""
+    """The study on one model: every layer alone, the final phase pooled, the second set's contrasts, and the
+    verdicts again on SAEs of the final phase retrained with other seeds."""
     started = time.time()
-    name, rule, boot = lm.info.name, config.selectivity, config.bootstrap
+    name, rule = lm.info.name, config.selectivity
     labels = list(aset.labels)
     per_layer, codes_by_layer = _per_layer(aset, suite, phase, config)
     flags = {layer: suite.flag(layer) for layer in phase.layers}
@@ -1015,37 +1164,16 @@ def _features(
     # The final phase under the ends of its first layer's bootstrap interval: do the totals survive the cut?
     cut_range = _cut_range_counts(codes_by_layer, aset, phase, config)
     codes_by_layer = {layer: codes for layer, codes in codes_by_layer.items() if layer in phase.layers}
-
-    # The final phase, pooled.
-    pooled = pool_layers(codes_by_layer, rule)
-    sel = selectivity(pooled.codes, aset.gold, labels, rule)
-    null = shuffled_shared_specific(
-        pooled.codes, aset.gold, labels, rule, n_shuffles=config.n_shuffles, seed=config.seed
-    )
-    draws = bootstrap_selectivity(pooled.codes, aset.gold, labels, rule, boot)
-    full = null.summary(shared_specific(sel), "full")
-    boot_table = shared_specific(sel, draws)
-    boot_null = null.summary(boot_table, boot.criterion)
-    # Sharing tested directly: each feature counts for the emotion set it separates (what the verdict reads).
-    sets_full = null.summary(shared_specific(sel, criterion=SETS), SETS)
-    sets_boot = shared_specific(sel, draws, criterion=SETS)
-    sets_boot_null = null.summary(sets_boot, SETS)
-    diffuse = diffuseness(sel, draws)
-    versus = None
-    if config.diffuse in labels:
-        others = [e for e in labels if e not in (config.diffuse, config.neutral)]
-        versus = {
-            m: compare_diffuseness(sel, draws, config.diffuse, m, others=others) for m in config.measures
-        }
-    del draws
+    s_codes = {layer: sset.codes(layer, suite.saes[_hook(layer)]) for layer in phase.layers}
+    analysis = _analyse_phase(codes_by_layer, s_codes, aset, sset, config)
+    pooled, sel = analysis.pooled, analysis.sel
     replication = split_half_replication(pooled.codes, aset.gold, labels, rule, seed=config.seed)
     cards = _card_rows(lm, suite, aset, pooled, sel, config)
 
-    # The second dataset: general emotional features (emotional vs neutral) and co-activation.
-    s_codes = {layer: sset.codes(layer, suite.saes[_hook(layer)]) for layer in phase.layers}
-    s_pooled = pool_layers(s_codes, rule)
+    # The second dataset: general emotional features (emotional vs neutral).
     general_summary, overlap = None, None
     if config.neutral in sset.labels:
+        s_pooled = analysis.s_pooled
         contrast, two = contrast_labels(sset.gold, config.neutral)
         general = emotional_vs_neutral(s_pooled.codes, sset.gold, rule, config.neutral)
         general_null = shuffled_control(
@@ -1053,19 +1181,44 @@ def _features(
         )
         general_summary = general_null.summary(general)
         overlap = _general_overlap(general, s_pooled, sel, pooled)
-    emotions = [e for e in sset.labels if e != config.neutral]
-    coact = _coactivation(sset, s_pooled, emotions, config) if config.surprise in emotions else {}
 
-    n_support = diffuse.loc[config.diffuse, "n_support"] if versus is not None else None
+    # The same verdicts on SAEs of the final phase's layers retrained with other seeds.
+    verdicts = _claim_verdicts(analysis, config)
+    main_saes = {layer: suite.saes[_hook(layer)] for layer in phase.layers}
+    by_seed, seed_rows = {}, []
+    for seed in config.sae_seeds:
+        retrained = seed_saes(lm, config.preset, config.saes, phase.layers, seed)
+        if not retrained:  # a pretrained release: one set of SAEs
+            break
+        by_layer = {layer: retrained[_hook(layer)] for layer in phase.layers}
+        other = _analyse_phase(
+            {layer: aset.codes(layer, sae) for layer, sae in by_layer.items()},
+            {layer: sset.codes(layer, sae) for layer, sae in by_layer.items()},
+            aset,
+            sset,
+            config,
+        )
+        by_seed[seed] = _claim_verdicts(other, config)
+        seed_rows.append(
+            _seed_row(seed, analysis, other, main_saes, by_layer, by_seed[seed], config.match_cosine)
+        )
+    seeds = None
+    if seed_rows:
+        book = {
+            "seed": config.saes.training.seed,
+            "emotion-set features": int(sel.matrix(SETS).any(axis=1).sum()),
+            "book SAEs' features found again": "(the book's SAEs)",
+            "found again, same emotion set": "-",
+            **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
+        }
+        seeds = pd.DataFrame([book, *seed_rows]).set_index("seed")
     verdicts = {
-        "shared_and_specific": fragile_if_cut_matters(
-            mix_verdict(sets_full, sets_boot, sets_boot_null, null.n_shuffles, config.verdict_alpha),
-            cut_range,
-            config.verdict_alpha,
-        ),
-        "disgust_more_diffuse": diffuse_verdict(versus, n_support, config.diffuse),
-        "surprise_coactivates": coactivation_verdict(coact.get("all"), config.surprise),
+        key: stable_across_seeds(verdict, {s: v[key] for s, v in by_seed.items()}, config.saes.training.seed)
+        for key, verdict in verdicts.items()
     }
+    verdicts["shared_and_specific"] = fragile_if_cut_matters(
+        verdicts["shared_and_specific"], cut_range, config.verdict_alpha
+    )
     verdicts = {key: capped_by_sae(verdict, flags) for key, verdict in verdicts.items()}
     return FeaturesResult(
         model=name,
@@ -1078,17 +1231,17 @@ def _features(
         n_features_pooled=pooled.n_features,
         n_features_tested=int(sel.n_tested),
         per_layer=per_layer,
-        counts_full=full,
-        counts_bootstrap=boot_table,
-        counts_bootstrap_null=boot_null,
-        diffuseness=diffuse,
-        versus=versus or {},
+        counts_full=analysis.full,
+        counts_bootstrap=analysis.boot_table,
+        counts_bootstrap_null=analysis.boot_null,
+        diffuseness=analysis.diffuse,
+        versus=analysis.versus or {},
         second_dataset=sset.dataset,
         second_items=sset.n,
         second_labels=list(sset.labels),
         general_emotional=general_summary,
         general_overlap=overlap,
-        coactivation={k: Coactivation(matrix=r.matrix, table=r.table()) for k, r in coact.items()},
+        coactivation={k: Coactivation(matrix=r.matrix, table=r.table()) for k, r in analysis.coact.items()},
         feature_cards=cards,
         top_features=_top_features(sel, pooled, config.top_features),
         jaccard=jaccard(sel.sets()),
@@ -1097,10 +1250,11 @@ def _features(
         seconds=time.time() - started,
         replication=replication,
         cut_range=cut_range,
-        counts_sets=sets_full,
-        counts_sets_bootstrap=sets_boot,
-        counts_sets_bootstrap_null=sets_boot_null,
-        set_sizes=null.set_size_summary(sel),
+        counts_sets=analysis.sets_full,
+        counts_sets_bootstrap=analysis.sets_boot,
+        counts_sets_bootstrap_null=analysis.sets_boot_null,
+        set_sizes=analysis.null.set_size_summary(sel),
+        seeds=seeds,
     )
 
 
