@@ -400,6 +400,7 @@ def masked_mean_codes(
     encoders: Mapping[str, Callable[[Tensor], Tensor]],
     shared: int = 0,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, Float[np.ndarray, "prompts features"]]:
     """Per hook, the mean over each prompt's masked positions of `encoders[hook](activation)`: e.g. SAE codes
     averaged over the text's own tokens, what a stretch of text activates rather than one position. Encoding
@@ -407,7 +408,7 @@ def masked_mean_codes(
 
     `masks[i]` marks the positions of prompt `i` to average (at least one). The first `shared` tokens, the same
     in every prompt and in no mask (an instruction prefix), run once into a key-value cache. Right-padded
-    batches: a causal model's real tokens never see the padding."""
+    batches: a causal model's real tokens never see the padding. `progress` shows a bar over the prompts."""
     hooks = list(encoders)
     if len(prompts) != len(masks):
         raise ValueError(f"{len(prompts)} prompts but {len(masks)} masks")
@@ -422,6 +423,7 @@ def masked_mean_codes(
     cache = prefix_cache(model, prompts[0][:shared], stop) if shared and stop != 0 else None
     start_at = shared if cache is not None else 0
     out: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
+    bar = tqdm(total=len(prompts), desc="codes on text tokens", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         rows = range(start, min(start + batch_size, len(prompts)))
         tokens, attention = right_padded([prompts[i][start_at:] for i in rows], pad=0)
@@ -436,6 +438,8 @@ def masked_mean_codes(
                 codes = encoders[hook](acts[hook]).float()
                 mean = torch.zeros((len(rows), codes.shape[1])).index_add_(0, b_idx, codes * weight[:, None])
                 out[hook].append(mean.numpy())
+        bar.update(len(rows))
+    bar.close()
     return {h: np.concatenate(parts) for h, parts in out.items()}
 
 

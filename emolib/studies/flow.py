@@ -782,7 +782,9 @@ def _text_codes(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite) -> dict[int
     """Per layer, each analysis item's SAE codes averaged over its text's own tokens (not the template's): where
     emotion words sit, before any of it has to reach the answer position."""
     encoders = {_hook(layer): suite.saes[_hook(layer)].encode for layer in aset.layers}
-    codes = masked_mean_codes(lm.model, aset.prompts, aset.text_masks, encoders, shared=aset.prefix_length)
+    codes = masked_mean_codes(
+        lm.model, aset.prompts, aset.text_masks, encoders, shared=aset.prefix_length, progress=True
+    )
     return {layer: codes[_hook(layer)] for layer in aset.layers}
 
 
