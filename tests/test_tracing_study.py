@@ -283,6 +283,17 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
     }
     assert (result.top_features["rank"] <= 5).all()
 
+    # the final phase traced again through SAEs retrained with the quick preset's other seed
+    seeds = result.seeds
+    assert seeds.index.tolist() == [0, *config.sae_seeds] and set(CLAIMS.values()) <= set(seeds.columns)
+    assert seeds.loc[1, "k50 per emotion"].startswith("anger ")
+    assert tracing.seeds_table({"m": result}).index.tolist() == [("m", 0), ("m", 1)]
+    for key, verdict in result.final_verdicts.items():
+        outcomes = set(seeds[CLAIMS[key]])
+        assert verdict.numbers["stable_across_seeds"] == (len(outcomes) == 1)
+        if len(outcomes) > 1:
+            assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
+
     verdicts = result.verdicts()
     assert [v.claim for v in verdicts] == list(CLAIMS) and {v.model for v in verdicts} == {lm.info.name}
     assert all(v.rule.endswith("_verdict") for v in verdicts)

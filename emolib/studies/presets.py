@@ -235,6 +235,7 @@ PRESETS: dict[str, Preset] = {
             ),
             cross_k=4,
             n_boot=200,
+            sae_seeds=(1,),
         ),
         # two example sizes, two draws, one k, two strengths and two variants: the protocol's every path, in about
         # a minute per model

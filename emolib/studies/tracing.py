@@ -41,21 +41,21 @@ from emolib.methods.tracing import (
     TracingError,
     check_phases,
 )
-from emolib.sae.suite import SuiteConfig, sae_suite
+from emolib.sae.suite import SuiteConfig, sae_suite, seed_saes
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, combined, read_study_results, records, result_for, table
 from emolib.studies.features import FinalPhase
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, analysis_set
-from emolib.verdicts import Verdict, capped_by_sae
+from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
 
 #: Bump when the per-item study's computation changes, so cached studies are rebuilt (2: gap metric, gap
 #: attributions, k50 against the clean value; 3: the final phase's cut range).
 STUDY_VERSION = "3"
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt (2: shuffled-label
-#: control, gated and SAE-capped verdicts; 3: fragile across the cut range).
-TRACING_VERSION = "3"
+#: control, gated and SAE-capped verdicts; 3: fragile across the cut range; 4: stable across SAE seeds).
+TRACING_VERSION = "4"
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
@@ -110,7 +110,8 @@ class TracingConfig:
     study's table. Intervals use `n_boot` item resamples at `level`. `rule` reads the verdicts; `disgust`
     names the emotion of the "weaker and more diffuse" claim. `cut_range` also traces the final phase from each
     end of its first layer's bootstrap interval (ablation curves and verification only), so that a verdict that
-    holds for one cut only is reported as fragile.
+    holds for one cut only is reported as fragile. `sae_seeds` retrain the final phase's SAEs with other training
+    seeds and trace the final phase through each (a verdict the seeds disagree on is inconclusive).
     """
 
     preset: str = "full"
@@ -139,6 +140,7 @@ class TracingConfig:
     rule: TracingRule = field(default_factory=TracingRule)
     disgust: str = "disgust"
     cut_range: bool = True
+    sae_seeds: tuple[int, ...] = (1, 2)
 
 
 def ranking_items(config: TracingConfig) -> AnalysisConfig:
@@ -553,28 +555,20 @@ def _matrix(payload: Mapping[str, Mapping[str, float]], index: str, columns: str
 
 
 def _cut_range_verdicts(
-    model: str,
-    study: Study,
-    config: TracingConfig,
-    spans: Mapping[str, tuple[int, ...]],
-    sae_flags: Mapping[str, Mapping[int, str]],
+    study: Study, config: TracingConfig, spans: Mapping[str, tuple[int, ...]]
 ) -> dict[str, dict[str, Verdict]]:
-    """Every claim's verdict in each cut-range span, by the same rules, gate and SAE cap as the phases'."""
+    """Every claim's verdict in each cut-range span by the same rules and gate as the phases' (before the SAE
+    cap, as the final phase's verdict they are compared with)."""
     if not spans:
         return {}
-    rule, curves = config.rule, study.cut_range_curves
+    curves = study.cut_range_curves
     boot = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
     k50 = k50_table(curves, reference=config.k50_reference, min_effect=dict(config.min_effect), **boot)
     spanned = dataclasses.replace(study, curves=curves, k50=k50, verification=study.cut_range_verification)
-    paired = {"metric": rule.metric, "n_boot": config.n_boot, "seed": config.seed}
-    versus = top_vs_random(curves, **paired)
-    has_shuffled = (curves["condition"] == "shuffled").any()
-    shuffled = top_vs_random(curves, control="shuffled", **paired) if has_shuffled else None
     return {
-        span: {
-            key: capped_by_sae(verdict, sae_flags.get(span, {})).about(key, model, span)
-            for key, verdict in phase_verdicts(spanned, versus, span, rule, config.disgust, shuffled).items()
-        }
+        span: phase_verdicts(
+            *_versus(spanned, config), span, config.rule, config.disgust, _shuffled(spanned, config)
+        )
         for span in spans
     }
 
@@ -587,7 +581,7 @@ def _cut_range_table(
     by_span: Mapping[str, Mapping[str, Verdict]],
 ) -> pd.DataFrame:
     """One row per start of the final phase (the chosen one first): its layers and every claim's verdict by the
-    rules at that cut (before `fragile_across_cuts` reads them together)."""
+    rules at that cut, before the SAE cap (and before `fragile_across_cuts` reads them together)."""
     rows = [
         {
             "span": final,
@@ -606,6 +600,50 @@ def _cut_range_table(
             }
         )
     return pd.DataFrame(rows).set_index("span")
+
+
+def _versus(study: Study, config: TracingConfig) -> tuple[Study, pd.DataFrame]:
+    """The study with its paired top-vs-random table (what `phase_verdicts` reads beside it)."""
+    paired = {"metric": config.rule.metric, "n_boot": config.n_boot, "seed": config.seed}
+    return study, top_vs_random(study.curves, **paired)
+
+
+def _shuffled(study: Study, config: TracingConfig) -> pd.DataFrame | None:
+    if not (study.curves["condition"] == "shuffled").any():
+        return None
+    paired = {"metric": config.rule.metric, "n_boot": config.n_boot, "seed": config.seed}
+    return top_vs_random(study.curves, control="shuffled", **paired)
+
+
+def _seed_table(
+    final: str,
+    book: Mapping[str, Verdict],
+    by_seed: Mapping[int, Mapping[str, Verdict]],
+    studies: Mapping[int, Study],
+    config: TracingConfig,
+) -> pd.DataFrame:
+    """One row per SAE training seed (the book's first): every claim's verdict in the final phase by the rules,
+    gate included, before the SAE cap; each seed's k50 per emotion beside them."""
+
+    def k50s(study: Study | None) -> str:
+        if study is None:
+            return "(the book's SAEs: see above)"
+        rows = study.k50[
+            (study.k50["phase"] == final)
+            & (study.k50["metric"] == config.rule.metric)
+            & (study.k50["ablation"] == config.rule.ablation)
+        ]
+        return ", ".join(f"{r.emotion} {format_k(r.k50)}" for r in rows.itertuples())
+
+    rows = [
+        {
+            "seed": seed,
+            "k50 per emotion": k50s(studies.get(seed)),
+            **{CLAIMS[k]: v.verdict for k, v in verdicts.items()},
+        }
+        for seed, verdicts in {config.saes.training.seed: book, **by_seed}.items()
+    ]
+    return pd.DataFrame(rows).set_index("seed")
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -649,6 +687,9 @@ class TracingResult:
     confusion_source: str
     phase_verdicts: dict[str, dict[str, Verdict]]
     cut_range: pd.DataFrame | None = None  # verdicts with the final phase starting across its interval
+    seeds: pd.DataFrame | None = (
+        None  # the final phase's verdicts and k50 through SAEs of other training seeds
+    )
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -661,9 +702,12 @@ class TracingResult:
         chosen_phase_count: int | None,
         facts: Mapping[str, Any],
         sae_flags: Mapping[str, Mapping[int, str]] | None = None,
+        seed_studies: Mapping[int, Study] | None = None,
     ) -> TracingResult:
         """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase, each
-        capped where most of the phase's SAEs miss their goals (`sae_flags[phase][layer]`: the goals missed)."""
+        capped where most of the phase's SAEs miss their goals (`sae_flags[phase][layer]`: the goals missed). The
+        final phase's verdicts are also read against the cut range's spans (`fragile_across_cuts`) and against
+        `seed_studies` (the final phase traced through SAEs retrained with other seeds, `stable_across_seeds`)."""
         sae_flags = sae_flags or {}
         rule = config.rule
         phases = {name: tuple(layers) for name, layers in study.meta["phases"].items()}
@@ -674,21 +718,36 @@ class TracingResult:
         shuffled = top_vs_random(study.curves, control="shuffled", **boot) if has_shuffled else None
         sources = set(study.cross["source"])
         source = config.disgust if config.disgust in sources else study.cross["source"].iloc[0]
+        uncapped = {
+            phase: phase_verdicts(study, versus, phase, rule, config.disgust, shuffled) for phase in phases
+        }
+        spans = {name: tuple(layers) for name, layers in study.meta.get("cut_range", {}).items()}
+        by_span = _cut_range_verdicts(study, config, spans)
+        cut_table = _cut_range_table(phases, final, uncapped[final], spans, by_span) if spans else None
+        by_seed = {
+            seed: phase_verdicts(
+                *_versus(seeded, config), final, rule, config.disgust, _shuffled(seeded, config)
+            )
+            for seed, seeded in (seed_studies or {}).items()
+        }
+        seed_table = (
+            _seed_table(final, uncapped[final], by_seed, seed_studies or {}, config) if by_seed else None
+        )
+        uncapped[final] = {
+            key: fragile_across_cuts(
+                stable_across_seeds(
+                    verdict, {s: v[key] for s, v in by_seed.items()}, config.saes.training.seed
+                ),
+                {span: v[key] for span, v in by_span.items()},
+            )
+            for key, verdict in uncapped[final].items()
+        }
         verdicts = {
             phase: {
                 key: capped_by_sae(verdict, sae_flags.get(phase, {})).about(key, model, phase)
-                for key, verdict in phase_verdicts(
-                    study, versus, phase, rule, config.disgust, shuffled
-                ).items()
+                for key, verdict in by_claim.items()
             }
-            for phase in phases
-        }
-        spans = {name: tuple(layers) for name, layers in study.meta.get("cut_range", {}).items()}
-        by_span = _cut_range_verdicts(model, study, config, spans, sae_flags)
-        cut_table = _cut_range_table(phases, final, verdicts[final], spans, by_span) if spans else None
-        verdicts[final] = {
-            key: fragile_across_cuts(verdict, {span: v[key] for span, v in by_span.items()})
-            for key, verdict in verdicts[final].items()
+            for phase, by_claim in uncapped.items()
         }
         return cls(
             model=model,
@@ -715,6 +774,7 @@ class TracingResult:
             confusion_source=str(source),
             phase_verdicts=verdicts,
             cut_range=cut_table,
+            seeds=seed_table,
         )
 
     # ---------------------------------------------------------------------------------------- JSON
@@ -752,6 +812,7 @@ class TracingResult:
                 for phase, verdicts in self.phase_verdicts.items()
             },
             "cut_range": None if self.cut_range is None else records(self.cut_range),
+            "sae_seeds": None if self.seeds is None else records(self.seeds),
         }
 
     @classmethod
@@ -785,6 +846,7 @@ class TracingResult:
                 for phase, verdicts in payload["phase_verdicts"].items()
             },
             cut_range=None if payload.get("cut_range") is None else table(payload["cut_range"], "span"),
+            seeds=None if payload.get("sae_seeds") is None else table(payload["sae_seeds"], "seed"),
         )
 
     # ---------------------------------------------------------------------------------------- verdicts
@@ -1014,7 +1076,8 @@ def run_tracing(
     """One model's tracing study (cached): `phases` from chapter 1's result for the model (None: read from the
     flow chapter's results of `config.preset`) or given by hand. With `config.cut_range`, the final phase is also
     traced from the other end of its first layer's bootstrap interval (`cut_range_spans` of chapter 1's result),
-    or over the spans `cut_range` gives by hand (`{name: layers}`)."""
+    or over the spans `cut_range` gives by hand (`{name: layers}`); with `config.sae_seeds`, through the final
+    phase's SAEs retrained with each of those seeds (`sae.suite.seed_saes`)."""
     config = config or TracingConfig()
     lm = load_model(model) if isinstance(model, str) else model
     name = lm.info.name
@@ -1069,7 +1132,22 @@ def run_tracing(
         flags = {
             p: {layer: suite.flag(layer) for layer in members} for p, members in {**layers, **spans}.items()
         }
-        return TracingResult.from_study(name, study, config, chosen, facts, flags)
+        final = {p: members for p, members in layers.items() if p == list(layers)[-1]}
+        seed_studies = {}
+        for seed in config.sae_seeds:
+            retrained = seed_saes(lm, config.preset, config.saes, list(next(iter(final.values()))), seed)
+            if not retrained:  # a pretrained release: one set of SAEs
+                break
+            seed_studies[seed] = cached_study(
+                FeatureTracer(held.classifier, retrained, config.tracing),
+                name,
+                f"{suite.key}-seed{seed}",
+                (ranking.texts, list(ranking.gold)),
+                (held.texts, list(held.gold)),
+                final,
+                config,
+            )
+        return TracingResult.from_study(name, study, config, chosen, facts, flags, seed_studies)
 
     return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
 
@@ -1130,6 +1208,13 @@ def verification_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
 def verdicts_by_phase(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     """Every model's verdicts in every phase (rows: model, phase; columns: claims in words)."""
     return combined(results, "verdicts_by_phase", by_model=True)
+
+
+def seeds_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Every model's final-phase verdicts and k50 per SAE training seed (rows: model, seed); empty when no model
+    was traced through retrained SAEs."""
+    tables = {name: r.seeds for name, r in results.items() if r.seeds is not None}
+    return pd.concat(tables, names=["model"]) if tables else pd.DataFrame()
 
 
 def cut_range_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
