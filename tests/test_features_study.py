@@ -488,10 +488,13 @@ def test_the_seed_row_finds_features_again_by_decoder_direction():
     assert n == 53 and row["emotion-set features"] == n
     assert row["book SAEs' features found again"] == f"{n} of {n}"
     assert row["found again, same emotion set"] == f"{n} of {n}"
+    assert row["median best cosine"] > 0.99 > 0.9 > row["median best cosine, random dictionary"]
     assert row[CLAIMS["shared_and_specific"]] == "holds"
     fresh = rng.normal(size=w_dec.shape).astype(np.float32)
     row = features._seed_row(1, main, other, {3: Decoder(w_dec)}, {3: Decoder(fresh)}, verdicts, 0.9)
     assert row["book SAEs' features found again"] == f"0 of {n}"
+    assert row["median best cosine"] < 0.9
+    assert row["median best cosine"] == pytest.approx(row["median best cosine, random dictionary"], abs=0.15)
 
 
 def test_the_study_reads_its_verdicts_on_every_seed(study):

@@ -57,8 +57,8 @@ from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
 from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-#: (2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads; 4: SAE seeds)
-FEATURES_VERSION = "4"
+#: (2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads; 4-5: SAE seeds)
+FEATURES_VERSION = "5"
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -1113,7 +1113,9 @@ def _seed_row(
 ) -> dict[str, Any]:
     """One seed's verdicts, and how many of the book SAEs' emotion-set features it finds again: a feature whose
     decoder direction has a partner of cosine at least `match_cosine` in the seed's SAE of the same layer is
-    found; found with the same role when that partner is counted for the same emotion set."""
+    found; found with the same role when that partner is counted for the same emotion set. The median of each
+    feature's best cosine says how near the others come, beside the same median against a random dictionary of
+    the same shape (seeded): what a seed's SAE shares beyond chance."""
     members = main.sel.matrix(SETS)
     chosen = np.flatnonzero(members.any(axis=1))
     other_members = other.sel.matrix(SETS)
@@ -1122,14 +1124,18 @@ def _seed_row(
         for j, (layer, feature) in enumerate(zip(other.pooled.layer, other.pooled.feature, strict=True))
     }
     found = same_role = 0
+    best: list[float] = []
+    chance: list[float] = []  # the same best cosine against a random dictionary of the seed SAE's shape
+    rng = np.random.default_rng(seed)
     for layer in sorted({int(main.pooled.layer[c]) for c in chosen}):
         columns = [c for c in chosen if main.pooled.layer[c] == layer]
-        cosine = (
-            _unit_rows(main_saes[layer].W_dec[main.pooled.feature[columns]])
-            @ _unit_rows(seed_saes[layer].W_dec).T
-        )
+        directions = _unit_rows(main_saes[layer].W_dec[main.pooled.feature[columns]])
+        cosine = directions @ _unit_rows(seed_saes[layer].W_dec).T
+        random = _unit_rows(torch.from_numpy(rng.standard_normal(tuple(seed_saes[layer].W_dec.shape))))
+        chance.extend((directions @ random.T).max(axis=1).tolist())
         for row, column in enumerate(columns):
             partner = int(np.argmax(cosine[row]))
+            best.append(float(cosine[row, partner]))
             if cosine[row, partner] < match_cosine:
                 continue
             found += 1
@@ -1141,6 +1147,8 @@ def _seed_row(
         "emotion-set features": int(other_members.any(axis=1).sum()),
         "book SAEs' features found again": f"{found} of {n}",
         "found again, same emotion set": f"{same_role} of {n}",
+        "median best cosine": float(np.median(best)) if best else np.nan,
+        "median best cosine, random dictionary": float(np.median(chance)) if chance else np.nan,
         **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
     }
 
@@ -1209,6 +1217,8 @@ def _features(
             "emotion-set features": int(sel.matrix(SETS).any(axis=1).sum()),
             "book SAEs' features found again": "(the book's SAEs)",
             "found again, same emotion set": "-",
+            "median best cosine": 1.0,
+            "median best cosine, random dictionary": np.nan,
             **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
         }
         seeds = pd.DataFrame([book, *seed_rows]).set_index("seed")
