@@ -100,6 +100,23 @@ def test_cached_study_reuses_and_rebuilds_a_corrupt_entry(study, tmp_path, monke
     assert len(calls) == 3 and len(list((tmp_path / "tracing").iterdir())) == 2
 
 
+def test_a_study_without_the_cross_emotion_run_keeps_every_table_the_verdicts_read(
+    study, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("EMOLIB_CACHE_DIR", str(tmp_path))
+    tracer, full = study
+    lean = run_study(tracer, (TEXTS, GOLD), (TEXTS, GOLD), PHASES, STUDY, cross_emotion=False)
+    assert lean.cross.empty and not full.cross.empty
+    assert "cross_emotion" not in lean.meta["timings_seconds"]
+    for name in ("curves", "k50", "verification", "verification_summary", "top_features"):
+        pd.testing.assert_frame_equal(getattr(lean, name), getattr(full, name))
+    args = (tracer, "tiny", "saes-a", (TEXTS, GOLD), (TEXTS, GOLD), PHASES, STUDY)
+    cached = cached_study(*args, cross_emotion=False)
+    assert cached.cross.empty
+    cached_study(*args)  # with the cross-emotion run: another entry, not the lean one read back
+    assert len(list((tmp_path / "tracing").iterdir())) == 2
+
+
 def curves(spec: dict[str, dict], n_items: int = 20, seed: int = 0) -> pd.DataFrame:
     """Per-item rows: `spec[emotion]` has "top" {k: mean drop}, "random" {k: mean drop}, "whole" (drop) and
     optionally "clean" (the clean value, default 0.8); items scatter around the means by a small noise."""

@@ -181,6 +181,7 @@ def run_study(
     phases: Mapping[str, Iterable[int]],
     config: TracingConfig,
     cut_range: Mapping[str, Iterable[int]] | None = None,
+    cross_emotion: bool = True,
 ) -> Study:
     """Attribute on the ranking items (texts, gold), ablate on the held-out items, summarise, verify.
 
@@ -188,6 +189,8 @@ def run_study(
     are not selected on the items they are measured on. `cut_range` names other spans of the final phase (its
     first layer at the ends of chapter 1's bootstrap interval): they get the ablation curves and the
     verification the verdicts read, from the same rankings, in `cut_range_curves` and `cut_range_verification`.
+    `cross_emotion=False` leaves out the cross-emotion run (`cross` empty), which no verdict reads: a study traced
+    only for its verdicts (through another seed's SAEs) does not pay for it.
     """
     phases = check_phases(phases, tracer.layers)
     cut_range = check_phases(cut_range, tracer.layers) if cut_range else {}
@@ -212,9 +215,11 @@ def run_study(
     curves = timed(
         "ablation_curves", tracer.ablation_curves, ranked, texts, gold, phases, means=means, shuffled=shuffled
     )
-    cross = timed(
-        "cross_emotion", tracer.cross_emotion, ranked, texts, gold, phases, config.cross_k, means=means
-    )
+    cross = pd.DataFrame()
+    if cross_emotion:
+        cross = timed(
+            "cross_emotion", tracer.cross_emotion, ranked, texts, gold, phases, config.cross_k, means=means
+        )
     verification, summary = timed("verify", tracer.verify, ranked, held, phases)
     cut_curves, cut_verification = pd.DataFrame(), pd.DataFrame()
     if cut_range:
@@ -263,10 +268,11 @@ def cached_study(
     phases: Mapping[str, Iterable[int]],
     config: TracingConfig,
     cut_range: Mapping[str, Iterable[int]] | None = None,
+    cross_emotion: bool = True,
 ) -> Study:
     """`run_study`, cached on disk (CSV tables and a JSON meta, checksummed) under a key made of the model, its
-    prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases, the cut range
-    and the config."""
+    prompt and verbalisers, the SAEs (`sae_id`, e.g. their cache folder), the items, the phases, the cut range,
+    whether the cross-emotion run is made, and the config."""
     model_name = model_key(model_name, tracer.model)
     key = config_key(
         STUDY_VERSION,
@@ -279,11 +285,12 @@ def cached_study(
         {name: list(layers) for name, layers in phases.items()},
         {name: list(layers) for name, layers in (cut_range or {}).items()},
         config,
+        *(() if cross_emotion else ("no cross-emotion run",)),
     )
     folder = cache_dir("tracing") / f"{model_name}-{key}"
 
     def build(tmp) -> None:
-        study = run_study(tracer, ranking, held_out, phases, config, cut_range)
+        study = run_study(tracer, ranking, held_out, phases, config, cut_range, cross_emotion)
         for name in _STUDY_TABLES:
             getattr(study, name).to_csv(tmp / f"{name}.csv", index=False)
         (tmp / "meta.json").write_text(json.dumps(study.meta, indent=2, default=str))
@@ -1146,6 +1153,7 @@ def run_tracing(
                 (held.texts, list(held.gold)),
                 final,
                 config,
+                cross_emotion=False,
             )
         return TracingResult.from_study(name, study, config, chosen, facts, flags, seed_studies)
 
