@@ -21,7 +21,7 @@ from emolib.lm import baselines
 from emolib.methods import ablation
 from emolib.methods.ablation import top_vs_random
 from emolib.methods.common import FlowError
-from emolib.methods.tracing import FeatureTracer
+from emolib.methods.tracing import FeatureTracer, TracingError
 from emolib.studies import tracing
 from emolib.studies.base import combined
 from emolib.studies.features import FinalPhase
@@ -115,6 +115,45 @@ def test_a_study_without_the_cross_emotion_run_keeps_every_table_the_verdicts_re
     assert cached.cross.empty
     cached_study(*args)  # with the cross-emotion run: another entry, not the lean one read back
     assert len(list((tmp_path / "tracing").iterdir())) == 2
+
+
+def test_the_positions_table_sets_the_text_positions_beside_the_answer_position(study):
+    """Both runs are read by the same rules, phase by phase, and compared at the largest k both trace."""
+    tracer, last = study
+    config = dataclasses.replace(STUDY, text_positions=dataclasses.replace(FAST, positions="suffix"))
+    text_config = tracing.text_positions_config(config)
+    assert text_config.tracing.positions == "suffix" and not text_config.shuffled_control
+    assert text_config.held_out_per_label == config.text_positions_per_label and text_config.sae_seeds == ()
+    text_tracer = FeatureTracer(tracer.classifier, tracer.saes, text_config.tracing)
+    text = run_study(text_tracer, (TEXTS, GOLD), (TEXTS, GOLD), PHASES, text_config, cross_emotion=False)
+    verdicts = {p: tracing.phase_verdicts(*tracing._versus(last, config), p, RULE, "disgust") for p in PHASES}
+    table = tracing._positions_table(last, verdicts, text, config)
+    assert tracing.compared_k(config) == 8
+    assert table.index.tolist() == [
+        (phase, kind) for phase in PHASES for kind in ("answer position", "text positions")
+    ]
+    assert set(CLAIMS.values()) <= set(table.columns)
+    excess = table["mean excess at k = 8"]
+    # layer 1 is the last block: what it writes at the text's positions never reaches the answer position, so
+    # ablating there too changes nothing; the planted feature moves the answer from either run
+    assert excess[("late", "text positions")] == pytest.approx(excess[("late", "answer position")])
+    assert excess[("late", "answer position")] > 1.0 and abs(excess[("early", "answer position")]) < 0.1
+    for phase in PHASES:
+        for key, verdict in verdicts[phase].items():
+            assert table.loc[(phase, "answer position"), CLAIMS[key]] == verdict.verdict
+
+
+def test_the_text_position_run_needs_a_suffix_tracer_that_the_rule_can_read():
+    with pytest.raises(TracingError, match="no text-position tracer"):
+        tracing.text_positions_config(dataclasses.replace(STUDY, text_positions=None))
+    with pytest.raises(TracingError, match="positions='suffix'"):
+        tracing.text_positions_config(dataclasses.replace(STUDY, text_positions=FAST))
+    mean_only = dataclasses.replace(FAST, positions="suffix", ablations=("mean",))
+    with pytest.raises(TracingError, match="must include it"):
+        tracing.text_positions_config(dataclasses.replace(STUDY, text_positions=mean_only))
+    unshared = dataclasses.replace(FAST, positions="suffix", ks=(3,))
+    with pytest.raises(TracingError, match="share no k"):
+        tracing.compared_k(dataclasses.replace(STUDY, text_positions=unshared))
 
 
 def curves(spec: dict[str, dict], n_items: int = 20, seed: int = 0) -> pd.DataFrame:
@@ -260,6 +299,7 @@ def tiny_study(tiny_model, tiny_tokenizer, tmp_cache, monkeypatch):
         saes=TINY_SUITE,
         n_phases=2,
         tracing=dataclasses.replace(quick.tracing, progress=False),
+        text_positions=dataclasses.replace(quick.text_positions, progress=False),
     )
     flow = Cuts({2: [(0, 0), (1, 1)]}, chosen=2)
     return lm, config, flow
@@ -310,6 +350,20 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
         assert verdict.numbers["stable_across_seeds"] == (len(outcomes) == 1)
         if len(outcomes) > 1:
             assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
+
+    # every phase traced again at the text's positions, on the quick preset's few items per label
+    positions = result.positions
+    assert positions.index.tolist() == [
+        (phase, kind) for phase in result.phases for kind in ("answer position", "text positions")
+    ]
+    assert (
+        positions.xs("text positions", level="positions")["held-out items"].tolist()
+        == [config.text_positions_per_label * len(TINY_LABELS)] * 2
+    )
+    assert positions.loc[("phase 2", "answer position"), CLAIMS["small_set"]] in {
+        "holds", "partly", "does not hold", "inconclusive"
+    }  # fmt: skip
+    assert tracing.positions_table({"m": result}).index.nlevels == 3
 
     verdicts = result.verdicts()
     assert [v.claim for v in verdicts] == list(CLAIMS) and {v.model for v in verdicts} == {lm.info.name}

@@ -236,6 +236,16 @@ PRESETS: dict[str, Preset] = {
             cross_k=4,
             n_boot=200,
             sae_seeds=(1,),
+            text_positions=TracerConfig(
+                positions="suffix",
+                ks=(1, 4, 16),
+                ablations=("zero",),
+                random_seeds=(0,),
+                n_verify=2,
+                batch_size=8,
+                progress=True,
+            ),
+            text_positions_per_label=3,
         ),
         # two example sizes, two draws, one k, two strengths and two variants: the protocol's every path, in about
         # a minute per model

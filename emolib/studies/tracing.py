@@ -54,8 +54,9 @@ from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
 STUDY_VERSION = "3"
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt (2: shuffled-label
-#: control, gated and SAE-capped verdicts; 3: fragile across the cut range; 4: stable across SAE seeds).
-TRACING_VERSION = "4"
+#: control, gated and SAE-capped verdicts; 3: fragile across the cut range; 4: stable across SAE seeds; 5: the
+#: text-position run).
+TRACING_VERSION = "5"
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
@@ -111,7 +112,10 @@ class TracingConfig:
     names the emotion of the "weaker and more diffuse" claim. `cut_range` also traces the final phase from each
     end of its first layer's bootstrap interval (ablation curves and verification only), so that a verdict that
     holds for one cut only is reported as fragile. `sae_seeds` retrain the final phase's SAEs with other training
-    seeds and trace the final phase through each (a verdict the seeds disagree on is inconclusive).
+    seeds and trace the final phase through each (a verdict the seeds disagree on is inconclusive). `text_positions`
+    traces every phase again at the text's positions (`positions="suffix"`: the text and the answer cue, not the
+    shared instruction) on `text_positions_per_label` of the held-out items per label, with its own (smaller)
+    tracer settings; None leaves it out (`text_positions_config`).
     """
 
     preset: str = "full"
@@ -141,6 +145,44 @@ class TracingConfig:
     disgust: str = "disgust"
     cut_range: bool = True
     sae_seeds: tuple[int, ...] = (1, 2)
+    # every traced position costs a forward of the text, not of one token: fewer k, one ablation, fewer items
+    text_positions: TracerConfig | None = field(
+        default_factory=lambda: TracerConfig(
+            positions="suffix",
+            ks=(1, 4, 16, 64),
+            ablations=("zero",),
+            random_seeds=(0,),
+            n_verify=4,
+            batch_size=8,
+            progress=True,
+        )
+    )
+    text_positions_per_label: int = 10
+
+
+def text_positions_config(config: TracingConfig) -> TracingConfig:
+    """The study config of the text-position run: `config.text_positions` as tracer on a sample of
+    `text_positions_per_label` held-out items per label; no shuffled-label ranking (the matched random features
+    stay the control), no cut range and no seeds. Raises when `config` has no text-position tracer."""
+    if config.text_positions is None:
+        raise TracingError("this config has no text-position tracer (text_positions=None)")
+    if config.text_positions.positions != "suffix":
+        raise TracingError(
+            f"text_positions must trace positions='suffix', not {config.text_positions.positions!r}"
+        )
+    if config.rule.ablation not in config.text_positions.ablations:
+        raise TracingError(
+            f"the rule reads {config.rule.ablation!r} ablation; text_positions.ablations must include it"
+        )
+    return dataclasses.replace(
+        config,
+        tracing=config.text_positions,
+        held_out_per_label=config.text_positions_per_label,
+        shuffled_control=False,
+        cut_range=False,
+        sae_seeds=(),
+        text_positions=None,
+    )
 
 
 def ranking_items(config: TracingConfig) -> AnalysisConfig:
@@ -653,6 +695,74 @@ def _seed_table(
     return pd.DataFrame(rows).set_index("seed")
 
 
+#: The two runs of the positions table, in words.
+POSITION_RUNS = {"last": "answer position", "suffix": "text positions"}
+
+
+def compared_k(config: TracingConfig) -> int:
+    """The k at which the answer-position and text-position runs are compared: the largest both trace."""
+    ks = set(config.tracing.ks)
+    if config.text_positions is not None:
+        ks &= set(config.text_positions.ks)
+    if not ks:
+        raise TracingError("the answer-position and text-position tracers share no k to compare at")
+    return max(ks)
+
+
+def _positions_rows(
+    study: Study,
+    verdicts: Mapping[str, Mapping[str, Verdict]],
+    config: TracingConfig,
+    k: int,
+    positions: str,
+) -> list[dict[str, Any]]:
+    """One row per phase of one run (`study.curves` traced at one kind of position): items, the emotions whose
+    top-k features beat as many matched random ones (paired interval above zero), the mean excess and the
+    whole-phase drop over emotions (the rule's metric and ablation), and every claim's verdict before the caps.
+    `positions` is the run's tracer setting ("last" or "suffix")."""
+    rule = config.rule
+    versus = top_vs_random(study.curves, metric=rule.metric, n_boot=config.n_boot, seed=config.seed)
+    versus = versus[(versus["ablation"] == rule.ablation) & (versus["k"] == k)]
+    effects = study.effects[(study.effects["ablation"] == rule.ablation)]
+    rows = []
+    for phase, by_claim in verdicts.items():
+        cells = versus[versus["phase"] == phase]
+        whole = effects[(effects["phase"] == phase) & (effects["condition"] == "whole")]
+        rows.append(
+            {
+                "phase": phase,
+                "positions": POSITION_RUNS[positions],
+                "held-out items": int(study.meta["n_held_out"]),
+                f"emotions whose top {k} beat random": f"{int((cells['excess_low'] > 0).sum())} of {len(cells)}",
+                f"mean excess at k = {k}": float(cells["excess"].mean()),
+                "mean whole-phase drop": float(whole[f"drop_{rule.metric}"].mean()),
+                **{CLAIMS[key]: v.verdict for key, v in by_claim.items()},
+            }
+        )
+    return rows
+
+
+def _positions_table(
+    study: Study,
+    verdicts: Mapping[str, Mapping[str, Verdict]],
+    text_study: Study,
+    config: TracingConfig,
+) -> pd.DataFrame:
+    """Every phase traced at the answer position (`study`, its verdicts before the caps) and at the text's
+    positions (`text_study`, verdicts by the same rules), compared at `compared_k`; rows (phase, positions)."""
+    text_config = text_positions_config(config)
+    text_verdicts = {
+        phase: phase_verdicts(*_versus(text_study, text_config), phase, config.rule, config.disgust)
+        for phase in verdicts
+    }
+    k = compared_k(config)
+    rows = _positions_rows(study, verdicts, config, k, config.tracing.positions)
+    rows += _positions_rows(text_study, text_verdicts, text_config, k, text_config.tracing.positions)
+    order = {phase: i for i, phase in enumerate(verdicts)}
+    frame = pd.DataFrame(rows).sort_values("phase", key=lambda c: c.map(order), kind="stable")
+    return frame.set_index(["phase", "positions"])
+
+
 def _span(layers: Sequence[int]) -> str:
     return f"{layers[0]}-{layers[-1]}"
 
@@ -697,6 +807,7 @@ class TracingResult:
     seeds: pd.DataFrame | None = (
         None  # the final phase's verdicts and k50 through SAEs of other training seeds
     )
+    positions: pd.DataFrame | None = None  # every phase at the answer position and at the text's positions
 
     # ---------------------------------------------------------------------------------------- building
 
@@ -710,11 +821,14 @@ class TracingResult:
         facts: Mapping[str, Any],
         sae_flags: Mapping[str, Mapping[int, str]] | None = None,
         seed_studies: Mapping[int, Study] | None = None,
+        text_study: Study | None = None,
     ) -> TracingResult:
         """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase, each
         capped where most of the phase's SAEs miss their goals (`sae_flags[phase][layer]`: the goals missed). The
         final phase's verdicts are also read against the cut range's spans (`fragile_across_cuts`) and against
-        `seed_studies` (the final phase traced through SAEs retrained with other seeds, `stable_across_seeds`)."""
+        `seed_studies` (the final phase traced through SAEs retrained with other seeds, `stable_across_seeds`).
+        `text_study` (every phase traced at the text's positions) is set beside the answer position's run in
+        `positions`, by the same rules; it reports where features act and moves no verdict."""
         sae_flags = sae_flags or {}
         rule = config.rule
         phases = {name: tuple(layers) for name, layers in study.meta["phases"].items()}
@@ -730,6 +844,7 @@ class TracingResult:
         }
         spans = {name: tuple(layers) for name, layers in study.meta.get("cut_range", {}).items()}
         by_span = _cut_range_verdicts(study, config, spans)
+        positions = None if text_study is None else _positions_table(study, uncapped, text_study, config)
         cut_table = _cut_range_table(phases, final, uncapped[final], spans, by_span) if spans else None
         by_seed = {
             seed: phase_verdicts(
@@ -782,6 +897,7 @@ class TracingResult:
             phase_verdicts=verdicts,
             cut_range=cut_table,
             seeds=seed_table,
+            positions=positions,
         )
 
     # ---------------------------------------------------------------------------------------- JSON
@@ -820,6 +936,7 @@ class TracingResult:
             },
             "cut_range": None if self.cut_range is None else records(self.cut_range),
             "sae_seeds": None if self.seeds is None else records(self.seeds),
+            "positions": None if self.positions is None else records(self.positions),
         }
 
     @classmethod
@@ -854,6 +971,9 @@ class TracingResult:
             },
             cut_range=None if payload.get("cut_range") is None else table(payload["cut_range"], "span"),
             seeds=None if payload.get("sae_seeds") is None else table(payload["sae_seeds"], "seed"),
+            positions=None
+            if payload.get("positions") is None
+            else table(payload["positions"], ["phase", "positions"]),
         )
 
     # ---------------------------------------------------------------------------------------- verdicts
@@ -1155,7 +1275,19 @@ def run_tracing(
                 config,
                 cross_emotion=False,
             )
-        return TracingResult.from_study(name, study, config, chosen, facts, flags, seed_studies)
+        text_study = None
+        if config.text_positions is not None:
+            text_study = cached_study(
+                FeatureTracer(held.classifier, suite.saes, config.text_positions),
+                name,
+                suite.key,
+                (ranking.texts, list(ranking.gold)),
+                (held.texts, list(held.gold)),
+                layers,
+                text_positions_config(config),
+                cross_emotion=False,
+            )
+        return TracingResult.from_study(name, study, config, chosen, facts, flags, seed_studies, text_study)
 
     return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
 
@@ -1179,6 +1311,12 @@ def settings_table(config: TracingConfig) -> pd.DataFrame:
             "features ablated in the cross-emotion run": config.cross_k,
             "single features verified per emotion and phase": config.tracing.n_verify,
             "bootstrap resamples": config.n_boot,
+            "text positions: k values": "not traced"
+            if config.text_positions is None
+            else ", ".join(map(str, config.text_positions.ks)),
+            "text positions: held-out items per label": config.text_positions_per_label
+            if config.text_positions is not None
+            else "-",
         },
         name="setting",
     ).to_frame()
@@ -1222,6 +1360,13 @@ def seeds_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
     """Every model's final-phase verdicts and k50 per SAE training seed (rows: model, seed); empty when no model
     was traced through retrained SAEs."""
     tables = {name: r.seeds for name, r in results.items() if r.seeds is not None}
+    return pd.concat(tables, names=["model"]) if tables else pd.DataFrame()
+
+
+def positions_table(results: Mapping[str, TracingResult]) -> pd.DataFrame:
+    """Every model's phases traced at the answer position and at the text's positions (rows: model, phase,
+    positions); empty when no model was traced at the text's positions."""
+    tables = {name: r.positions for name, r in results.items() if r.positions is not None}
     return pd.concat(tables, names=["model"]) if tables else pd.DataFrame()
 
 
