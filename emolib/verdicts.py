@@ -94,6 +94,14 @@ def capped_by_sae(verdict: Verdict, flags: Mapping[int, str]) -> Verdict:
     return replace(verdict, reason=verdict.reason + note, numbers=numbers)
 
 
+def goals_missed(flags: Mapping[int, str]) -> str:
+    """How many of the layers in `flags` (layer -> the goals its SAE misses) have SAEs that miss a quality goal,
+    naming the goals: a table cell beside a verdict read through those SAEs."""
+    missed = {layer: goals for layer, goals in flags.items() if goals}
+    listed = "; ".join(f"L{layer}: {goals}" for layer, goals in sorted(missed.items()))
+    return f"{len(missed)} of {len(flags)}" + (f" ({listed})" if missed else "")
+
+
 def stable_across_seeds(verdict: Verdict, others: Mapping[int, Verdict], seed: int = 0) -> Verdict:
     """`verdict` from the book's SAEs (training `seed`) read against the same rule on SAEs of the same layers
     retrained with other seeds (`others`, by seed): where any seed's verdict differs, the finding rests on one

@@ -483,15 +483,19 @@ def test_the_seed_row_finds_features_again_by_decoder_direction():
     perturbed = w_dec[order] + 0.01 * rng.normal(size=w_dec.shape).astype(np.float32)
     main, other = analysed(codes, labels), analysed(codes[:, order], labels)
     verdicts = {"shared_and_specific": Verdict("holds", "r", rule="mix_verdict")}
-    row = features._seed_row(1, main, other, {3: Decoder(w_dec)}, {3: Decoder(perturbed)}, verdicts, 0.9)
+    row = features._seed_row(
+        1, main, other, {3: Decoder(w_dec)}, {3: Decoder(perturbed)}, verdicts, 0.9, "0 of 1"
+    )
     n = int(main.sel.matrix("sets").any(axis=1).sum())
     assert n == 53 and row["emotion-set features"] == n
     assert row["book SAEs' features found again"] == f"{n} of {n}"
     assert row["found again, same emotion set"] == f"{n} of {n}"
     assert row["median best cosine"] > 0.99 > 0.9 > row["median best cosine, random dictionary"]
-    assert row[CLAIMS["shared_and_specific"]] == "holds"
+    assert row[CLAIMS["shared_and_specific"]] == "holds" and row["SAEs missing a goal"] == "0 of 1"
     fresh = rng.normal(size=w_dec.shape).astype(np.float32)
-    row = features._seed_row(1, main, other, {3: Decoder(w_dec)}, {3: Decoder(fresh)}, verdicts, 0.9)
+    row = features._seed_row(
+        1, main, other, {3: Decoder(w_dec)}, {3: Decoder(fresh)}, verdicts, 0.9, "1 of 1 (L3: fve)"
+    )
     assert row["book SAEs' features found again"] == f"0 of {n}"
     assert row["median best cosine"] < 0.9
     assert row["median best cosine"] == pytest.approx(row["median best cosine, random dictionary"], abs=0.15)
@@ -502,6 +506,7 @@ def test_the_study_reads_its_verdicts_on_every_seed(study):
     table = result.seeds_table()
     assert table.index.get_level_values("seed").tolist() == [0, *CONFIG.sae_seeds]
     assert set(CLAIMS.values()) <= set(table.columns)
+    assert all(" of " in cell for cell in table["SAEs missing a goal"])
     for key, verdict in result.verdicts_by_claim.items():
         assert "seed 0: " in verdict.numbers["seed_verdicts"]
         per_seed = table[CLAIMS[key]].tolist()

@@ -97,6 +97,9 @@ def test_seed_saes_retrain_some_layers_with_another_seed(tiny_lm, tmp_cache, bui
     other = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=7)
     assert list(other) == [hook] and not torch.equal(other[hook].W_dec, suite.saes[hook].W_dec)
     assert other[hook].cfg.d_sae == suite.saes[hook].cfg.d_sae
+    # the seed's SAEs are measured as the suite's: the suite's own seed misses the suite layer's goals
+    assert suite_module.seed_flags(tiny_lm, suite, same, TINY_SUITE.training.seed) == {1: suite.flag(1)}
+    assert set(suite_module.seed_flags(tiny_lm, suite, other, 7)) == {1}
 
 
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):

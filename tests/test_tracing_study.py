@@ -39,7 +39,7 @@ from emolib.studies.tracing import (
     varies_verdict,
     weaker_diffuse_verdict,
 )
-from emolib.verdicts import Verdict, findings_markdown
+from emolib.verdicts import Verdict, findings_markdown, goals_missed
 
 matplotlib.use("Agg")
 
@@ -344,6 +344,7 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
     seeds = result.seeds
     assert seeds.index.tolist() == [0, *config.sae_seeds] and set(CLAIMS.values()) <= set(seeds.columns)
     assert seeds.loc[1, "k50 per emotion"].startswith("anger ")
+    assert all(cell.endswith(" of 1") or " of 1 (" in cell for cell in seeds["SAEs missing a goal"])
     assert tracing.seeds_table({"m": result}).index.tolist() == [("m", 0), ("m", 1)]
     for key, verdict in result.final_verdicts.items():
         outcomes = set(seeds[CLAIMS[key]])
@@ -453,6 +454,8 @@ def test_verdicts_read_mostly_through_failing_saes_are_inconclusive():
 
     holds = Verdict("holds", "3 of 5 emotions", {"n_small": 3}, "small_set_verdict")
     assert capped_by_sae(holds, {4: "", 5: ""}) is holds
+    assert goals_missed({4: "", 5: ""}) == "0 of 2"
+    assert goals_missed({5: "fve", 4: "fve, l0", 6: ""}) == "2 of 3 (L4: fve, l0; L5: fve)"
     some = capped_by_sae(holds, {4: "fve", 5: "", 6: ""})
     assert some.verdict == "holds" and "1 of the 3 layers" in some.reason and "L4: fve" in some.reason
     most = capped_by_sae(holds, {4: "fve", 5: "fve, dead", 6: ""})

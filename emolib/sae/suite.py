@@ -249,6 +249,15 @@ def seed_saes(
     return load_saes(folder, device=device_of(lm.model))
 
 
+def seed_flags(lm: LoadedModel, suite: SAESuite, saes: dict[str, SAE], seed: int) -> dict[int, str]:
+    """Per layer, the quality goals a retrained seed's SAE (`seed_saes`) misses ("" for none), measured as the
+    suite's own on its evaluation corpus (cached under the suite's key and the seed): a seed's verdict read
+    through SAEs that fail their goals is no better evidence than the book's."""
+    _, quality, _ = _measured(lm, saes, f"{suite.key}-seed{seed}", suite.config)
+    missed = missed_goals(quality, suite.k).set_index("layer")["missed"]
+    return {int(layer): str(missed.get(layer, "")) for layer in quality["layer"]}
+
+
 def pretrained_key(release: str) -> str:
     """What identifies a pretrained release's SAEs in cache keys (a trained suite uses its cache folder's name)."""
     return f"pretrained-{release}"

@@ -49,16 +49,17 @@ from emolib.methods.selectivity import (
     shuffled_control,
     split_half_replication,
 )
-from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_saes
+from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_flags, seed_saes
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, plain, read_study_results, records, result_for, table
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
-from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
+from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_seeds
 
 #: Bump when what `run_features` computes changes, so cached results are recomputed.
-#: (2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads; 4-5: SAE seeds)
-FEATURES_VERSION = "5"
+#: (2: split-half replication, the cut range; 3: the emotion-set rule the verdict reads; 4-5: SAE seeds; 6: the
+#: seed SAEs' quality)
+FEATURES_VERSION = "6"
 
 #: The chapter's claims, in the order "What we found" lists them.
 CLAIMS = {
@@ -1110,12 +1111,14 @@ def _seed_row(
     seed_saes: Mapping[int, SAE],
     verdicts: Mapping[str, Verdict],
     match_cosine: float,
+    missing: str,
 ) -> dict[str, Any]:
     """One seed's verdicts, and how many of the book SAEs' emotion-set features it finds again: a feature whose
     decoder direction has a partner of cosine at least `match_cosine` in the seed's SAE of the same layer is
     found; found with the same role when that partner is counted for the same emotion set. The median of each
     feature's best cosine says how near the others come, beside the same median against a random dictionary of
-    the same shape (seeded): what a seed's SAE shares beyond chance."""
+    the same shape (seeded): what a seed's SAE shares beyond chance. `missing` says which of the seed's SAEs miss
+    a quality goal (`verdicts.goals_missed`)."""
     members = main.sel.matrix(SETS)
     chosen = np.flatnonzero(members.any(axis=1))
     other_members = other.sel.matrix(SETS)
@@ -1149,6 +1152,7 @@ def _seed_row(
         "found again, same emotion set": f"{same_role} of {n}",
         "median best cosine": float(np.median(best)) if best else np.nan,
         "median best cosine, random dictionary": float(np.median(chance)) if chance else np.nan,
+        "SAEs missing a goal": missing,
         **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
     }
 
@@ -1208,7 +1212,16 @@ def _features(
         )
         by_seed[seed] = _claim_verdicts(other, config)
         seed_rows.append(
-            _seed_row(seed, analysis, other, main_saes, by_layer, by_seed[seed], config.match_cosine)
+            _seed_row(
+                seed,
+                analysis,
+                other,
+                main_saes,
+                by_layer,
+                by_seed[seed],
+                config.match_cosine,
+                goals_missed(seed_flags(lm, suite, retrained, seed)),
+            )
         )
     seeds = None
     if seed_rows:
@@ -1219,6 +1232,7 @@ def _features(
             "found again, same emotion set": "-",
             "median best cosine": 1.0,
             "median best cosine, random dictionary": np.nan,
+            "SAEs missing a goal": goals_missed(flags),
             **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
         }
         seeds = pd.DataFrame([book, *seed_rows]).set_index("seed")

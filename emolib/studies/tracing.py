@@ -41,13 +41,13 @@ from emolib.methods.tracing import (
     TracingError,
     check_phases,
 )
-from emolib.sae.suite import SuiteConfig, sae_suite, seed_saes
+from emolib.sae.suite import SuiteConfig, sae_suite, seed_flags, seed_saes
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, combined, read_study_results, records, result_for, table
 from emolib.studies.features import FinalPhase
 from emolib.studies.flow import FlowResult
 from emolib.studies.items import AnalysisConfig, analysis_set
-from emolib.verdicts import Verdict, capped_by_sae, stable_across_seeds
+from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_seeds
 
 #: Bump when the per-item study's computation changes, so cached studies are rebuilt (2: gap metric, gap
 #: attributions, k50 against the clean value; 3: the final phase's cut range).
@@ -55,8 +55,8 @@ STUDY_VERSION = "3"
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt (2: shuffled-label
 #: control, gated and SAE-capped verdicts; 3: fragile across the cut range; 4: stable across SAE seeds; 5: the
-#: text-position run).
-TRACING_VERSION = "5"
+#: text-position run; 6: the seed SAEs' quality).
+TRACING_VERSION = "6"
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
@@ -670,9 +670,11 @@ def _seed_table(
     by_seed: Mapping[int, Mapping[str, Verdict]],
     studies: Mapping[int, Study],
     config: TracingConfig,
+    flags: Mapping[int, Mapping[int, str]],
 ) -> pd.DataFrame:
     """One row per SAE training seed (the book's first): every claim's verdict in the final phase by the rules,
-    gate included, before the SAE cap; each seed's k50 per emotion beside them."""
+    gate included, before the SAE cap; each seed's k50 per emotion and its SAEs' missed quality goals (`flags`
+    by seed, then layer) beside them."""
 
     def k50s(study: Study | None) -> str:
         if study is None:
@@ -688,6 +690,7 @@ def _seed_table(
         {
             "seed": seed,
             "k50 per emotion": k50s(studies.get(seed)),
+            "SAEs missing a goal": goals_missed(flags[seed]) if seed in flags else "not measured",
             **{CLAIMS[k]: v.verdict for k, v in verdicts.items()},
         }
         for seed, verdicts in {config.saes.training.seed: book, **by_seed}.items()
@@ -822,11 +825,13 @@ class TracingResult:
         sae_flags: Mapping[str, Mapping[int, str]] | None = None,
         seed_studies: Mapping[int, Study] | None = None,
         text_study: Study | None = None,
+        seed_sae_flags: Mapping[int, Mapping[int, str]] | None = None,
     ) -> TracingResult:
         """Summarise a per-item study: paired top-vs-random excess, final-phase matrices, verdicts per phase, each
         capped where most of the phase's SAEs miss their goals (`sae_flags[phase][layer]`: the goals missed). The
         final phase's verdicts are also read against the cut range's spans (`fragile_across_cuts`) and against
-        `seed_studies` (the final phase traced through SAEs retrained with other seeds, `stable_across_seeds`).
+        `seed_studies` (the final phase traced through SAEs retrained with other seeds, `stable_across_seeds`;
+        `seed_sae_flags[seed][layer]` the goals their SAEs miss, shown beside them).
         `text_study` (every phase traced at the text's positions) is set beside the answer position's run in
         `positions`, by the same rules; it reports where features act and moves no verdict."""
         sae_flags = sae_flags or {}
@@ -853,7 +858,16 @@ class TracingResult:
             for seed, seeded in (seed_studies or {}).items()
         }
         seed_table = (
-            _seed_table(final, uncapped[final], by_seed, seed_studies or {}, config) if by_seed else None
+            _seed_table(
+                final,
+                uncapped[final],
+                by_seed,
+                seed_studies or {},
+                config,
+                {config.saes.training.seed: sae_flags.get(final, {}), **(seed_sae_flags or {})},
+            )
+            if by_seed
+            else None
         )
         uncapped[final] = {
             key: fragile_across_cuts(
@@ -1260,11 +1274,12 @@ def run_tracing(
             p: {layer: suite.flag(layer) for layer in members} for p, members in {**layers, **spans}.items()
         }
         final = {p: members for p, members in layers.items() if p == list(layers)[-1]}
-        seed_studies = {}
+        seed_studies, seed_sae_flags = {}, {}
         for seed in config.sae_seeds:
             retrained = seed_saes(lm, config.preset, config.saes, list(next(iter(final.values()))), seed)
             if not retrained:  # a pretrained release: one set of SAEs
                 break
+            seed_sae_flags[seed] = seed_flags(lm, suite, retrained, seed)
             seed_studies[seed] = cached_study(
                 FeatureTracer(held.classifier, retrained, config.tracing),
                 name,
@@ -1287,7 +1302,9 @@ def run_tracing(
                 text_positions_config(config),
                 cross_emotion=False,
             )
-        return TracingResult.from_study(name, study, config, chosen, facts, flags, seed_studies, text_study)
+        return TracingResult.from_study(
+            name, study, config, chosen, facts, flags, seed_studies, text_study, seed_sae_flags
+        )
 
     return cached_result(TracingResult, lm.info.cache_name, key_parts, build)
 
