@@ -102,14 +102,18 @@ def goals_missed(flags: Mapping[int, str]) -> str:
     return f"{len(missed)} of {len(flags)}" + (f" ({listed})" if missed else "")
 
 
-def stable_across_seeds(verdict: Verdict, others: Mapping[int, Verdict], seed: int = 0) -> Verdict:
+def stable_across_seeds(
+    verdict: Verdict, others: Mapping[int, Verdict], seed: int = 0, book: str | None = None
+) -> Verdict:
     """`verdict` from the book's SAEs (training `seed`) read against the same rule on SAEs of the same layers
     retrained with other seeds (`others`, by seed): where any seed's verdict differs, the finding rests on one
     training run and the verdict is "inconclusive", every seed's verdict in the reason (as `seed_verdicts` in its
-    numbers); where all agree, it stands. Without other seeds it is returned as it is."""
+    numbers); where all agree, it stands. Without other seeds it is returned as it is. `book` is the rule's own
+    outcome on the book's SAEs where another check has already moved `verdict` (a fragile "holds" read as
+    "partly"): the seeds are compared with what the rule said, not with what the other check made of it."""
     if not others:
         return verdict
-    outcomes = {seed: verdict.verdict, **{s: v.verdict for s, v in others.items()}}
+    outcomes = {seed: book or verdict.verdict, **{s: v.verdict for s, v in others.items()}}
     listed = "; ".join(f"seed {s}: {outcome}" for s, outcome in outcomes.items())
     stable = len(set(outcomes.values())) == 1
     numbers = {**verdict.numbers, "seed_verdicts": listed, "stable_across_seeds": stable}

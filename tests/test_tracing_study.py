@@ -39,7 +39,7 @@ from emolib.studies.tracing import (
     varies_verdict,
     weaker_diffuse_verdict,
 )
-from emolib.verdicts import Verdict, findings_markdown, goals_missed
+from emolib.verdicts import Verdict, findings_markdown, goals_missed, stable_across_seeds
 
 matplotlib.use("Agg")
 
@@ -476,6 +476,30 @@ def test_a_verdict_that_changes_across_the_cut_range_is_fragile():
     # a negative verdict stays what it is, and says that another cut disagrees
     negative = tracing.fragile_across_cuts(partly, {"final phase from layer 18": holds})
     assert negative.verdict == "partly" and "layer 18: holds" in negative.reason
+
+
+def test_seeds_and_the_cut_range_both_read_the_rules_own_outcome():
+    """A fragile "holds" (read as "partly") on which every seed agrees stays "partly"; a "does not hold" that every
+    cut repeats but a seed does not is inconclusive, and not fragile. Comparing each check with what the other
+    made of the verdict would get both wrong."""
+    holds = Verdict("holds", "3 of 4 emotions", {"n_small": 3}, "small_set_verdict")
+    partly = Verdict("partly", "1 of 4", {"n_small": 1}, "small_set_verdict")
+    negative = Verdict("does not hold", "0 of 4", {"n_small": 0}, "small_set_verdict")
+
+    def both(verdict: Verdict, spans: dict, seeds: dict) -> Verdict:
+        fragile = tracing.fragile_across_cuts(verdict, spans)
+        return stable_across_seeds(fragile, seeds, 0, book=verdict.verdict)
+
+    agreed = both(holds, {"from 18": partly}, {1: holds, 2: holds})
+    assert agreed.verdict == "partly" and agreed.numbers["stable_across_seeds"] and agreed.numbers["fragile"]
+    assert "seed 0: holds" in agreed.numbers["seed_verdicts"]
+    wrong_order = tracing.fragile_across_cuts(
+        stable_across_seeds(negative, {1: partly}), {"from 18": negative}
+    )
+    assert wrong_order.numbers["fragile"]  # what reading the moved verdict would have said
+    right = both(negative, {"from 18": negative}, {1: partly})
+    assert right.verdict == "inconclusive" and not right.numbers["fragile"]
+    assert "fragile" not in right.reason and "seeds disagree" in right.reason
 
 
 def test_cut_range_spans_start_the_final_phase_at_each_other_end_of_its_interval():

@@ -869,12 +869,13 @@ class TracingResult:
             if by_seed
             else None
         )
+        # both checks compare the rule's own outcome at the chosen cut on the book's SAEs
         uncapped[final] = {
-            key: fragile_across_cuts(
-                stable_across_seeds(
-                    verdict, {s: v[key] for s, v in by_seed.items()}, config.saes.training.seed
-                ),
-                {span: v[key] for span, v in by_span.items()},
+            key: stable_across_seeds(
+                fragile_across_cuts(verdict, {span: v[key] for span, v in by_span.items()}),
+                {s: v[key] for s, v in by_seed.items()},
+                config.saes.training.seed,
+                book=verdict.verdict,
             )
             for key, verdict in uncapped[final].items()
         }
