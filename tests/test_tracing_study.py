@@ -122,10 +122,13 @@ def test_the_positions_table_sets_the_text_positions_beside_the_answer_position(
     tracer, last = study
     config = dataclasses.replace(STUDY, text_positions=dataclasses.replace(FAST, positions="suffix"))
     text_config = tracing.text_positions_config(config)
-    assert text_config.tracing.positions == "suffix" and not text_config.shuffled_control
+    assert (
+        text_config.tracing.positions == "suffix" and text_config.shuffled_control == config.shuffled_control
+    )
     assert text_config.held_out_per_label == config.text_positions_per_label and text_config.sae_seeds == ()
     text_tracer = FeatureTracer(tracer.classifier, tracer.saes, text_config.tracing)
     text = run_study(text_tracer, (TEXTS, GOLD), (TEXTS, GOLD), PHASES, text_config, cross_emotion=False)
+    assert (text.curves["condition"] == "shuffled").any()  # the same controls as the answer position's run
     verdicts = {p: tracing.phase_verdicts(*tracing._versus(last, config), p, RULE, "disgust") for p in PHASES}
     table = tracing._positions_table(last, verdicts, text, config)
     assert tracing.compared_k(config) == 8
@@ -365,6 +368,8 @@ def test_run_tracing_quick_on_a_tiny_model(tiny_study, monkeypatch):
         "holds", "partly", "does not hold", "inconclusive"
     }  # fmt: skip
     assert tracing.positions_table({"m": result}).index.nlevels == 3
+    assert set(result.meta["seed_timings_seconds"]) == {"1"}
+    assert "ablation_curves" in result.meta["text_positions_timings_seconds"]
 
     verdicts = result.verdicts()
     assert [v.claim for v in verdicts] == list(CLAIMS) and {v.model for v in verdicts} == {lm.info.name}

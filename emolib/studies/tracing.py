@@ -162,8 +162,9 @@ class TracingConfig:
 
 def text_positions_config(config: TracingConfig) -> TracingConfig:
     """The study config of the text-position run: `config.text_positions` as tracer on a sample of
-    `text_positions_per_label` held-out items per label; no shuffled-label ranking (the matched random features
-    stay the control), no cut range and no seeds. Raises when `config` has no text-position tracer."""
+    `text_positions_per_label` held-out items per label, with the same controls (matched random features and,
+    when the config has it, the shuffled-label ranking: the same rules must read both runs), no cut range and
+    no seeds. Raises when `config` has no text-position tracer."""
     if config.text_positions is None:
         raise TracingError("this config has no text-position tracer (text_positions=None)")
     if config.text_positions.positions != "suffix":
@@ -178,7 +179,6 @@ def text_positions_config(config: TracingConfig) -> TracingConfig:
         config,
         tracing=config.text_positions,
         held_out_per_label=config.text_positions_per_label,
-        shuffled_control=False,
         cut_range=False,
         sae_seeds=(),
         text_positions=None,
@@ -755,7 +755,13 @@ def _positions_table(
     positions (`text_study`, verdicts by the same rules), compared at `compared_k`; rows (phase, positions)."""
     text_config = text_positions_config(config)
     text_verdicts = {
-        phase: phase_verdicts(*_versus(text_study, text_config), phase, config.rule, config.disgust)
+        phase: phase_verdicts(
+            *_versus(text_study, text_config),
+            phase,
+            config.rule,
+            config.disgust,
+            _shuffled(text_study, text_config),
+        )
         for phase in verdicts
     }
     k = compared_k(config)
@@ -893,7 +899,16 @@ class TracingResult:
             rule=rule,
             ks=tuple(config.tracing.ks),
             disgust=config.disgust,
-            meta=study.meta,
+            meta={
+                **study.meta,
+                # what the runs beside the main one cost (stage seconds), for the build's budget
+                "seed_timings_seconds": {
+                    str(seed): seeded.meta["timings_seconds"] for seed, seeded in (seed_studies or {}).items()
+                },
+                "text_positions_timings_seconds": None
+                if text_study is None
+                else text_study.meta["timings_seconds"],
+            },
             facts=dict(facts),
             effects=study.effects,
             k50=study.k50,
