@@ -792,6 +792,61 @@ def test_late_emergence_verdict():
     assert mostly_early.verdict == "does not hold"
 
 
+def per_layer_frame(present: list[bool], misses: list[str] | None = None) -> pd.DataFrame:
+    """What the late-emergence verdict reads per layer: counted features where `present` (excess 5), nothing
+    carried otherwise, and each layer's SAE misses."""
+    frame = pd.DataFrame(
+        {
+            "selective_beyond_control": present,
+            "selective": [5.0 if p else 0.0 for p in present],
+            "selective_null_mean": 0.0,
+            "auroc_top_beyond_control": False,
+            "probe_sae_low": 0.2,
+            "probe_sae_control_high": 0.3,
+            "sae_misses": misses or [""] * len(present),
+        },
+        index=pd.Index(range(len(present)), name="layer"),
+    )
+    return frame
+
+
+def test_the_late_emotion_finding_must_survive_retrained_saes_and_adequate_ones():
+    phase = pd.Series([1, 1, 2, 2, 3, 3], index=pd.Index(range(6), name="layer"))
+    late = per_layer_frame([False] * 4 + [True, True])
+    early = per_layer_frame([False, True, False, False, True, True])
+    rule = functools.partial(flow.late_emergence_verdict, phase=phase)
+
+    def seed_verdict(frame):
+        return rule(
+            frame["selective_beyond_control"], frame["selective"], decodable=flow.decodable_layers(frame)
+        )
+
+    # every seed agrees: the book's verdict stands, with the seeds' outcomes in its numbers
+    agreed = flow.late_emotion_finding(late, phase, {1: seed_verdict(late), 2: seed_verdict(late)}, 0)
+    assert agreed.verdict == "holds" and agreed.numbers["stable_across_seeds"]
+    # a seed whose SAEs show counted features in phase 1 too: the finding rests on one training run
+    split = flow.late_emotion_finding(late, phase, {1: seed_verdict(late), 2: seed_verdict(early)}, 0)
+    assert split.verdict == "inconclusive"
+    assert "seed 0: holds; seed 1: holds; seed 2: partly" in split.reason
+    # without seeds the rule's own outcome; most layers read miss an SAE goal: capped, and it says the rule's outcome
+    assert flow.late_emotion_finding(late, phase, {}, 0).verdict == "holds"
+    missing = per_layer_frame([False] * 4 + [True, True], misses=[""] * 4 + ["fve", "fve"])
+    capped = flow.late_emotion_finding(missing, phase, {1: seed_verdict(late)}, 0)
+    assert capped.verdict == "inconclusive" and "uncapped, the rule says holds" in capped.reason
+    # a seed row lists the layers read and those before the last phase
+    row = flow.seed_row("all items", 2, early, phase, seed_verdict(early), {1: "fve"})
+    assert row["layers showing emotion"] == "1, 4-5" and row["of them before the last phase"] == "1"
+    assert row["SAEs missing a goal"] == "1 of 3 (L1: fve)"
+    assert row[flow.CLAIMS["late_emotion"]] == "partly"
+
+
+def test_flow_config_rejects_seeds_that_repeat_the_book_saes():
+    with pytest.raises(FlowError, match="sae_seeds must be distinct"):
+        FlowConfig(sae_seeds=(0, 1))
+    with pytest.raises(FlowError, match="sae_seeds must be distinct"):
+        FlowConfig(sae_seeds=(1, 1))
+
+
 def test_phase_roles_verdict():
     def frame(template, content, emotion):
         return pd.DataFrame({"template": template, "content": content, "emotion": emotion}, index=[1, 2, 3])

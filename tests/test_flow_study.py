@@ -36,6 +36,7 @@ from emolib.studies import flow
 from emolib.studies.base import read_study_results, write_study_results
 from emolib.studies.flow import (
     CLAIMS,
+    SUBSETS,
     FlowResult,
     PhaseCut,
     SkippedSubset,
@@ -173,6 +174,7 @@ def assert_same(a: FlowResult, b: FlowResult) -> None:
             other.final_agreement,
         )
     pd.testing.assert_frame_equal(a.feature_cards, b.feature_cards, check_dtype=False)
+    pd.testing.assert_frame_equal(a.seeds_table(), b.seeds_table(), check_dtype=False)
     assert a.verdicts() == b.verdicts() and a.readme_row() == b.readme_row()
 
 
@@ -238,6 +240,22 @@ def test_quick_study_on_a_tiny_model(result, lm):
     assert row["Flow (ch. 1)"] == "tiny-flow" and row["items"] == "all items"
     assert row["3-phase boundaries [95% CI]"] == three.boundaries_text()
     assert set(row) >= set(CLAIMS.values())
+
+
+def test_every_layer_is_retrained_with_each_seed_and_the_late_emotion_verdict_reads_them(result):
+    """The seed table has the book SAEs' row and one per retrained seed for every analysed subset, and the
+    late-emergence verdict lists exactly those outcomes (and is inconclusive when they differ)."""
+    seeds = result.seeds_table()
+    book = CONFIG.saes.training.seed
+    for s, part in result.analysed.items():
+        rows = seeds.xs(("tiny-flow", SUBSETS[s]), level=["model", "items"])
+        assert rows.index.tolist() == [book, *CONFIG.sae_seeds]
+        outcomes = rows[CLAIMS["late_emotion"]]
+        verdict = part.verdicts["late_emotion"]
+        assert verdict.numbers["seed_verdicts"] == "; ".join(f"seed {k}: {v}" for k, v in outcomes.items())
+        if outcomes.nunique() > 1:
+            assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
+    assert {"SAE seed 1"} <= set(result.timings)
 
 
 def test_the_views_cover_every_subset(result):

@@ -4,6 +4,7 @@ reuses every stage, and the evaluation batch leaves out what training leaves out
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -100,6 +101,25 @@ def test_seed_saes_retrain_some_layers_with_another_seed(tiny_lm, tmp_cache, bui
     # the seed's SAEs are measured as the suite's: the suite's own seed misses the suite layer's goals
     assert suite_module.seed_flags(tiny_lm, suite, same, TINY_SUITE.training.seed) == {1: suite.flag(1)}
     assert set(suite_module.seed_flags(tiny_lm, suite, other, 7)) == {1}
+
+
+def test_a_seeds_run_of_every_layer_gives_each_layer_and_is_read_for_a_few(tiny_lm, tmp_cache, builtin_only):
+    """Chapter 1 retrains every layer with a seed; chapters 2 and 3 ask for the final phase's layers with the same
+    seed and read them from that run: the same SAEs a run of those layers alone gives, bit for bit."""
+    hook = "blocks.1.hook_resid_post"
+    alone = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=7)
+    every_layer = list(range(tiny_lm.info.n_layers))
+    every = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, every_layer, seed=7)
+    assert len(every) == tiny_lm.info.n_layers > 1
+    torch.testing.assert_close(every[hook].W_dec, alone[hook].W_dec, rtol=0, atol=0)
+    trained = sorted((tmp_cache / "saes").iterdir())
+    for folder in trained:  # drop the one-layer run: the next call must read the run of every layer
+        if (folder / hook).is_dir() and not (folder / "blocks.0.hook_resid_post").is_dir():
+            shutil.rmtree(folder)
+    assert len(list((tmp_cache / "saes").iterdir())) == len(trained) - 1
+    again = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=7)
+    assert list(again) == [hook] and len(list((tmp_cache / "saes").iterdir())) == len(trained) - 1
+    torch.testing.assert_close(again[hook].W_dec, alone[hook].W_dec, rtol=0, atol=0)
 
 
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):

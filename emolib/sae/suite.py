@@ -34,6 +34,7 @@ from emolib.cache import (
     config_key,
     entry_digest,
     entry_meta,
+    verify_entry,
     write_json,
 )
 from emolib.lm.batching import pad_id, right_padded
@@ -44,7 +45,7 @@ from emolib.sae.activations import ActivationStore, ExtractionConfig, extract_ac
 from emolib.sae.corpus import Corpus, CorpusConfig, build_corpus
 from emolib.sae.loading import PRETRAINED, SAEError, load_saes
 from emolib.sae.quality import evaluate_saes, missed_goals, quality_dict, quality_table
-from emolib.sae.training import SAETrainingConfig, train_saes_cached
+from emolib.sae.training import SAETrainingConfig, saes_folder, train_saes_cached
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,19 @@ def _training_activations(
     return corpus, store
 
 
+def _train_args(lm: LoadedModel, store: ActivationStore, hooks: Sequence[str]) -> dict[str, Any]:
+    """What identifies a model's SAEs of `hooks` trained on `store`, besides the training config."""
+    return {
+        "hooks": list(hooks),
+        "d_in": lm.info.d_model,
+        "activation_key": store.key,
+        "metadata": {"model_name": lm.info.name},
+        "name": lm.info.name,
+        "precision": compute_dtype(lm.model),
+        "device": device_of(lm.model),
+    }
+
+
 def _train(
     lm: LoadedModel, store: ActivationStore, training: SAETrainingConfig, hooks: Sequence[str]
 ) -> Path:
@@ -224,13 +238,7 @@ def _train(
     return train_saes_cached(
         functools.partial(store.endless_batches, hooks=list(hooks)),
         training,
-        hooks=list(hooks),
-        d_in=lm.info.d_model,
-        activation_key=store.key,
-        metadata={"model_name": lm.info.name},
-        name=lm.info.name,
-        precision=compute_dtype(lm.model),
-        device=device_of(lm.model),
+        **_train_args(lm, store, hooks),
     )
 
 
@@ -240,13 +248,17 @@ def seed_saes(
     """SAEs of `layers` retrained with another training `seed` (initialisation and data order), on the same stored
     activations and otherwise as the suite's: how much a feature-level verdict owes to one training run. Each
     hook's initialisation depends only on the seed and the hook, so training a few layers gives the SAEs a full
-    run with that seed would. Cached; empty for a model whose suite reads a pretrained release (one set of SAEs)."""
+    run with that seed would, and a cached run of every layer with that seed (chapter 1's) is read instead of
+    training again. Cached; empty for a model whose suite reads a pretrained release (one set of SAEs)."""
     if config.release_for(lm.info.name) is not None:
         return {}
     _, store = _training_activations(lm, preset, config)
     training = dataclasses.replace(config.training.for_rows(store.n_rows, config.epochs), seed=seed)
-    folder = _train(lm, store, training, [f"blocks.{layer}.hook_resid_post" for layer in layers])
-    return load_saes(folder, device=device_of(lm.model))
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    every = saes_folder(training, **_train_args(lm, store, resid_hooks(lm.info.n_layers)))
+    if set(hooks) < set(resid_hooks(lm.info.n_layers)) and verify_entry(every):
+        return load_saes(every, hooks, device=device_of(lm.model))
+    return load_saes(_train(lm, store, training, hooks), device=device_of(lm.model))
 
 
 def seed_flags(lm: LoadedModel, suite: SAESuite, saes: dict[str, SAE], seed: int) -> dict[int, str]:

@@ -332,6 +332,30 @@ def saes_key(
     return config_key(*parts)
 
 
+def saes_folder(
+    config: SAETrainingConfig,
+    *,
+    hooks: Sequence[str],
+    d_in: int,
+    activation_key: str,
+    metadata: Mapping[str, Any] | None = None,
+    name: str = "saes",
+    precision: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """The cache folder `train_saes_cached` keeps these SAEs in (whether or not they have been trained)."""
+    key = saes_key(
+        config,
+        activation_key=activation_key,
+        hooks=list(hooks),
+        d_in=d_in,
+        metadata=metadata,
+        precision=precision,
+        device=device,
+    )
+    return cache_dir("saes") / f"{name}-{key}"
+
+
 def train_saes_cached(
     batches: BatchFactory,
     config: SAETrainingConfig,
@@ -350,16 +374,16 @@ def train_saes_cached(
     retrained when those change; the factory is only called when the SAEs are built.
     """
     hooks = _check_hooks(hooks)
-    key = saes_key(
+    folder = saes_folder(
         config,
-        activation_key=activation_key,
         hooks=hooks,
         d_in=d_in,
+        activation_key=activation_key,
         metadata=metadata,
+        name=name,
         precision=precision,
         device=device,
     )
-    folder = cache_dir("saes") / f"{name}-{key}"
     index = {"activation_key": activation_key, "d_in": d_in, "training_config": dataclasses.asdict(config)}
 
     def build(tmp: Path) -> None:

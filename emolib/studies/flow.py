@@ -48,7 +48,7 @@ from emolib.methods.phases import (
     leave_one_metric_out,
     phase_count_test,
 )
-from emolib.methods.probes import ProbeConfig, probe_accuracy
+from emolib.methods.probes import ProbeConfig, ProbeResult, probe_accuracy
 from emolib.methods.roles import (
     ROLES,
     RoleConfig,
@@ -68,17 +68,18 @@ from emolib.sae.activations import (
     resid_hooks,
 )
 from emolib.sae.quality import goal_summary
-from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite
+from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_flags, seed_saes
 from emolib.stats import Estimate, format_interval, mean_interval
 from emolib.studies.base import cached_result, records, table
 from emolib.studies.items import AnalysisConfig, AnalysisSet, analysis_set
-from emolib.verdicts import Verdict, capped_by_sae
+from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_seeds
 
 #: Bump when the study's computation changes, so cached results are rebuilt.
 #: 2: enough shuffles per layer for a Holm correction across layers; 3: the share of answer positions the SAE
 #: training's norm-outlier rule flags, per layer; 4: top-AUROC statistics beside their null, selectivity on
-#: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles
-STUDY_VERSION = "4"
+#: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles;
+#: 5: the late-emergence verdict again on SAEs of every layer retrained with other seeds
+STUDY_VERSION = "5"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -316,7 +317,9 @@ class FlowConfig:
     `candidates` phase counts, each change point priced by `penalty_resamples` item-bootstrap profiles
     (`bootstrap_penalty`), its boundaries resampled `n_boot` times. Feature roles come from every token of
     `role_prompts` analysis prompts (`roles` thresholds). `subsets` names the item subsets ("all", "correct");
-    on correct items an emotion with fewer than `selectivity.min_items` items is left out.
+    on correct items an emotion with fewer than `selectivity.min_items` items is left out. `sae_seeds` retrain
+    every layer's SAE with other training seeds, on which the late-emergence rule is applied again under the same
+    phase cut (a verdict the seeds disagree on is inconclusive).
     """
 
     preset: str = "full"
@@ -336,6 +339,7 @@ class FlowConfig:
     roles: RoleConfig = field(default_factory=RoleConfig)
     profile_metrics: tuple[tuple[str, str], ...] = tuple(PROFILE_METRICS.items())
     subsets: tuple[tuple[str, str], ...] = tuple(SUBSETS.items())
+    sae_seeds: tuple[int, ...] = (1, 2)
 
     def __post_init__(self) -> None:
         unknown = [m for m, _ in self.profile_metrics if m not in PROFILE_METRICS]
@@ -362,6 +366,11 @@ class FlowConfig:
             )
         if not 0 < self.layer_alpha < 1:
             raise FlowError(f"layer_alpha must be in (0, 1), not {self.layer_alpha}")
+        if self.saes.training.seed in self.sae_seeds or len(set(self.sae_seeds)) < len(self.sae_seeds):
+            raise FlowError(
+                f"sae_seeds must be distinct and differ from the book SAEs' training seed "
+                f"({self.saes.training.seed}), got {self.sae_seeds}"
+            )
 
     def shuffles_for(self, n_layers: int) -> int:
         """Label permutations per layer: `n_shuffles`, or (None) the fewest whose smallest p-value, 1 / (1 + n),
@@ -393,6 +402,7 @@ class FlowConfig:
             },
             "profile_metrics": dict(self.profile_metrics),
             "candidates": list(self.candidates),
+            "sae_seeds": list(self.sae_seeds),
         }
 
 
@@ -468,8 +478,7 @@ def _measure_layer(
     sae = suite.saes[_hook(layer)]
     z = aset.codes(layer, sae)[idx]
     probe_h = probe_accuracy(h, gold, config.probe)
-    active = z.max(axis=0) > z.min(axis=0)  # constant columns carry nothing after standardising
-    probe_z = probe_accuracy(z[:, active], gold, config.probe)
+    probe_z = _codes_probe(z, gold, config)
     # SAE adequacy at the answer position: what the reconstruction and the error term each carry
     with torch.no_grad():
         recon = sae.decode(torch.from_numpy(z).to(sae.W_dec.device)).cpu().numpy().astype(np.float64)
@@ -480,15 +489,7 @@ def _measure_layer(
     variance = ExplainedVarianceCalculator()  # the appendix's FVE, restricted to the answer position
     variance.add_batch(torch.from_numpy(recon), torch.from_numpy(np.asarray(h, dtype=np.float64)))
     fve_answer = variance.compute()
-    selective = functools.partial(  # the same rule and permutations at the answer and on the text's tokens
-        selective_with_null,
-        labels=gold,
-        emotions=labels,
-        config=config.selectivity,
-        n_shuffles=config.shuffles_for(len(aset.layers)),
-        seed=layer,
-        stop_after=config.shuffle_stop,
-    )
+    selective = _layer_selectivity(gold, labels, config, len(aset.layers), layer)
     sel, on_text = selective(z), selective(text_codes[idx])
     followed = gold_or_answer(z, gold, aset.predicted[idx], sel.selectivity.sets())
     lens = logit_lens(lm.model, h, groups)
@@ -503,11 +504,7 @@ def _measure_layer(
         "probe_resid_high": probe_h.accuracy.high,
         "probe_resid_control": probe_h.control.value,
         "probe_resid_control_high": probe_h.control.high,
-        "probe_sae": probe_z.accuracy.value,
-        "probe_sae_low": probe_z.accuracy.low,
-        "probe_sae_high": probe_z.accuracy.high,
-        "probe_sae_control": probe_z.control.value,
-        "probe_sae_control_high": probe_z.control.high,
+        **_codes_probe_row(probe_z),
         "probe_folds": probe_h.folds,
         "probe_reconstruction": probe_recon.accuracy.value,
         "probe_reconstruction_low": probe_recon.accuracy.low,
@@ -539,6 +536,51 @@ def _measure_layer(
     return _Layer(row=row, per_item=per_item, selective=sel, resid=h, codes=z, lens_pred=lens_pred)
 
 
+def _layer_selectivity(
+    gold: np.ndarray, labels: tuple[str, ...], config: FlowConfig, n_layers: int, layer: int
+) -> functools.partial[SelectiveCount]:
+    """The selectivity rule with its label permutations at one layer: the same at the answer, on the text's
+    tokens and on a retrained seed's SAE, so their counts and p-values compare."""
+    return functools.partial(
+        selective_with_null,
+        labels=gold,
+        emotions=labels,
+        config=config.selectivity,
+        n_shuffles=config.shuffles_for(n_layers),
+        seed=layer,
+        stop_after=config.shuffle_stop,
+    )
+
+
+def _codes_probe(z: np.ndarray, gold: np.ndarray, config: FlowConfig) -> ProbeResult:
+    """The emotion probe on SAE codes, beside its control; constant columns carry nothing after standardising."""
+    active = z.max(axis=0) > z.min(axis=0)
+    return probe_accuracy(z[:, active], gold, config.probe)
+
+
+def _codes_probe_row(probe: ProbeResult) -> dict[str, float]:
+    return {
+        "probe_sae": probe.accuracy.value,
+        "probe_sae_low": probe.accuracy.low,
+        "probe_sae_high": probe.accuracy.high,
+        "probe_sae_control": probe.control.value,
+        "probe_sae_control_high": probe.control.high,
+    }
+
+
+def _mark_beyond_control(frame: pd.DataFrame, config: FlowConfig, prefixes: Sequence[str]) -> None:
+    """Add the Holm-corrected permutation p-values across layers and the "beyond control" flags the verdict reads
+    (per prefix: "" for the answer position, "text_" for the text's tokens)."""
+    for prefix in prefixes:
+        frame[f"{prefix}selective_p_holm"] = holm_adjusted(frame[f"{prefix}selective_p"])
+        frame[f"{prefix}selective_beyond_control"] = (
+            frame[f"{prefix}selective_p_holm"] < config.layer_alpha
+        ) & (frame[f"{prefix}selective"] > 0)
+        frame[f"{prefix}auroc_top_beyond_control"] = (
+            holm_adjusted(frame[f"{prefix}auroc_top_p"]) < config.layer_alpha
+        )
+
+
 def _measure(
     lm: LoadedModel,
     aset: AnalysisSet,
@@ -558,14 +600,7 @@ def _measure(
         (last.lens_pred == aset.predicted[idx]).mean()
     )  # last layer: the lens is the classifier
     frame = pd.DataFrame([m.row for m in layers.values()]).set_index("layer")
-    for prefix in ("", "text_"):  # permutation p-values Holm-corrected across layers
-        frame[f"{prefix}selective_p_holm"] = holm_adjusted(frame[f"{prefix}selective_p"])
-        frame[f"{prefix}selective_beyond_control"] = (
-            frame[f"{prefix}selective_p_holm"] < config.layer_alpha
-        ) & (frame[f"{prefix}selective"] > 0)
-        frame[f"{prefix}auroc_top_beyond_control"] = (
-            holm_adjusted(frame[f"{prefix}auroc_top_p"]) < config.layer_alpha
-        )
+    _mark_beyond_control(frame, config, ("", "text_"))
     frame["selective_shuffles"] = [len(m.selective.null_counts) for m in layers.values()]
     cka = consecutive_cka({layer: m.resid for layer, m in layers.items()}, seed=0)
     frame["cka"], frame["cka_control"] = cka["cka"], cka["control"]
@@ -725,19 +760,43 @@ def _cards(
     return pd.DataFrame(rows).set_index(["phase", "layer", "role"])
 
 
+def _late_emotion(per_layer: pd.DataFrame, phase: pd.Series) -> Verdict:
+    """The late-emergence rule (uncapped) on one set of SAEs' per-layer answer-position measurements."""
+    present = per_layer["selective_beyond_control"].astype(bool)
+    excess = per_layer["selective"] - per_layer["selective_null_mean"]
+    return late_emergence_verdict(present, excess, phase, decodable_layers(per_layer))
+
+
+def _layers_read(per_layer: pd.DataFrame) -> list[int]:
+    """The layers whose features show emotion (counted or carried): those the late-emergence verdict rests on."""
+    read = per_layer["selective_beyond_control"].astype(bool) | decodable_layers(per_layer)
+    return [int(layer) for layer in per_layer.index[read.to_numpy()]]
+
+
+def late_emotion_finding(
+    per_layer: pd.DataFrame, phase: pd.Series, seeds: Mapping[int, Verdict], book_seed: int
+) -> Verdict:
+    """The chapter's late-emergence verdict on one subset: the rule on the book SAEs' per-layer measurements
+    (`per_layer`, with each layer's `sae_misses`), read against the rule's outcomes on SAEs retrained with other
+    seeds (`seeds`, by seed: any disagreement makes it inconclusive), then capped when most of the layers whose
+    features show emotion read through SAEs that miss a quality goal."""
+    late = stable_across_seeds(_late_emotion(per_layer, phase), seeds, book_seed)
+    misses = {layer: str(per_layer.loc[layer, "sae_misses"] or "") for layer in _layers_read(per_layer)}
+    return capped_by_sae(late, misses)
+
+
 def _verdicts(
     measured: _Measured,
     test: PhaseCountTest,
     cut: BoundaryBootstrap,
     phase_shares: pd.DataFrame,
     without: Mapping[str, Sequence[int]],
+    seeds: Mapping[int, Verdict],
+    book_seed: int,
 ) -> dict[str, Verdict]:
+    """The chapter's verdicts on one subset; `seeds` are the late-emergence rule's outcomes on SAEs retrained with
+    other seeds (by seed), against which the book SAEs' (`book_seed`) outcome must stand."""
     t = measured.table
-    phase = cut.point.phase_of(t.index.tolist())
-    present = t["selective_beyond_control"].astype(bool)
-    excess = t["selective"] - t["selective_null_mean"]
-    decodable = decodable_layers(t)
-    read = present | decodable
     return {
         "three_phases": three_phase_verdict(
             test.chosen,
@@ -747,11 +806,48 @@ def _verdicts(
             _r2_pair(test),
             moved_boundaries(_phase_cut(cut), without),
         ),
-        "late_emotion": capped_by_sae(  # read through the SAEs of the layers whose features show emotion
-            late_emergence_verdict(present, excess, phase, decodable),
-            {int(layer): str(t.loc[layer, "sae_misses"] or "") for layer in t.index[read.to_numpy()]},
-        ),
+        "late_emotion": late_emotion_finding(t, cut.point.phase_of(t.index.tolist()), seeds, book_seed),
         "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
+    }
+
+
+def _seed_layers(
+    aset: AnalysisSet, saes: Mapping[str, Any], idx: np.ndarray, labels: tuple[str, ...], config: FlowConfig
+) -> pd.DataFrame:
+    """Per layer, what the late-emergence rule reads at the answer position (the SAE-code probe and the selective
+    features with their permutations, Holm-corrected across layers), through a retrained seed's SAEs."""
+    gold, rows = aset.gold[idx], []
+    for layer in aset.layers:
+        z = aset.codes(layer, saes[_hook(layer)])[idx]
+        sel = _layer_selectivity(gold, labels, config, len(aset.layers), layer)(z)
+        rows.append({"layer": layer, **_codes_probe_row(_codes_probe(z, gold, config)), **sel.row()})
+    frame = pd.DataFrame(rows).set_index("layer")
+    _mark_beyond_control(frame, config, ("",))
+    return frame
+
+
+def seed_row(
+    items: str,
+    seed: int,
+    per_layer: pd.DataFrame,
+    phase: pd.Series,
+    verdict: Verdict,
+    misses: Mapping[int, str],
+) -> dict[str, Any]:
+    """One SAE training seed's row of the seed table: the layers whose features show emotion (all, and those
+    before the last phase), the rule's outcome before the SAE cap, and how many of the layers read miss an SAE
+    goal (`misses`: layer -> goals, for that seed's SAEs)."""
+    read = _layers_read(per_layer)
+    early = [layer for layer in read if phase[layer] < phase.max()]
+    share = verdict.numbers.get("share_of_excess_in_last_phase")
+    return {
+        "items": items,
+        "seed": seed,
+        "layers showing emotion": _layer_list(read) if read else "none",
+        "of them before the last phase": _layer_list(early) if early else "none",
+        "share of the excess in the last phase": np.nan if share is None else share,
+        "SAEs missing a goal": goals_missed({layer: misses.get(layer, "") for layer in read}),
+        CLAIMS["late_emotion"]: verdict.verdict,
     }
 
 
@@ -826,6 +922,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             measured[s].table["answer_outlier"] = answer_outliers[idx].mean(axis=0)
             phases[s] = _phases(measured[s], config)
             timings[s] = time.time() - began
+    by_seed, seed_rows = _seed_verdicts(lm, aset, suite, measured, phases, config, timings)
     began = time.time()
     roles, tokens_by_layer, prompts = _role_tables(lm, aset, suite, measured, config)
     timings["roles"] = time.time() - began
@@ -860,7 +957,9 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             role_counts_per_phase=counts_per_phase,
             final_agreement=m.final_agreement,
             chance=m.chance,
-            verdicts=_verdicts(m, test, boots[3], shares_per_phase, without),
+            verdicts=_verdicts(
+                m, test, boots[3], shares_per_phase, without, by_seed[s], config.saes.training.seed
+            ),
             boundaries_without={k: tuple(v) for k, v in without.items()},
         )
     cards = pd.DataFrame()
@@ -887,7 +986,42 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
         sae_summary=goal_summary(suite.quality, suite.k),
         role_prompts=len(prompts),
         timings=timings,
+        seeds=pd.DataFrame(seed_rows).set_index(["items", "seed"]) if seed_rows else None,
     )
+
+
+def _seed_verdicts(
+    lm: LoadedModel,
+    aset: AnalysisSet,
+    suite: SAESuite,
+    measured: Mapping[str, _Measured],
+    phases: Mapping[str, tuple[PhaseCountTest, dict[int, BoundaryBootstrap], Any]],
+    config: FlowConfig,
+    timings: dict[str, float],
+) -> tuple[dict[str, dict[int, Verdict]], list[dict[str, Any]]]:
+    """Per subset, the late-emergence rule's outcome on every layer's SAE retrained with each of `config.sae_seeds`
+    (under the book SAEs' phase cut: the seeds test the features, not the cut), and the seed table's rows, the book
+    SAEs' first (none for a pretrained release: one set of SAEs)."""
+    by_seed: dict[str, dict[int, Verdict]] = {s: {} for s in measured}
+    rows = []
+    cut = {s: phases[s][1][3].point.phase_of(list(aset.layers)) for s in measured}
+    book_misses = {layer: suite.flag(layer) for layer in aset.layers}
+    for s, m in measured.items():
+        book = _late_emotion(m.table, cut[s])
+        rows.append(seed_row(SUBSETS[s], config.saes.training.seed, m.table, cut[s], book, book_misses))
+    for seed in config.sae_seeds:
+        began = time.time()
+        retrained = seed_saes(lm, config.preset, config.saes, aset.layers, seed)
+        if not retrained:
+            return {s: {} for s in measured}, []
+        misses = seed_flags(lm, suite, retrained, seed)
+        for s, m in measured.items():
+            per_layer = _seed_layers(aset, retrained, m.idx, m.labels, config)
+            by_seed[s][seed] = _late_emotion(per_layer, cut[s])
+            rows.append(seed_row(SUBSETS[s], seed, per_layer, cut[s], by_seed[s][seed], misses))
+        timings[f"SAE seed {seed}"] = time.time() - began
+    rows.sort(key=lambda row: list(SUBSETS.values()).index(row["items"]))
+    return by_seed, rows
 
 
 def run_flow(model: str | LoadedModel, config: FlowConfig | None = None) -> FlowResult:
@@ -1185,6 +1319,9 @@ class FlowResult:
     sae_summary: str = ""
     role_prompts: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: Per item subset and SAE training seed (the book's first): what the late-emergence rule reads and its outcome
+    #: before the SAE cap (None without retrained seeds, or for results written before they were).
+    seeds: pd.DataFrame | None = None
 
     # ---------------------------------------------------------------- accessors (used by later chapters)
 
@@ -1516,6 +1653,15 @@ class FlowResult:
                 )
         return pd.DataFrame(rows).set_index(["model", "items", "phase"])
 
+    def seeds_table(self) -> pd.DataFrame:
+        """Per item subset and SAE training seed: the layers whose features show emotion, the share of the excess
+        count in the last phase and the late-emergence rule's outcome before the SAE cap (empty without seeds)."""
+        if self.seeds is None:
+            return pd.DataFrame()
+        frame = self.seeds.reset_index()
+        frame.insert(0, "model", self.model)
+        return frame.set_index(["model", "items", "seed"])
+
     def cards_table(self) -> pd.DataFrame:
         """The feature cards for display: a role without an active feature shows blanks."""
         return self.feature_cards.astype(object).fillna("")
@@ -1533,6 +1679,7 @@ class FlowResult:
             "sae_summary": self.sae_summary,
             "role_prompts": self.role_prompts,
             "timings_seconds": dict(self.timings),
+            "sae_seeds": None if self.seeds is None else records(self.seeds),
         }
 
     @classmethod
@@ -1553,4 +1700,7 @@ class FlowResult:
             sae_summary=str(payload.get("sae_summary", "")),
             role_prompts=payload.get("role_prompts"),
             timings={k: float(v) for k, v in (payload.get("timings_seconds") or {}).items()},
+            seeds=None
+            if payload.get("sae_seeds") is None
+            else table(payload["sae_seeds"], ["items", "seed"]),
         )

@@ -219,6 +219,7 @@ PRESETS: dict[str, Preset] = {
             role_prompts=8,
             probe=ProbeConfig(folds=5, C=0.1, max_iter=3000, n_boot=200, seed=0),
             selectivity=SelectivityConfig(min_items=4),
+            sae_seeds=(1,),
         ),
         features=dict(n_shuffles=19, n_boot=50, layer_shuffles=3, sae_seeds=(1,)),
         tracing=dict(
