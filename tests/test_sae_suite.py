@@ -120,6 +120,10 @@ def test_a_seeds_run_of_every_layer_gives_each_layer_and_is_read_for_a_few(tiny_
     again = suite_module.seed_saes(tiny_lm, "test", TINY_SUITE, [1], seed=7)
     assert list(again) == [hook] and len(list((tmp_cache / "saes").iterdir())) == len(trained) - 1
     torch.testing.assert_close(again[hook].W_dec, alone[hook].W_dec, rtol=0, atol=0)
+    # each set is measured on its own layers: a measurement of the one layer is not read back for all of them
+    suite = sae_suite(tiny_lm, "test", TINY_SUITE)
+    assert list(suite_module.seed_flags(tiny_lm, suite, alone, 7)) == [1]
+    assert list(suite_module.seed_flags(tiny_lm, suite, every, 7)) == every_layer
 
 
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):

@@ -332,7 +332,8 @@ def measure_saes(
 def _measured(
     lm: LoadedModel, saes: dict[str, SAE], saes_id: str, config: SuiteConfig
 ) -> tuple[Corpus, pd.DataFrame, Path]:
-    """The evaluation corpus, the SAEs' quality table on it and its cache entry (keyed by `saes_id`)."""
+    """The evaluation corpus, the SAEs' quality table on it and its cache entry (keyed by `saes_id` and the hooks
+    measured: one seed's SAEs of a few layers and of every layer are two entries)."""
     precision = compute_dtype(lm.model)
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
     extraction = config.extraction
@@ -355,7 +356,7 @@ def _measured(
 
     name = lm.info.name
     quality_folder = cached_entry(
-        cache_dir("sae_quality") / f"{name}-{config_key(saes_id, eval_settings)}",
+        cache_dir("sae_quality") / f"{name}-{config_key(saes_id, sorted(saes), eval_settings)}",
         evaluate,
         meta={"model": name, "saes": saes_id, **eval_settings},
     )

@@ -78,8 +78,9 @@ from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_
 #: 2: enough shuffles per layer for a Holm correction across layers; 3: the share of answer positions the SAE
 #: training's norm-outlier rule flags, per layer; 4: top-AUROC statistics beside their null, selectivity on
 #: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles;
-#: 5: the late-emergence verdict again on SAEs of every layer retrained with other seeds
-STUDY_VERSION = "5"
+#: 5: the late-emergence verdict again on SAEs of every layer retrained with other seeds; 6: the seed SAEs' quality
+#: measured on every layer (5 read a cached measurement of the final phase's layers only)
+STUDY_VERSION = "6"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -836,7 +837,7 @@ def seed_row(
 ) -> dict[str, Any]:
     """One SAE training seed's row of the seed table: the layers whose features show emotion (all, and those
     before the last phase), the rule's outcome before the SAE cap, and how many of the layers read miss an SAE
-    goal (`misses`: layer -> goals, for that seed's SAEs)."""
+    goal (`misses`: layer -> goals, for that seed's SAEs; a layer without a measurement counts as missing)."""
     read = _layers_read(per_layer)
     early = [layer for layer in read if phase[layer] < phase.max()]
     share = verdict.numbers.get("share_of_excess_in_last_phase")
@@ -846,7 +847,7 @@ def seed_row(
         "layers showing emotion": _layer_list(read) if read else "none",
         "of them before the last phase": _layer_list(early) if early else "none",
         "share of the excess in the last phase": np.nan if share is None else share,
-        "SAEs missing a goal": goals_missed({layer: misses.get(layer, "") for layer in read}),
+        "SAEs missing a goal": goals_missed({layer: misses.get(layer, "not measured") for layer in read}),
         CLAIMS["late_emotion"]: verdict.verdict,
     }
 
