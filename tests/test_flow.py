@@ -834,10 +834,11 @@ def test_the_late_emotion_finding_must_survive_retrained_saes_and_adequate_ones(
     capped = flow.late_emotion_finding(missing, phase, {1: seed_verdict(late)}, 0)
     assert capped.verdict == "inconclusive" and "uncapped, the rule says holds" in capped.reason
     # a seed row lists the layers read and those before the last phase
-    row = flow.seed_row("all items", 2, early, phase, seed_verdict(early), {1: "fve", 4: "", 5: ""})
+    verdicts = {"late_emotion": seed_verdict(early)}
+    row = flow.seed_row("all items", 2, early, phase, verdicts, {1: "fve", 4: "", 5: ""})
     assert row["layers showing emotion"] == "1, 4-5" and row["of them before the last phase"] == "1"
     assert row["SAEs missing a goal"] == "1 of 3 (L1: fve)"
-    unmeasured = flow.seed_row("all items", 2, early, phase, seed_verdict(early), {1: "fve", 4: ""})
+    unmeasured = flow.seed_row("all items", 2, early, phase, verdicts, {1: "fve", 4: ""})
     assert unmeasured["SAEs missing a goal"] == "2 of 3 (L1: fve; L5: not measured)"
     assert row[flow.CLAIMS["late_emotion"]] == "partly"
 

@@ -242,19 +242,21 @@ def test_quick_study_on_a_tiny_model(result, lm):
     assert set(row) >= set(CLAIMS.values())
 
 
-def test_every_layer_is_retrained_with_each_seed_and_the_late_emotion_verdict_reads_them(result):
+def test_every_layer_is_retrained_with_each_seed_and_the_feature_verdicts_read_them(result):
     """The seed table has the book SAEs' row and one per retrained seed for every analysed subset, and the
-    late-emergence verdict lists exactly those outcomes (and is inconclusive when they differ)."""
+    late-emergence and roles verdicts list exactly those outcomes (and are inconclusive when they differ)."""
     seeds = result.seeds_table()
     book = CONFIG.saes.training.seed
     for s, part in result.analysed.items():
         rows = seeds.xs(("tiny-flow", SUBSETS[s]), level=["model", "items"])
         assert rows.index.tolist() == [book, *CONFIG.sae_seeds]
-        outcomes = rows[CLAIMS["late_emotion"]]
-        verdict = part.verdicts["late_emotion"]
-        assert verdict.numbers["seed_verdicts"] == "; ".join(f"seed {k}: {v}" for k, v in outcomes.items())
-        if outcomes.nunique() > 1:
-            assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
+        for claim in ("late_emotion", "phase_roles"):  # the rules that read SAE features
+            outcomes = rows[CLAIMS[claim]]
+            verdict = part.verdicts[claim]
+            listed = "; ".join(f"seed {k}: {v}" for k, v in outcomes.items())
+            assert verdict.numbers["seed_verdicts"] == listed
+            if outcomes.nunique() > 1:
+                assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
     assert {"SAE seed 1"} <= set(result.timings)
 
 

@@ -61,6 +61,7 @@ from emolib.methods.roles import (
 from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, gold_or_answer, selective_with_null
 from emolib.methods.similarity import consecutive_cka
 from emolib.sae.activations import (
+    ActivationStore,
     ExtractionConfig,
     extract_activations,
     last_token_outliers,
@@ -79,8 +80,9 @@ from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_
 #: training's norm-outlier rule flags, per layer; 4: top-AUROC statistics beside their null, selectivity on
 #: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles;
 #: 5: the late-emergence verdict again on SAEs of every layer retrained with other seeds; 6: the seed SAEs' quality
-#: measured on every layer (5 read a cached measurement of the final phase's layers only)
-STUDY_VERSION = "6"
+#: measured on every layer (5 read a cached measurement of the final phase's layers only); 7: the roles rule on
+#: the seeds too
+STUDY_VERSION = "7"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -102,6 +104,9 @@ PROFILE_METRICS = {
 
 #: The roles whose feature counts the per-phase role table shows, and the roles of the feature cards.
 CARD_ROLES = ("template", "content", "emotion")
+
+#: The claims whose rules read SAE features, applied again on SAEs retrained with other seeds.
+SEED_CLAIMS = ("late_emotion", "phase_roles")
 
 
 # ------------------------------------------------------------------------------------------------ verdict rules
@@ -656,11 +661,11 @@ class _Roles:
     counts: pd.DataFrame
 
 
-def _role_tables(
-    lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, measured: Mapping[str, _Measured], config: FlowConfig
-) -> tuple[dict[str, _Roles], dict[int, TokenCodes], list[list[int]]]:
-    """Feature roles per layer from all-token codes of `config.role_prompts` prompts, for every measured subset;
-    also the token codes and prompts (for the feature cards)."""
+def _role_prompts(
+    lm: LoadedModel, aset: AnalysisSet, config: FlowConfig
+) -> tuple[ActivationStore, list[np.ndarray], list[list[int]]]:
+    """The `config.role_prompts` analysis prompts whose every token assigns feature roles: their stored residuals
+    at every layer (cached), their text masks and their tokens."""
     chosen = np.sort(
         np.random.default_rng(0).choice(aset.n, size=min(config.role_prompts, aset.n), replace=False)
     )
@@ -674,20 +679,35 @@ def _role_tables(
         preset=config.preset,
         starts=[0] + [aset.prefix_length] * (len(prompts) - 1),  # the shared instruction prefix once
     )
-    masks = [aset.text_masks[i] for i in chosen]
-    roles: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in measured}
-    shares: dict[str, dict[int, dict[str, float]]] = {s: {} for s in measured}
+    return store, [aset.text_masks[i] for i in chosen], prompts
+
+
+def _roles(
+    store: ActivationStore,
+    masks: Sequence[np.ndarray],
+    saes: Mapping[str, Any],
+    layers: Sequence[int],
+    selections: Mapping[str, tuple[Mapping[int, SelectiveCount], Mapping[int, np.ndarray]]],
+    config: FlowConfig,
+    keep_tokens: bool = False,
+) -> tuple[dict[str, _Roles], dict[int, TokenCodes]]:
+    """Feature roles per layer from the role prompts' all-token codes through `saes`, per subset (`selections`:
+    its selective features and answer-position codes by layer); the token codes too when `keep_tokens` (the
+    feature cards read them; they are large)."""
+    roles: dict[str, dict[int, pd.DataFrame]] = {s: {} for s in selections}
+    shares: dict[str, dict[int, dict[str, float]]] = {s: {} for s in selections}
     tokens_by_layer = {}
-    for layer in aset.layers:
+    for layer in layers:
         hook = _hook(layer)
-        tokens = token_codes(store, hook, suite.saes[hook].encode, masks)
-        tokens_by_layer[layer] = tokens
-        for s, m in measured.items():
+        tokens = token_codes(store, hook, saes[hook].encode, masks)
+        if keep_tokens:
+            tokens_by_layer[layer] = tokens
+        for s, (selective, codes) in selections.items():
             layer_roles = feature_roles(
-                tokens.codes, tokens.is_template, m.selective[layer].selectivity, config.roles
+                tokens.codes, tokens.is_template, selective[layer].selectivity, config.roles
             )
             roles[s][layer] = layer_roles
-            shares[s][layer] = role_mass_shares(m.codes[layer], layer_roles["role"].astype(str), ROLES)
+            shares[s][layer] = role_mass_shares(codes[layer], layer_roles["role"].astype(str), ROLES)
     out = {
         s: _Roles(
             roles=roles[s],
@@ -696,9 +716,14 @@ def _role_tables(
                 {layer: r["role"].value_counts() for layer, r in roles[s].items()}
             ).T.rename_axis("layer")[list(ROLES)],
         )
-        for s in measured
+        for s in selections
     }
-    return out, tokens_by_layer, prompts
+    return out, tokens_by_layer
+
+
+def _shares_per_phase(roles: _Roles, cut: BoundaryBootstrap) -> pd.DataFrame:
+    """Each role's mean share of the answer position's activation per phase of `cut` (what the roles rule reads)."""
+    return roles.shares.groupby(cut.point.phase_of(roles.shares.index.tolist())).mean()
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -792,12 +817,13 @@ def _verdicts(
     cut: BoundaryBootstrap,
     phase_shares: pd.DataFrame,
     without: Mapping[str, Sequence[int]],
-    seeds: Mapping[int, Verdict],
+    seeds: Mapping[int, Mapping[str, Verdict]],
     book_seed: int,
 ) -> dict[str, Verdict]:
-    """The chapter's verdicts on one subset; `seeds` are the late-emergence rule's outcomes on SAEs retrained with
-    other seeds (by seed), against which the book SAEs' (`book_seed`) outcome must stand."""
+    """The chapter's verdicts on one subset; `seeds` are the feature-level rules' outcomes on SAEs retrained with
+    other seeds (by seed, then claim), against which the book SAEs' (`book_seed`) outcomes must stand."""
     t = measured.table
+    other = {claim: {seed: v[claim] for seed, v in seeds.items()} for claim in SEED_CLAIMS}
     return {
         "three_phases": three_phase_verdict(
             test.chosen,
@@ -807,24 +833,30 @@ def _verdicts(
             _r2_pair(test),
             moved_boundaries(_phase_cut(cut), without),
         ),
-        "late_emotion": late_emotion_finding(t, cut.point.phase_of(t.index.tolist()), seeds, book_seed),
-        "phase_roles": phase_roles_verdict(phase_shares[list(CARD_ROLES)]),
+        "late_emotion": late_emotion_finding(
+            t, cut.point.phase_of(t.index.tolist()), other["late_emotion"], book_seed
+        ),
+        "phase_roles": stable_across_seeds(
+            phase_roles_verdict(phase_shares[list(CARD_ROLES)]), other["phase_roles"], book_seed
+        ),
     }
 
 
 def _seed_layers(
     aset: AnalysisSet, saes: Mapping[str, Any], idx: np.ndarray, labels: tuple[str, ...], config: FlowConfig
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[int, SelectiveCount], dict[int, np.ndarray]]:
     """Per layer, what the late-emergence rule reads at the answer position (the SAE-code probe and the selective
-    features with their permutations, Holm-corrected across layers), through a retrained seed's SAEs."""
-    gold, rows = aset.gold[idx], []
+    features with their permutations, Holm-corrected across layers), through a retrained seed's SAEs; and the
+    selective features and codes by layer, which the roles rule reads."""
+    gold, rows, selective, codes = aset.gold[idx], [], {}, {}
     for layer in aset.layers:
-        z = aset.codes(layer, saes[_hook(layer)])[idx]
-        sel = _layer_selectivity(gold, labels, config, len(aset.layers), layer)(z)
-        rows.append({"layer": layer, **_codes_probe_row(_codes_probe(z, gold, config)), **sel.row()})
+        codes[layer] = aset.codes(layer, saes[_hook(layer)])[idx]
+        selective[layer] = _layer_selectivity(gold, labels, config, len(aset.layers), layer)(codes[layer])
+        probe = _codes_probe(codes[layer], gold, config)
+        rows.append({"layer": layer, **_codes_probe_row(probe), **selective[layer].row()})
     frame = pd.DataFrame(rows).set_index("layer")
     _mark_beyond_control(frame, config, ("",))
-    return frame
+    return frame, selective, codes
 
 
 def seed_row(
@@ -832,15 +864,16 @@ def seed_row(
     seed: int,
     per_layer: pd.DataFrame,
     phase: pd.Series,
-    verdict: Verdict,
+    verdicts: Mapping[str, Verdict],
     misses: Mapping[int, str],
 ) -> dict[str, Any]:
     """One SAE training seed's row of the seed table: the layers whose features show emotion (all, and those
-    before the last phase), the rule's outcome before the SAE cap, and how many of the layers read miss an SAE
-    goal (`misses`: layer -> goals, for that seed's SAEs; a layer without a measurement counts as missing)."""
+    before the last phase), each feature-level rule's outcome before the SAE cap (`verdicts`, by claim), and how
+    many of the layers read miss an SAE goal (`misses`: layer -> goals, for that seed's SAEs; a layer without a
+    measurement counts as missing)."""
     read = _layers_read(per_layer)
     early = [layer for layer in read if phase[layer] < phase.max()]
-    share = verdict.numbers.get("share_of_excess_in_last_phase")
+    share = verdicts["late_emotion"].numbers.get("share_of_excess_in_last_phase")
     return {
         "items": items,
         "seed": seed,
@@ -848,7 +881,7 @@ def seed_row(
         "of them before the last phase": _layer_list(early) if early else "none",
         "share of the excess in the last phase": np.nan if share is None else share,
         "SAEs missing a goal": goals_missed({layer: misses.get(layer, "not measured") for layer in read}),
-        CLAIMS["late_emotion"]: verdict.verdict,
+        **{CLAIMS[claim]: verdict.verdict for claim, verdict in verdicts.items()},
     }
 
 
@@ -923,10 +956,17 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             measured[s].table["answer_outlier"] = answer_outliers[idx].mean(axis=0)
             phases[s] = _phases(measured[s], config)
             timings[s] = time.time() - began
-    by_seed, seed_rows = _seed_verdicts(lm, aset, suite, measured, phases, config, timings)
     began = time.time()
-    roles, tokens_by_layer, prompts = _role_tables(lm, aset, suite, measured, config)
+    role_prompts = _role_prompts(lm, aset, config)
+    store, masks, prompts = role_prompts
+    selections = {s: (m.selective, m.codes) for s, m in measured.items()}
+    roles, tokens_by_layer = _roles(
+        store, masks, suite.saes, aset.layers, selections, config, keep_tokens=True
+    )
     timings["roles"] = time.time() - began
+    by_seed, seed_rows = _seed_verdicts(
+        lm, aset, suite, measured, phases, roles, role_prompts, config, timings
+    )
     subsets: dict[str, SubsetFlow | SkippedSubset] = {}
     for s, (idx, labels, dropped) in parts.items():
         if s in skipped:
@@ -935,8 +975,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
             )
             continue
         m, (test, boots, without), r = measured[s], phases[s], roles[s]
-        phase = boots[3].point.phase_of(r.shares.index.tolist())
-        shares_per_phase = r.shares.groupby(phase).mean()
+        shares_per_phase = _shares_per_phase(r, boots[3])
         counts_per_phase = r.counts.groupby(boots[3].point.phase_of(r.counts.index.tolist())).mean()
         subsets[s] = SubsetFlow(
             items=names[s],
@@ -997,19 +1036,26 @@ def _seed_verdicts(
     suite: SAESuite,
     measured: Mapping[str, _Measured],
     phases: Mapping[str, tuple[PhaseCountTest, dict[int, BoundaryBootstrap], Any]],
+    roles: Mapping[str, _Roles],
+    role_prompts: tuple[ActivationStore, list[np.ndarray], Any],
     config: FlowConfig,
     timings: dict[str, float],
-) -> tuple[dict[str, dict[int, Verdict]], list[dict[str, Any]]]:
-    """Per subset, the late-emergence rule's outcome on every layer's SAE retrained with each of `config.sae_seeds`
-    (under the book SAEs' phase cut: the seeds test the features, not the cut), and the seed table's rows, the book
-    SAEs' first (none for a pretrained release: one set of SAEs)."""
-    by_seed: dict[str, dict[int, Verdict]] = {s: {} for s in measured}
+) -> tuple[dict[str, dict[int, dict[str, Verdict]]], list[dict[str, Any]]]:
+    """Per subset, the feature-level rules' outcomes (`SEED_CLAIMS`) on every layer's SAE retrained with each of
+    `config.sae_seeds` (under the book SAEs' phase cut: the seeds test the features, not the cut), and the seed
+    table's rows, the book SAEs' first (none for a pretrained release: one set of SAEs)."""
+    by_seed: dict[str, dict[int, dict[str, Verdict]]] = {s: {} for s in measured}
     rows = []
-    cut = {s: phases[s][1][3].point.phase_of(list(aset.layers)) for s in measured}
+    boots = {s: phases[s][1][3] for s in measured}
+    cut = {s: boots[s].point.phase_of(list(aset.layers)) for s in measured}
     book_misses = {layer: suite.flag(layer) for layer in aset.layers}
     for s, m in measured.items():
-        book = _late_emotion(m.table, cut[s])
+        book = {
+            "late_emotion": _late_emotion(m.table, cut[s]),
+            "phase_roles": phase_roles_verdict(_shares_per_phase(roles[s], boots[s])[list(CARD_ROLES)]),
+        }
         rows.append(seed_row(SUBSETS[s], config.saes.training.seed, m.table, cut[s], book, book_misses))
+    store, masks, _ = role_prompts
     for seed in config.sae_seeds:
         began = time.time()
         retrained = seed_saes(lm, config.preset, config.saes, aset.layers, seed)
@@ -1017,8 +1063,13 @@ def _seed_verdicts(
             return {s: {} for s in measured}, []
         misses = seed_flags(lm, suite, retrained, seed)
         for s, m in measured.items():
-            per_layer = _seed_layers(aset, retrained, m.idx, m.labels, config)
-            by_seed[s][seed] = _late_emotion(per_layer, cut[s])
+            per_layer, selective, codes = _seed_layers(aset, retrained, m.idx, m.labels, config)
+            seed_roles, _ = _roles(store, masks, retrained, aset.layers, {s: (selective, codes)}, config)
+            shares = _shares_per_phase(seed_roles[s], boots[s])[list(CARD_ROLES)]
+            by_seed[s][seed] = {
+                "late_emotion": _late_emotion(per_layer, cut[s]),
+                "phase_roles": phase_roles_verdict(shares),
+            }
             rows.append(seed_row(SUBSETS[s], seed, per_layer, cut[s], by_seed[s][seed], misses))
         timings[f"SAE seed {seed}"] = time.time() - began
     rows.sort(key=lambda row: list(SUBSETS.values()).index(row["items"]))
