@@ -254,9 +254,10 @@ def seed_saes(
         return {}
     _, store = _training_activations(lm, preset, config)
     training = dataclasses.replace(config.training.for_rows(store.n_rows, config.epochs), seed=seed)
-    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
-    every = saes_folder(training, **_train_args(lm, store, resid_hooks(lm.info.n_layers)))
-    if set(hooks) < set(resid_hooks(lm.info.n_layers)) and verify_entry(every):
+    every_hook = resid_hooks(lm.info.n_layers)
+    hooks = [every_hook[layer] for layer in layers]
+    every = saes_folder(training, **_train_args(lm, store, every_hook))
+    if set(hooks) < set(every_hook) and verify_entry(every):
         return load_saes(every, hooks, device=device_of(lm.model))
     return load_saes(_train(lm, store, training, hooks), device=device_of(lm.model))
 

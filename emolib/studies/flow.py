@@ -1062,9 +1062,10 @@ def _seed_verdicts(
         if not retrained:
             return {s: {} for s in measured}, []
         misses = seed_flags(lm, suite, retrained, seed)
-        for s, m in measured.items():
-            per_layer, selective, codes = _seed_layers(aset, retrained, m.idx, m.labels, config)
-            seed_roles, _ = _roles(store, masks, retrained, aset.layers, {s: (selective, codes)}, config)
+        layers = {s: _seed_layers(aset, retrained, m.idx, m.labels, config) for s, m in measured.items()}
+        selections = {s: (selective, codes) for s, (_, selective, codes) in layers.items()}
+        seed_roles, _ = _roles(store, masks, retrained, aset.layers, selections, config)  # one encoding pass
+        for s, (per_layer, _, _) in layers.items():
             shares = _shares_per_phase(seed_roles[s], boots[s])[list(CARD_ROLES)]
             by_seed[s][seed] = {
                 "late_emotion": _late_emotion(per_layer, cut[s]),
@@ -1371,8 +1372,9 @@ class FlowResult:
     sae_summary: str = ""
     role_prompts: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    #: Per item subset and SAE training seed (the book's first): what the late-emergence rule reads and its outcome
-    #: before the SAE cap (None without retrained seeds, or for results written before they were).
+    #: Per item subset and SAE training seed (the book's first): what the late-emergence rule reads, and the
+    #: outcomes of the rules that read SAE features, late emergence before the SAE cap (None without retrained
+    #: seeds, or for results written before they were).
     seeds: pd.DataFrame | None = None
 
     # ---------------------------------------------------------------- accessors (used by later chapters)
@@ -1707,7 +1709,8 @@ class FlowResult:
 
     def seeds_table(self) -> pd.DataFrame:
         """Per item subset and SAE training seed: the layers whose features show emotion, the share of the excess
-        count in the last phase and the late-emergence rule's outcome before the SAE cap (empty without seeds)."""
+        count in the last phase, and the late-emergence (before the SAE cap) and roles rules' outcomes (empty
+        without seeds)."""
         if self.seeds is None:
             return pd.DataFrame()
         frame = self.seeds.reset_index()
