@@ -175,6 +175,7 @@ def assert_same(a: FlowResult, b: FlowResult) -> None:
         )
     pd.testing.assert_frame_equal(a.feature_cards, b.feature_cards, check_dtype=False)
     pd.testing.assert_frame_equal(a.seeds_table(), b.seeds_table(), check_dtype=False)
+    pd.testing.assert_frame_equal(a.seed_features_table(), b.seed_features_table(), check_dtype=False)
     assert a.verdicts() == b.verdicts() and a.readme_row() == b.readme_row()
 
 
@@ -258,6 +259,30 @@ def test_every_layer_is_retrained_with_each_seed_and_the_feature_verdicts_read_t
             if outcomes.nunique() > 1:
                 assert verdict.verdict == "inconclusive" and "seeds disagree" in verdict.reason
     assert {"SAE seed 1"} <= set(result.timings)
+
+
+def test_each_seed_reports_how_much_of_every_layers_dictionary_it_learns_again(result):
+    """Per seed and layer: the book SAE's active features (those the selectivity test could test), how many the
+    seed learns again, never more than exist; the phase view pools the counts of the book cut's phases. (The tiny
+    model's quick SAEs barely beat chance: matching itself is tested on planted dictionaries.)"""
+    by_layer = result.seed_features_table(by_layer=True).loc["tiny-flow"]
+    layers = result.subset("all").per_layer.index.tolist()
+    assert sorted(by_layer.index.get_level_values("seed").unique()) == list(CONFIG.sae_seeds)
+    for seed in CONFIG.sae_seeds:
+        assert by_layer.loc[seed].index.tolist() == layers
+    assert (by_layer["found again"].between(0, 1)).all()
+    assert (
+        by_layer["median best cosine"].between(-1, 1).all()
+        and by_layer["random dictionary"].between(0, 1).all()
+    )
+    raw = result.seed_features.reset_index()
+    assert (raw["found again"] <= raw["active features"]).all()
+    assert (raw["same emotions"] <= raw["selective found again"]).all()
+    assert (raw["selective found again"] <= raw["selective features"]).all()
+    phases = result.seed_features_table().loc["tiny-flow"]
+    assert phases.index.get_level_values("phase").unique().tolist() == [1, 2, 3]
+    pooled = phases["active features"].groupby("seed").sum()
+    assert pooled.to_dict() == raw.groupby("seed")["active features"].sum().to_dict()
 
 
 def test_the_views_cover_every_subset(result):
@@ -408,6 +433,8 @@ def test_presets_and_config_checks():
         flow.FlowConfig(subsets=(("wrong", "wrong items"),))
     with pytest.raises(FlowError, match="three phases"):
         flow.FlowConfig(candidates=(1, 2))
+    with pytest.raises(FlowError, match="match_cosine"):
+        flow.FlowConfig(match_cosine=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ moved rules

@@ -20,7 +20,14 @@ from emolib.plots.features import (
     upset_figure,
     upset_grid,
 )
-from emolib.plots.flow import boundary_frequency, flow_profiles, role_shares, selective_heatmap, shade_phases
+from emolib.plots.flow import (
+    boundary_frequency,
+    flow_profiles,
+    role_shares,
+    seed_dictionary,
+    selective_heatmap,
+    shade_phases,
+)
 from emolib.plots.saes import sae_quality
 from emolib.plots.steering import data_efficiency, label_shares, strength_tradeoff, transfer_panels
 from emolib.plots.style import colour, style
@@ -48,6 +55,7 @@ __all__ = [
     "predicted_vs_measured",
     "role_shares",
     "sae_quality",
+    "seed_dictionary",
     "selective_heatmap",
     "shade_phases",
     "strength_tradeoff",

@@ -164,3 +164,30 @@ def boundary_frequency(freqs: dict[str, pd.Series], layers: dict[str, Sequence[i
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(model)
     return fig
+
+
+def seed_dictionary(tables: dict[str, pd.DataFrame], phases: dict[str, Sequence[tuple[int, int]]]) -> Figure:
+    """Per layer, the share of the book SAE's features that an SAE retrained with another seed learns again:
+    all active features (solid) and the emotion-selective ones (dashed), one line per seed, phases shaded; one
+    panel per model (`tables`: `FlowResult.seed_features_table(by_layer=True)` per model)."""
+    models = [m for m in tables if len(tables[m])]
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.2 * max(len(models), 1), 3.0), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        table = tables[model].reset_index()
+        shade_phases(ax, phases[model], label=True)
+        seeds = sorted(table["seed"].unique())
+        for i, seed in enumerate(seeds):
+            rows = table[table["seed"] == seed].sort_values("layer")
+            shade = colour(model) if i == 0 else "#555555"
+            ax.plot(rows["layer"], rows["found again"], "-", marker="o", ms=2.5, color=shade,
+                    label=f"seed {seed}: active features")  # fmt: skip
+            ax.plot(rows["layer"], rows["selective found again"], "--", marker="s", ms=2.5, color=shade,
+                    label=f"seed {seed}: emotion-selective")  # fmt: skip
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share found again")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(model, pad=14)
+    if models:
+        axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig

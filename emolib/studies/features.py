@@ -17,7 +17,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
-import torch
 from sae_lens import SAE
 
 from emolib import data
@@ -49,6 +48,7 @@ from emolib.methods.selectivity import (
     shuffled_control,
     split_half_replication,
 )
+from emolib.sae.matching import match_features
 from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_flags, seed_saes
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, plain, read_study_results, records, result_for, table
@@ -1098,11 +1098,6 @@ def _claim_verdicts(analysis: _PhaseAnalysis, config: FeaturesConfig) -> dict[st
     }
 
 
-def _unit_rows(weights: torch.Tensor) -> np.ndarray:
-    w = weights.detach().float().cpu().numpy()
-    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-
-
 def _seed_row(
     seed: int,
     main: _PhaseAnalysis,
@@ -1127,31 +1122,30 @@ def _seed_row(
         for j, (layer, feature) in enumerate(zip(other.pooled.layer, other.pooled.feature, strict=True))
     }
     found = same_role = 0
-    best: list[float] = []
-    chance: list[float] = []  # the same best cosine against a random dictionary of the seed SAE's shape
+    best: list[np.ndarray] = []
+    chance: list[np.ndarray] = []
     rng = np.random.default_rng(seed)
     for layer in sorted({int(main.pooled.layer[c]) for c in chosen}):
         columns = [c for c in chosen if main.pooled.layer[c] == layer]
-        directions = _unit_rows(main_saes[layer].W_dec[main.pooled.feature[columns]])
-        cosine = directions @ _unit_rows(seed_saes[layer].W_dec).T
-        random = _unit_rows(torch.from_numpy(rng.standard_normal(tuple(seed_saes[layer].W_dec.shape))))
-        chance.extend((directions @ random.T).max(axis=1).tolist())
-        for row, column in enumerate(columns):
-            partner = int(np.argmax(cosine[row]))
-            best.append(float(cosine[row, partner]))
-            if cosine[row, partner] < match_cosine:
-                continue
-            found += 1
-            j = other_column.get((layer, partner))
-            same_role += int(j is not None and np.array_equal(other_members[j], members[column]))
+        match = match_features(
+            main_saes[layer].W_dec, seed_saes[layer].W_dec, main.pooled.feature[columns], rng, match_cosine
+        )
+        best.append(match.best_cosine)
+        chance.append(match.chance_cosine)
+        found += match.n_found
+        for column, partner, is_found in zip(columns, match.partner, match.found, strict=True):
+            j = other_column.get((layer, int(partner)))
+            same_role += int(is_found and j is not None and np.array_equal(other_members[j], members[column]))
     n = len(chosen)
     return {
         "seed": seed,
         "emotion-set features": int(other_members.any(axis=1).sum()),
         "book SAEs' features found again": f"{found} of {n}",
         "found again, same emotion set": f"{same_role} of {n}",
-        "median best cosine": float(np.median(best)) if best else np.nan,
-        "median best cosine, random dictionary": float(np.median(chance)) if chance else np.nan,
+        "median best cosine": float(np.median(np.concatenate(best).astype(np.float64))) if best else np.nan,
+        "median best cosine, random dictionary": float(np.median(np.concatenate(chance).astype(np.float64)))
+        if chance
+        else np.nan,
         "SAEs missing a goal": missing,
         **{CLAIMS[key]: verdict.verdict for key, verdict in verdicts.items()},
     }

@@ -68,6 +68,7 @@ from emolib.sae.activations import (
     masked_mean_codes,
     resid_hooks,
 )
+from emolib.sae.matching import match_features
 from emolib.sae.quality import goal_summary
 from emolib.sae.suite import SAESuite, SuiteConfig, sae_suite, seed_flags, seed_saes
 from emolib.stats import Estimate, format_interval, mean_interval
@@ -81,8 +82,8 @@ from emolib.verdicts import Verdict, capped_by_sae, goals_missed, stable_across_
 #: the text's own tokens, the late-emergence verdict reads both; the change-point price from item-bootstrap profiles;
 #: 5: the late-emergence verdict again on SAEs of every layer retrained with other seeds; 6: the seed SAEs' quality
 #: measured on every layer (5 read a cached measurement of the final phase's layers only); 7: the roles rule on
-#: the seeds too
-STUDY_VERSION = "7"
+#: the seeds too; 8: how much of each layer's dictionary every seed learns again (decoder cosine)
+STUDY_VERSION = "8"
 
 #: The paper's claims this chapter tests (key: wording in the findings and the README row).
 CLAIMS = {
@@ -346,6 +347,7 @@ class FlowConfig:
     profile_metrics: tuple[tuple[str, str], ...] = tuple(PROFILE_METRICS.items())
     subsets: tuple[tuple[str, str], ...] = tuple(SUBSETS.items())
     sae_seeds: tuple[int, ...] = (1, 2)
+    match_cosine: float = 0.9
 
     def __post_init__(self) -> None:
         unknown = [m for m, _ in self.profile_metrics if m not in PROFILE_METRICS]
@@ -372,6 +374,8 @@ class FlowConfig:
             )
         if not 0 < self.layer_alpha < 1:
             raise FlowError(f"layer_alpha must be in (0, 1), not {self.layer_alpha}")
+        if not 0 < self.match_cosine <= 1:
+            raise FlowError(f"match_cosine must be in (0, 1], not {self.match_cosine}")
         if self.saes.training.seed in self.sae_seeds or len(set(self.sae_seeds)) < len(self.sae_seeds):
             raise FlowError(
                 f"sae_seeds must be distinct and differ from the book SAEs' training seed "
@@ -409,6 +413,7 @@ class FlowConfig:
             "profile_metrics": dict(self.profile_metrics),
             "candidates": list(self.candidates),
             "sae_seeds": list(self.sae_seeds),
+            "match_cosine": self.match_cosine,
         }
 
 
@@ -885,6 +890,44 @@ def seed_row(
     }
 
 
+def seed_feature_rows(
+    seed: int,
+    book_saes: Mapping[str, Any],
+    seed_saes: Mapping[str, Any],
+    book: Mapping[int, SelectiveCount],
+    retrained: Mapping[int, SelectiveCount],
+    match_cosine: float,
+) -> list[dict[str, Any]]:
+    """Per layer, how much of the book SAE's dictionary one seed's SAE learns again (`sae.matching`): among the
+    features active on the analysis items, and among the emotion-selective ones, with the share of those whose
+    partner the seed's own selectivity test finds selective for the same emotions. The random dictionary (seeded
+    by `seed`) gives the median best cosine that chance reaches."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for layer in sorted(book):
+        sel, other = book[layer].selectivity, retrained[layer].selectivity
+        hook = _hook(layer)
+        match = match_features(
+            book_saes[hook].W_dec, seed_saes[hook].W_dec, np.flatnonzero(sel.tested), rng, match_cosine
+        )
+        selective = sel.selective[match.features].any(axis=1)
+        same = (sel.selective[match.features] == other.selective[match.partner]).all(axis=1)
+        rows.append(
+            {
+                "seed": seed,
+                "layer": layer,
+                "active features": match.n,
+                "found again": match.n_found,
+                "median best cosine": match.median_best,
+                "median best cosine, random dictionary": match.median_chance,
+                "selective features": int(selective.sum()),
+                "selective found again": int(match.found[selective].sum()),
+                "same emotions": int((match.found & same)[selective].sum()),
+            }
+        )
+    return rows
+
+
 def _r2_pair(test: PhaseCountTest) -> tuple[float, float] | None:
     """(R^2 of the best three phases, R^2 of the smooth trend) on the z-scored profile."""
     if test.three_beats_trend is None:
@@ -964,7 +1007,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
         store, masks, suite.saes, aset.layers, selections, config, keep_tokens=True
     )
     timings["roles"] = time.time() - began
-    by_seed, seed_rows = _seed_verdicts(
+    by_seed, seed_rows, feature_rows = _seed_verdicts(
         lm, aset, suite, measured, phases, roles, role_prompts, config, timings
     )
     subsets: dict[str, SubsetFlow | SkippedSubset] = {}
@@ -1027,6 +1070,7 @@ def _build(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConf
         role_prompts=len(prompts),
         timings=timings,
         seeds=pd.DataFrame(seed_rows).set_index(["items", "seed"]) if seed_rows else None,
+        seed_features=pd.DataFrame(feature_rows).set_index(["seed", "layer"]) if feature_rows else None,
     )
 
 
@@ -1040,10 +1084,12 @@ def _seed_verdicts(
     role_prompts: tuple[ActivationStore, list[np.ndarray], Any],
     config: FlowConfig,
     timings: dict[str, float],
-) -> tuple[dict[str, dict[int, dict[str, Verdict]]], list[dict[str, Any]]]:
+) -> tuple[dict[str, dict[int, dict[str, Verdict]]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Per subset, the feature-level rules' outcomes (`SEED_CLAIMS`) on every layer's SAE retrained with each of
-    `config.sae_seeds` (under the book SAEs' phase cut: the seeds test the features, not the cut), and the seed
-    table's rows, the book SAEs' first (none for a pretrained release: one set of SAEs)."""
+    `config.sae_seeds` (under the book SAEs' phase cut: the seeds test the features, not the cut), the seed
+    table's rows, the book SAEs' first, and per seed and layer how much of the book SAE's dictionary the seed
+    learns again (`seed_feature_rows`, selectivity of the first item subset). None for a pretrained release: one
+    set of SAEs."""
     by_seed: dict[str, dict[int, dict[str, Verdict]]] = {s: {} for s in measured}
     rows = []
     boots = {s: phases[s][1][3] for s in measured}
@@ -1056,11 +1102,12 @@ def _seed_verdicts(
         }
         rows.append(seed_row(SUBSETS[s], config.saes.training.seed, m.table, cut[s], book, book_misses))
     store, masks, _ = role_prompts
+    feature_rows: list[dict[str, Any]] = []
     for seed in config.sae_seeds:
         began = time.time()
         retrained = seed_saes(lm, config.preset, config.saes, aset.layers, seed)
         if not retrained:
-            return {s: {} for s in measured}, []
+            return {s: {} for s in measured}, [], []
         misses = seed_flags(lm, suite, retrained, seed)
         layers = {s: _seed_layers(aset, retrained, m.idx, m.labels, config) for s, m in measured.items()}
         selections = {s: (selective, codes) for s, (_, selective, codes) in layers.items()}
@@ -1072,9 +1119,13 @@ def _seed_verdicts(
                 "phase_roles": phase_roles_verdict(shares),
             }
             rows.append(seed_row(SUBSETS[s], seed, per_layer, cut[s], by_seed[s][seed], misses))
+        first = next(iter(measured))
+        feature_rows += seed_feature_rows(
+            seed, suite.saes, retrained, measured[first].selective, layers[first][1], config.match_cosine
+        )
         timings[f"SAE seed {seed}"] = time.time() - began
     rows.sort(key=lambda row: list(SUBSETS.values()).index(row["items"]))
-    return by_seed, rows
+    return by_seed, rows, feature_rows
 
 
 def run_flow(model: str | LoadedModel, config: FlowConfig | None = None) -> FlowResult:
@@ -1376,6 +1427,9 @@ class FlowResult:
     #: outcomes of the rules that read SAE features, late emergence before the SAE cap (None without retrained
     #: seeds, or for results written before they were).
     seeds: pd.DataFrame | None = None
+    #: Per SAE seed and layer: how much of the book SAE's dictionary the seed's SAE learns again
+    #: (`seed_feature_rows`; None without retrained seeds).
+    seed_features: pd.DataFrame | None = None
 
     # ---------------------------------------------------------------- accessors (used by later chapters)
 
@@ -1717,6 +1771,33 @@ class FlowResult:
         frame.insert(0, "model", self.model)
         return frame.set_index(["model", "items", "seed"])
 
+    def seed_features_table(self, by_layer: bool = False) -> pd.DataFrame:
+        """Per SAE seed and phase of the book SAEs' three-phase cut (all items): the share of the book SAEs' active
+        features, and of their emotion-selective ones, that the seed's SAEs learn again (pooled over the phase's
+        layers; "same emotions": the partner is selective for the same emotions), and the median of the layers'
+        median best cosines beside chance's. Per layer with `by_layer`. Empty without seeds."""
+        if self.seed_features is None:
+            return pd.DataFrame()
+        frame = self.seed_features.reset_index()
+        frame.insert(0, "model", self.model)
+        frame["phase"] = self.cut(3).phase_of(frame["layer"].tolist()).to_numpy()
+        keys = ["model", "seed", "layer"] if by_layer else ["model", "seed", "phase"]
+        grouped = frame.groupby(keys)
+        sums = grouped[["active features", "found again", "selective features", "selective found again",
+                        "same emotions"]].sum()  # fmt: skip
+        out = pd.DataFrame(index=sums.index)
+        if not by_layer:
+            out["layers"] = grouped["layer"].agg(lambda x: _layer_list(list(x)))
+        out["active features"] = sums["active features"]
+        out["found again"] = sums["found again"] / sums["active features"].where(sums["active features"] > 0)
+        out["selective features"] = sums["selective features"]
+        selective = sums["selective features"].where(sums["selective features"] > 0)
+        out["selective found again"] = sums["selective found again"] / selective
+        out["same emotions"] = sums["same emotions"] / selective
+        out["median best cosine"] = grouped["median best cosine"].median()
+        out["random dictionary"] = grouped["median best cosine, random dictionary"].median()
+        return out
+
     def cards_table(self) -> pd.DataFrame:
         """The feature cards for display: a role without an active feature shows blanks."""
         return self.feature_cards.astype(object).fillna("")
@@ -1735,6 +1816,7 @@ class FlowResult:
             "role_prompts": self.role_prompts,
             "timings_seconds": dict(self.timings),
             "sae_seeds": None if self.seeds is None else records(self.seeds),
+            "seed_features": None if self.seed_features is None else records(self.seed_features),
         }
 
     @classmethod
@@ -1758,4 +1840,7 @@ class FlowResult:
             seeds=None
             if payload.get("sae_seeds") is None
             else table(payload["sae_seeds"], ["items", "seed"]),
+            seed_features=None
+            if payload.get("seed_features") is None
+            else table(payload["seed_features"], ["seed", "layer"]),
         )
