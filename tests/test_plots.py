@@ -52,3 +52,19 @@ def test_flow_figures_draw():
         fig.canvas.draw()
         assert fig.axes
         plt.close(fig)
+
+
+def test_seed_dictionary_draws_one_line_per_seed_and_measure():
+    rows = []
+    for seed in (1, 2):
+        for layer in range(6):
+            rows.append({"model": "m", "seed": seed, "layer": layer, "median best cosine": 0.5,
+                         "random dictionary": 0.14, "found again": 0.1 * layer,
+                         "selective found again": np.nan if layer < 4 else 0.5})  # fmt: skip
+    table = pd.DataFrame(rows).set_index(["model", "seed", "layer"])
+    fig = plots.seed_dictionary({"m": table}, {"m": [(0, 1), (2, 3), (4, 5)]}, 0.9)
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert len(top.get_lines()) == 1 + 2 * 2  # the threshold, then per seed the median and chance
+    assert len(bottom.get_lines()) == 2 * 2
+    np.testing.assert_allclose(bottom.get_lines()[0].get_ydata(), [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    plt.close(fig)

@@ -166,28 +166,50 @@ def boundary_frequency(freqs: dict[str, pd.Series], layers: dict[str, Sequence[i
     return fig
 
 
-def seed_dictionary(tables: dict[str, pd.DataFrame], phases: dict[str, Sequence[tuple[int, int]]]) -> Figure:
-    """Per layer, the share of the book SAE's features that an SAE retrained with another seed learns again:
-    all active features (solid) and the emotion-selective ones (dashed), one line per seed, phases shaded; one
-    panel per model (`tables`: `FlowResult.seed_features_table(by_layer=True)` per model)."""
+_SEED_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
+
+
+def seed_dictionary(
+    tables: dict[str, pd.DataFrame], phases: dict[str, Sequence[tuple[int, int]]], match_cosine: float
+) -> Figure:
+    """Per layer, how near an SAE retrained with another seed comes to the book SAE's features: the median best
+    decoder cosine (solid) beside a random dictionary's (dotted) and the match threshold (dashed), above the share
+    of features found again at that threshold (all active features solid, emotion-selective ones as squares); one
+    colour per seed, one column per model, phases shaded (`tables`: `FlowResult.seed_features_table(by_layer=True)`
+    per model)."""
     models = [m for m in tables if len(tables[m])]
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.2 * max(len(models), 1), 3.0), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=False):
+    width = max(len(models), 1)
+    fig, axes = plt.subplots(2, width, figsize=(5.2 * width, 5.0), squeeze=False, sharex="col")
+    for column, model in enumerate(models):
         table = tables[model].reset_index()
-        shade_phases(ax, phases[model], label=True)
-        seeds = sorted(table["seed"].unique())
-        for i, seed in enumerate(seeds):
+        top, bottom = axes[0][column], axes[1][column]
+        shade_phases(top, phases[model], label=True)
+        shade_phases(bottom, phases[model])
+        top.axhline(match_cosine, color="#444444", ls="--", lw=0.8, label="match threshold")
+        for i, seed in enumerate(sorted(table["seed"].unique())):
             rows = table[table["seed"] == seed].sort_values("layer")
-            shade = colour(model) if i == 0 else "#555555"
-            ax.plot(rows["layer"], rows["found again"], "-", marker="o", ms=2.5, color=shade,
-                    label=f"seed {seed}: active features")  # fmt: skip
-            ax.plot(rows["layer"], rows["selective found again"], "--", marker="s", ms=2.5, color=shade,
-                    label=f"seed {seed}: emotion-selective")  # fmt: skip
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("share found again")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(model, pad=14)
+            shade = _SEED_COLOURS[i % len(_SEED_COLOURS)]
+            top.plot(rows["layer"], rows["median best cosine"], "-", marker="o", ms=2.5, color=shade,
+                     label=f"seed {seed}: median best cosine")  # fmt: skip
+            top.plot(
+                rows["layer"],
+                rows["random dictionary"],
+                ":",
+                color=shade,
+                label=f"seed {seed}: random dictionary",
+            )
+            bottom.plot(rows["layer"], rows["found again"], "-", marker="o", ms=2.5, color=shade,
+                        label=f"seed {seed}: active features")  # fmt: skip
+            bottom.plot(rows["layer"], rows["selective found again"], "s", ms=4, mfc="none", color=shade,
+                        label=f"seed {seed}: emotion-selective")  # fmt: skip
+        top.set_ylim(0, 1)
+        bottom.set_ylim(-0.02, 1)
+        top.set_ylabel("decoder cosine")
+        bottom.set_ylabel("share found again")
+        bottom.set_xlabel("layer")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        top.set_title(model, pad=14)
     if models:
-        axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        for row in axes:
+            row[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
