@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_loaded
@@ -124,6 +125,15 @@ def test_a_seeds_run_of_every_layer_gives_each_layer_and_is_read_for_a_few(tiny_
     suite = sae_suite(tiny_lm, "test", TINY_SUITE)
     assert list(suite_module.seed_flags(tiny_lm, suite, alone, 7)) == [1]
     assert list(suite_module.seed_flags(tiny_lm, suite, every, 7)) == every_layer
+    # ... and on the tokens their training saw, so one layer's numbers are those of the run of every layer
+    strict = dataclasses.replace(
+        TINY_SUITE, extraction=dataclasses.replace(TINY_SUITE.extraction, outlier_factor=1.3)
+    )
+    eval_corpus = build_corpus(tiny_lm.tokenizer, True, TINY_SUITE.eval_corpus)
+    few = suite_module.measure_saes(tiny_lm, alone, eval_corpus, strict, progress=False)
+    whole = suite_module.measure_saes(tiny_lm, every, eval_corpus, strict, progress=False)
+    assert few.attrs["n_outlier_tokens"] == whole.attrs["n_outlier_tokens"] > 0
+    pd.testing.assert_series_equal(few.loc[hook], whole.loc[hook])
 
 
 def test_evaluation_batch_leaves_out_what_training_leaves_out(tiny_lm, builtin_only):
@@ -247,8 +257,6 @@ def test_pretrained_releases_are_checked(tiny_lm, tiny_release, monkeypatch):
 
 
 def test_missed_goals_without_k_has_no_l0_goal():
-    import pandas as pd
-
     from emolib.sae.quality import missed_goals
 
     table = pd.DataFrame(

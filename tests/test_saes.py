@@ -624,6 +624,33 @@ def test_excluded_tokens_match_the_activation_cache(tiny_model, tiny_tokenizer, 
             assert table.loc[hooks[0]].loss_recovered == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_few_layers_measured_on_the_tokens_training_saw(tiny_model, tiny_tokenizer, batch, tmp_cache):
+    """SAEs of a few layers trained on every layer's stored activations are measured without the tokens flagged at
+    any extracted layer (`outlier_hooks`), as in training; with only their own layers' flags they are not."""
+    from emolib.sae.activations import ExtractionConfig, extract_activations
+
+    tokens, mask = batch
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    sequences = [row[: int(m.sum())].tolist() for row, m in zip(tokens, mask, strict=True)]
+    config = ExtractionConfig(hooks=tuple(hooks), outlier_factor=1.3, progress=False)
+    store = extract_activations(tiny_model, "tiny", sequences, config, description="test", preset="test")
+    one = {hooks[1]: identity_sae(tiny_model.cfg.d_model, hooks[1])}
+    own = evaluate_saes(tiny_model, one, tokens, attention_mask=mask, outlier_factor=1.3, progress=False)
+    assert (
+        own.loc[hooks[1]].n_tokens > store.n_rows
+    )  # the precondition: layer 0 flags tokens layer 1 does not
+    as_trained = evaluate_saes(
+        tiny_model, one, tokens, attention_mask=mask, outlier_factor=1.3, outlier_hooks=hooks, progress=False
+    )
+    assert as_trained.loc[hooks[1]].n_tokens == store.n_rows
+    assert as_trained.attrs["n_outlier_tokens"] == store.meta["dropped"]["outliers"]
+    both = {h: identity_sae(tiny_model.cfg.d_model, h) for h in hooks}
+    every = evaluate_saes(tiny_model, both, tokens, attention_mask=mask, outlier_factor=1.3, progress=False)
+    assert as_trained.loc[hooks[1]].equals(every.loc[hooks[1]])
+    with pytest.raises(SAEError, match="not a residual-stream hook"):
+        evaluate_saes(tiny_model, one, tokens, outlier_factor=1.3, outlier_hooks=["embed"], progress=False)
+
+
 def test_missed_goals():
     table = pd.DataFrame(
         {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from sae_lens.evals import ExplainedVarianceCalculator
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 from emolib.lm.batching import next_token_nll
 from emolib.sae.activations import norm_outliers
@@ -101,6 +102,7 @@ def evaluate_saes(
     attention_mask: Int[Tensor, "batch pos"] | None = None,  # noqa: F722
     keep_original: int | Bool[Tensor, "batch pos"] = 1,  # noqa: F722
     outlier_factor: float | None = None,
+    outlier_hooks: Sequence[str] | None = None,
     batch_size: int = 4,
     loss_sequences: int | None = None,
     dense_threshold: float = DENSE_THRESHOLD,
@@ -116,8 +118,10 @@ def evaluate_saes(
     Positions excluded from SAE training keep their original residual in both the SAE and the zero-ablation runs
     and are left out of the reconstruction metrics: those marked by `keep_original` (an int n means the first n
     positions, the attention sink: match `ExtractionConfig.skip_first`) and, with `outlier_factor` set, tokens
-    whose residual norm at any evaluated hook exceeds that multiple of their sequence's median norm (the rule of
-    `ExtractionConfig.outlier_factor`, the same when the same hooks are evaluated as were extracted). One clean forward caches every hook's residual; each variant then
+    whose residual norm at any of `outlier_hooks` (default: the evaluated hooks) exceeds that multiple of their
+    sequence's median norm: the rule of `ExtractionConfig.outlier_factor`, so pass the extracted hooks as
+    `outlier_hooks` to measure a few layers' SAEs on exactly the tokens their training saw. One clean forward caches
+    every hook's residual (and only the norms of the other `outlier_hooks`); each variant then
     resumes at the next block (`start_at_layer`) with the same attention mask, so it costs half a forward on
     average, and equals a full forward with the SAE spliced in by a hook (tested).
 
@@ -133,6 +137,9 @@ def evaluate_saes(
         raise SAEError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     hooks = list(saes)
     starts = {hook: resume_layer(hook, model.cfg.n_layers) for hook in hooks}
+    norm_hooks = hooks if outlier_hooks is None else list(dict.fromkeys(outlier_hooks))
+    norm_only = [hook for hook in norm_hooks if hook not in starts]
+    last_needed = max([*starts.values(), *(resume_layer(hook, model.cfg.n_layers) for hook in norm_only)])
     for hook, sae in saes.items():
         if sae.cfg.d_in != model.cfg.d_model:
             raise SAEError(
@@ -146,6 +153,11 @@ def evaluate_saes(
     for sae in saes.values():
         sae.eval()
 
+    norms: dict[str, Tensor] = {}  # this batch's residual norms at `norm_only`
+
+    def keep_norm(resid: Tensor, hook: HookPoint) -> None:
+        norms[hook.name] = torch.linalg.vector_norm(resid, dim=-1)
+
     n_layers = model.cfg.n_layers
     loss_rows = tokens.shape[0] if loss_sequences is None else min(loss_sequences, tokens.shape[0])
     for rows, with_loss in tqdm(
@@ -155,17 +167,19 @@ def evaluate_saes(
         width = int(columns.max()) + 1 if len(columns) else 1
         toks, mask, keep = tokens[rows, :width], attention_mask[rows, :width], keep_all[rows, :width]
         measured = mask.bool() & ~keep
-        final, cache = model.run_with_cache(
-            toks,
-            attention_mask=mask,
-            names_filter=hooks,
-            stop_at_layer=n_layers if with_loss else max(starts.values()),
-        )
+        norms.clear()
+        with model.hooks(fwd_hooks=[(hook, keep_norm) for hook in norm_only]):
+            final, cache = model.run_with_cache(
+                toks,
+                attention_mask=mask,
+                names_filter=hooks,
+                stop_at_layer=n_layers if with_loss else last_needed,
+            )
         if outlier_factor is not None:
             outliers = torch.zeros_like(measured)
-            for hook in hooks:
-                norms = torch.linalg.vector_norm(cache[hook], dim=-1)
-                outliers |= norm_outliers(norms, measured, outlier_factor)
+            for hook in norm_hooks:
+                norm = norms[hook] if hook in norms else torch.linalg.vector_norm(cache[hook], dim=-1)
+                outliers |= norm_outliers(norm, measured, outlier_factor)
             keep, measured = keep | outliers, measured & ~outliers
             n_outliers += int(outliers.sum())
         if with_loss:

@@ -264,8 +264,9 @@ def seed_saes(
 
 def seed_flags(lm: LoadedModel, suite: SAESuite, saes: dict[str, SAE], seed: int) -> dict[int, str]:
     """Per layer, the quality goals a retrained seed's SAE (`seed_saes`) misses ("" for none), measured as the
-    suite's own on its evaluation corpus (cached under the suite's key and the seed): a seed's verdict read
-    through SAEs that fail their goals is no better evidence than the book's."""
+    suite's own on its evaluation corpus (cached under the suite's key and the seed), on the tokens their training
+    saw (outliers flagged at any layer, so a few layers' numbers equal chapter 1's measurement of every layer): a
+    seed's verdict read through SAEs that fail their goals is no better evidence than the book's."""
     _, quality, _ = _measured(lm, saes, f"{suite.key}-seed{seed}", suite.config)
     missed = missed_goals(quality, suite.k).set_index("layer")["missed"]
     return {int(layer): str(missed.get(layer, "")) for layer in quality["layer"]}
@@ -324,6 +325,7 @@ def measure_saes(
         attention_mask=mask,
         keep_original=keep,
         outlier_factor=extraction.outlier_factor,
+        outlier_hooks=resid_hooks(lm.info.n_layers),  # the suite extracts every layer: training's tokens
         batch_size=config.eval_batch_size,
         loss_sequences=config.loss_sequences,
         progress=progress,
@@ -346,6 +348,9 @@ def _measured(
         "batch_size": config.eval_batch_size,
         "seed": config.seed,
     }
+    if sorted(saes) != sorted(resid_hooks(lm.info.n_layers)):
+        # measured on training's tokens (outliers at any layer); earlier entries of a few layers used only theirs
+        eval_settings["outliers_at"] = "every layer"
     if precision != torch.float32:  # quality measured through bf16 forwards is another number
         eval_settings["precision"] = dtype_name(precision)
     device = device_of(lm.model)

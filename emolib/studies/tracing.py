@@ -55,8 +55,8 @@ STUDY_VERSION = "3"
 
 #: Bump when `TracingResult` (its tables or verdicts) changes, so cached results are rebuilt (2: shuffled-label
 #: control, gated and SAE-capped verdicts; 3: fragile across the cut range; 4: stable across SAE seeds; 5: the
-#: text-position run; 6: the seed SAEs' quality; 7: the text-position run with the shuffled-label control).
-TRACING_VERSION = "7"
+#: text-position run; 6: the seed SAEs' quality; 7: the text-position run with the shuffled-label control; 8: the seed SAEs' quality on their training's tokens).
+TRACING_VERSION = "8"
 
 #: The paper's claims this chapter judges: key -> wording (the README columns and the findings' lines).
 CLAIMS = {
