@@ -39,6 +39,21 @@ def test_identical_records_and_skipped_run_time_facts():
     assert result.same and result.compared == 8 and not result.added
 
 
+def test_a_change_of_machine_is_noted_not_counted():
+    """Builds on two CPUs: the results are compared as always and the report says the machine changed."""
+    machine = {"cpu": "Intel Xeon", "amx_bf16": True, "torch_threads": 2}
+    old = json.loads(json.dumps(OLD))
+    old["provenance"]["machine"] = machine
+    new = json.loads(json.dumps(old))
+    assert compare_records(old, new).machines == set()
+    new["provenance"]["machine"] = {**machine, "cpu": "AMD EPYC", "amx_bf16": False}
+    result = compare_records(old, new)
+    assert result.same and len(result.machines) == 2
+    assert "amx_bf16 True -> False" in result.report() and "cpu 'Intel Xeon' -> 'AMD EPYC'" in result.report()
+    unrecorded = compare_records(OLD, new).machines
+    assert unrecorded == {"the old results do not record their machine (written before it was recorded)"}
+
+
 def test_a_changed_number_or_string_is_reported():
     new = json.loads(json.dumps(OLD))
     new["models"]["m"]["per_layer"][1]["probe"] = 0.51

@@ -40,7 +40,8 @@ def test_round_trip_with_numpy_values_and_provenance(tmp_path):
     assert record["nested"] == {"ci": [0.25, 0.75]} and record["nan"] is None
     prov = record["provenance"]
     assert prov["chapter"] == "00_setup" and prov["preset"] == "quick"
-    assert set(prov) >= {"git", "emolib_version", "python_version", "torch_version", "created_utc"}
+    assert set(prov) >= {"git", "emolib_version", "python_version", "torch_version", "machine", "created_utc"}
+    assert prov["machine"]["logical_cores"] >= 1 and prov["machine"]["torch_threads"] >= 1
     assert set(prov["git"]) == {"commit", "dirty"}
     assert rs.read_results("00_setup", preset="quick", results_dir=tmp_path) == record
     with pytest.raises(rs.ResultsPresetError, match="preset 'quick', not 'full'"):
@@ -144,3 +145,20 @@ def test_readme_models_block_lists_every_registered_model(tmp_path):
     for spec in MODELS.values():
         assert f"`{spec.name}`" in text and spec.gguf_sha256 in text and spec.licence in text
     assert rs.update_readme(readme, tmp_path / "none") is False
+
+
+def test_machine_reads_the_cpu_model_and_amx(tmp_path):
+    from emolib.pipeline.provenance import machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    first = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    )
+    second = "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n"
+    cpuinfo.write_text(first + "\n" + second)
+    intel = machine(cpuinfo)
+    assert intel["cpu"] == "Intel(R) Xeon(R) Platinum" and intel["amx_bf16"] is True
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16\n")
+    assert machine(cpuinfo)["amx_bf16"] is False
+    unknown = machine(tmp_path / "missing")
+    assert unknown["amx_bf16"] is None and unknown["cpu"]

@@ -31,6 +31,8 @@ class Comparison:
     changed: list[tuple[str, Any, Any]] = field(default_factory=list)
     missing: list[tuple[str, Any]] = field(default_factory=list)
     added: list[tuple[str, Any]] = field(default_factory=list)
+    #: How the two builds' machines differ (provenance, not results: reported beside them, never a difference).
+    machines: set[str] = field(default_factory=set)
 
     @property
     def same(self) -> bool:
@@ -43,6 +45,7 @@ class Comparison:
         self.changed += [(f"{prefix}:{p}", a, b) for p, a, b in other.changed]
         self.missing += [(f"{prefix}:{p}", a) for p, a in other.missing]
         self.added += [(f"{prefix}:{p}", b) for p, b in other.added]
+        self.machines |= other.machines
 
     def report(self, limit: int = 30) -> str:
         lines = [
@@ -50,6 +53,7 @@ class Comparison:
             f"{len(self.missing)} missing, {len(self.added)} added: "
             + ("the same results" if self.same else "RESULTS DIFFER")
         ]
+        lines += [f"  note: {line}" for line in sorted(self.machines)]
         for title, rows in (("changed", self.changed), ("missing", self.missing), ("added", self.added)):
             for row in rows[:limit]:
                 lines.append(f"  {title}: " + " -> ".join(map(repr, row[1:])) + f"  at {row[0]}")
@@ -96,13 +100,27 @@ def _rounded(value: Any, digits: int = 6) -> Any:
     return float(f"{value:.{digits}g}") if isinstance(value, float) and math.isfinite(value) else value
 
 
+def machine_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> set[str]:
+    """How the machines that wrote two results records differ (their provenance's `machine`), in words: bf16
+    products run through other kernels on another CPU, so last digits may move with no change of code."""
+    found = [record.get("provenance", {}).get("machine") for record in (old, new)]
+    if found[0] is None or found[1] is None:
+        missing = " and ".join(w for w, m in zip(("old", "new"), found, strict=True) if m is None)
+        return {f"the {missing} results do not record their machine (written before it was recorded)"}
+    return {
+        f"the builds ran on different machines: {key} {found[0].get(key)!r} -> {found[1].get(key)!r}"
+        for key in sorted(set(found[0]) | set(found[1]))
+        if found[0].get(key) != found[1].get(key)
+    }
+
+
 def compare_records(
     old: Mapping[str, Any], new: Mapping[str, Any], *, rtol: float = 1e-6, atol: float = 1e-9
 ) -> Comparison:
     """Compare two results records (the JSON of one chapter) leaf by leaf, see the module docstring."""
     old_leaves = {p: v for p, v in leaves(old) if not _skipped(p)}
     new_leaves = {p: v for p, v in leaves(new) if not _skipped(p)}
-    out = Comparison()
+    out = Comparison(machines=machine_differences(old, new))
     unmatched_new = {p: v for p, v in new_leaves.items() if p not in old_leaves}
     lost = []
     for path, value in old_leaves.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -46,8 +47,38 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """What ran a result: CPU model, logical cores, torch's threads and the CPU kernels it dispatches to, and
+    whether the CPU has AMX (bf16 matrix tiles). Two machines can give different last digits (bf16 products run
+    through other kernels), so a numbers' comparison across builds needs to know whether the machine changed."""
+    import torch  # lazily: writing a results file should not be what imports torch
+
+    info = _cpuinfo(cpuinfo)
+    flags = set(info.get("flags", "").split())
+    return {
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in flags if flags else None,
+    }
+
+
 def provenance(chapter: str, preset: str) -> dict[str, Any]:
-    """Who produced a result: chapter, preset, commit, library and runtime versions, UTC time."""
+    """Who produced a result: chapter, preset, commit, library and runtime versions, the machine, UTC time."""
     return {
         "chapter": chapter,
         "preset": preset,
@@ -55,5 +86,6 @@ def provenance(chapter: str, preset: str) -> dict[str, Any]:
         "emolib_version": __version__,
         "python_version": platform.python_version(),
         "torch_version": _package_version("torch"),
+        "machine": machine(),
         "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
