@@ -570,3 +570,45 @@ def test_the_final_phase_carries_its_first_layers_bootstrap_interval(result):
     assert phase.first == result.final_phase()[0]
     assert phase.first_range == (int(interval.low), int(interval.high))
     assert interval.low <= phase.first <= interval.high
+
+
+def test_the_phases_on_another_dataset_repeat_chapter_1s_on_the_same_items(result, lm, environment):
+    """Chapter 5's phase analysis of another dataset is chapter 1's profile and cut: on chapter 1's own items it
+    gives chapter 1's phase-count test and three-phase cut (without chapter 1's other measurements), cached."""
+    with threadpool_limits(1):
+        again = flow.dataset_phases(lm, "builtin", CONFIG)
+    chapter1 = result.subset("all")
+    assert again.cut == chapter1.cut(3)
+    assert again.chosen == chapter1.chosen and again.n_items == chapter1.n_items
+    pd.testing.assert_frame_equal(again.test, chapter1.test, check_dtype=False)
+    back = flow.DatasetPhases.from_json(json.loads(json.dumps(again.to_json())))
+    assert back.cut == again.cut and (back.chosen, back.labels, back.trend_r2) == (
+        again.chosen,
+        again.labels,
+        again.trend_r2,
+    )
+    pd.testing.assert_frame_equal(back.test, again.test)
+    with pytest.raises(FlowError, match="'isear' is not available here"):
+        flow.dataset_phases(lm, "isear", CONFIG)
+    with pytest.MonkeyPatch.context() as patch:  # a second call reads the cache
+        patch.setattr(flow, "_dataset_phases", lambda *args: pytest.fail("recomputed a cached analysis"))
+        assert flow.dataset_phases(lm, "builtin", CONFIG).cut == again.cut
+
+
+def test_phases_reappear_rule_with_its_failing_cases():
+    def cut(*boundaries):  # three phases of twelve layers, boundaries as (value, low, high)
+        (a, *_), (b, *_) = boundaries
+        return PhaseCut(
+            phases=((0, a - 1), (a, b - 1), (b, 11)), intervals=tuple(Estimate(*e) for e in boundaries)
+        )
+
+    isear = cut((4, 3, 5), (9, 8, 10))
+    rule = flow.phases_reappear_verdict
+    assert rule(isear, cut((5, 4, 6), (9, 9, 10)), "isear", "carer").verdict == "holds"
+    partly = rule(isear, cut((4, 4, 4), (6, 5, 7)), "isear", "carer")
+    assert partly.verdict == "partly" and partly.numbers["agree"] == 1 and partly.numbers["differ"] == 1
+    assert rule(isear, cut((7, 6, 8), (11, 11, 11)), "isear", "carer").verdict == "does not hold"
+    unclear = rule(isear, cut((6, 5, 7), (11, 10, 11)), "isear", "carer")  # overlapping, outside each other
+    assert unclear.verdict == "inconclusive" and unclear.numbers["differ"] == 0
+    with pytest.raises(FlowError, match="cannot be compared"):
+        rule(isear, PhaseCut(phases=((0, 5), (6, 11)), intervals=(Estimate(6, 5, 7),)), "isear", "carer")

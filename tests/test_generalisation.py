@@ -20,7 +20,9 @@ from test_sae_suite import TINY_SUITE
 from emolib import plots
 from emolib.lm import baselines
 from emolib.methods.steering import draw_bootstrap
+from emolib.stats import Estimate
 from emolib.studies import generalisation as G
+from emolib.studies.flow import DatasetPhases, PhaseCut
 from emolib.studies.presets import PRESETS
 from emolib.studies.summary import summarise
 from emolib.verdicts import Verdict
@@ -150,14 +152,42 @@ def tiny_generalisation(tiny_model, tiny_tokenizer, tmp_cache, tmp_path, monkeyp
     )
     steering = dataclasses.replace(quick.steering, saes=TINY_SUITE, n_phases=2, progress=False)
     config = dataclasses.replace(
-        quick, preset="test", source=source, steering=steering, datasets=("crowd_envent", "goemotions")
+        quick,
+        preset="test",
+        source=source,
+        steering=steering,
+        datasets=("crowd_envent", "goemotions"),
+        phase_datasets=("crowd_envent", "goemotions"),
     )
     return lm, config
 
 
+def planted_phases(dataset: str, boundaries: tuple[tuple[int, int, int], ...] = ((4, 3, 5), (9, 8, 10))):
+    """A `DatasetPhases` of twelve layers with the given three-phase boundaries (value, low, high)."""
+    (a, *_), (b, *_) = boundaries
+    cut = PhaseCut(
+        phases=((0, a - 1), (a, b - 1), (b, 11)), intervals=tuple(Estimate(*e) for e in boundaries)
+    )
+    test = pd.DataFrame({"cost": [3.0, 1.0], "r2": [0.0, 0.6]}, index=pd.Index([1, 3], name="n_phases"))
+    return DatasetPhases("m", dataset, 60, ("anger", "joy"), 0.5, test, 3, 0.4, cut, 1.0)
+
+
 def test_both_regimes_run_and_the_verdicts_reach_the_summary(tiny_generalisation, tmp_path, monkeypatch):
     lm, config = tiny_generalisation
+    # chapter 1's phase analysis needs six layers or more (the tiny model has two): its own test covers it
+    # (test_flow_study), here a planted one shows what the chapter does with it
+    asked = []
+    monkeypatch.setattr(
+        G, "dataset_phases", lambda lm, dataset, flow: asked.append(flow) or planted_phases(dataset)
+    )
     result = G.run_generalisation(lm, config, {"early": [0], "late": [1]})
+    assert set(result.phases) == {"crowd_envent"} and asked == [config.flow]  # goemotions is absent here
+    phases = G.phase_verdicts({"tiny-transfer": result}, {}, config)
+    assert [v.verdict for v in phases.values()] == ["inconclusive", "inconclusive"]
+    assert {k[1]: v.reason for k, v in phases.items()} == {
+        "crowd_envent": "crowd_envent: not measured (chapter 1 has no cut)",
+        "goemotions": "goemotions: not measured (goemotions is not available here)",
+    }
     assert set(result.in_domain) == {"builtin", "crowd_envent"} and set(result.cross) == {"crowd_envent"}
     assert result.meta["datasets_missing"] == ["goemotions"]  # asked for, absent here
     transfer = result.cross["crowd_envent"]
@@ -171,6 +201,7 @@ def test_both_regimes_run_and_the_verdicts_reach_the_summary(tiny_generalisation
     assert result.in_domain["crowd_envent"].labels == TARGET_LABELS
     again = G.GeneralisationResult.from_json(json.loads(json.dumps(result.to_json())))
     pd.testing.assert_frame_equal(again.cross["crowd_envent"].summary, transfer.summary)
+    assert again.phases["crowd_envent"].cut == result.phases["crowd_envent"].cut
     headroom = result.headroom()
     assert list(headroom.index) == ["builtin", "crowd_envent"] and headroom["chance"].iloc[
         0
@@ -257,3 +288,33 @@ def test_mechanism_verdicts_fail_without_an_excess_over_random_features():
     pair = G.mechanism_verdicts({"a": result(0.03, 0), "b": result(0.03, 0)}, config)
     assert {v.verdict for k, v in pair.items() if k[2] == "mechanism"} == {"does not hold"}
     assert {v.verdict for k, v in pair.items() if k[2] == "overlap"} == {"does not hold"}
+
+
+def test_phase_verdicts_compare_chapter_1s_cut_with_each_datasets():
+    """The source's boundaries against each phase dataset's, with the phase-count test's choices in the reason;
+    a table row per dataset with chapter 1's first."""
+    source = planted_phases("isear")
+    chapter1 = SimpleNamespace(
+        n_items=280, chosen=2, trend_r2=0.9, test=source.test, cut=lambda n: source.cut
+    )
+    flows = {"m": SimpleNamespace(subset=lambda name: chapter1, facts={"model accuracy": 0.4})}
+    config = dataclasses.replace(G.GeneralisationConfig(), phase_datasets=("meld", "carer_emotion"))
+    results = {
+        "m": SimpleNamespace(
+            source="isear",
+            phases={
+                "meld": planted_phases("meld", ((5, 4, 6), (9, 9, 10))),
+                "carer_emotion": planted_phases("carer_emotion", ((7, 6, 8), (11, 11, 11))),
+            },
+        )
+    }
+    verdicts = G.phase_verdicts(results, flows, config)
+    assert verdicts[("m", "meld", "phases")].verdict == "holds"
+    moved = verdicts[("m", "carer_emotion", "phases")]
+    assert moved.verdict == "does not hold" and moved.numbers["differ"] == 2
+    assert "picks 2 phases on isear and 3 on carer_emotion" in moved.reason
+    assert moved.claim == "phases" and moved.scope == "carer_emotion"
+    assert len(G.transfer_notes(verdicts)["m"]) == 2
+    rows = G.phases_table(results, flows)
+    assert list(rows.index.get_level_values("dataset")) == ["isear", "meld", "carer_emotion"]
+    assert rows.loc[("m", "carer_emotion"), "three-phase boundaries [95% CI]"] == "7 [6, 8], 11 [11, 11]"

@@ -279,8 +279,16 @@ def test_the_paper_scale_path_offline(fake_gpt2, empty_hub, tmp_cache, builtin_o
     preset = dataclasses.replace(
         get_preset("quick"), saes=dataclasses.replace(get_preset("quick").saes, suite=TINY_SUITE)
     )
-    suite_config = preset.with_pretrained(["gpt2-saes"]).flow.saes
+    pretrained = preset.with_pretrained(["gpt2-saes"])
+    suite_config = pretrained.flow.saes
     assert suite_config.pretrained == ("gpt2-saes",)
+    every_study = (
+        pretrained.features,
+        pretrained.tracing,
+        pretrained.steering,
+        pretrained.generalisation.source,
+    )
+    assert all(study.saes == suite_config for study in (*every_study, pretrained.generalisation.flow))
     monkeypatch.setattr(
         suite_module, "train_saes_cached", lambda *a, **k: pytest.fail("trained instead of reading")
     )

@@ -127,6 +127,9 @@ def test_the_presets_registry_holds_every_study():
         for study in (preset.flow, preset.features, preset.tracing):
             # every analysis study of a preset reads the same items and SAEs, cached under the preset's name
             assert study.preset == name and study.items == preset.items and study.saes == preset.suite
+        assert (
+            preset.generalisation.flow == preset.flow
+        )  # chapter 5 cuts other datasets as chapter 1 cuts ISEAR
     # the study configs' defaults are the full preset, so a config built by hand is the book's
     full = get_preset("full")
     assert (full.flow, full.features, full.tracing) == (FlowConfig(), FeaturesConfig(), TracingConfig())

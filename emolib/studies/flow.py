@@ -27,7 +27,9 @@ import torch
 from jaxtyping import Float
 from sae_lens.evals import ExplainedVarianceCalculator
 from statsmodels.stats.multitest import multipletests
+from tqdm.auto import tqdm
 
+from emolib import data
 from emolib.lm.models import LoadedModel, load_model
 from emolib.methods.cards import promoted_tokens, top_activating
 from emolib.methods.common import FlowError
@@ -484,7 +486,6 @@ def _measure_layer(
     """Probes (residual and SAE codes), selective features with their null, the logit lens, at one layer; the
     same selectivity on the codes averaged over each text's own tokens (`text_codes`, rows `idx`)."""
     gold = aset.gold[idx]
-    groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
     h = aset.resid(layer)[idx]
     sae = suite.saes[_hook(layer)]
     z = aset.codes(layer, sae)[idx]
@@ -503,10 +504,8 @@ def _measure_layer(
     selective = _layer_selectivity(gold, labels, config, len(aset.layers), layer)
     sel, on_text = selective(z), selective(text_codes[idx])
     followed = gold_or_answer(z, gold, aset.predicted[idx], sel.selectivity.sets())
-    lens = logit_lens(lm.model, h, groups)
+    lens, p_gold, log_mass = _lens_outcomes(lm, aset, h, gold)
     lens_pred = np.array(aset.labels)[lens.label_logprobs.argmax(axis=1)]
-    p_gold = at_gold(lens.renormalised, gold, aset.labels)
-    log_mass = np.logaddexp.reduce(lens.label_logprobs, axis=1) / np.log(10)  # log10 mass, no underflow
     lens_gold = mean_interval(p_gold, n_boot=config.probe.n_boot, seed=layer)
     row = {
         "layer": layer,
@@ -545,6 +544,17 @@ def _measure_layer(
         "lens_log_mass": log_mass,
     }
     return _Layer(row=row, per_item=per_item, selective=sel, resid=h, codes=z, lens_pred=lens_pred)
+
+
+def _lens_outcomes(
+    lm: LoadedModel, aset: AnalysisSet, h: np.ndarray, gold: np.ndarray
+) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The logit lens at residuals `h`: the lens, p(gold | labels) and log10 p(any label) per item."""
+    groups = label_first_tokens(aset.classifier.sequences, len(aset.labels))
+    lens = logit_lens(lm.model, h, groups)
+    p_gold = at_gold(lens.renormalised, gold, aset.labels)
+    log_mass = np.logaddexp.reduce(lens.label_logprobs, axis=1) / np.log(10)  # log10 mass, no underflow
+    return lens, p_gold, log_mass
 
 
 def _layer_selectivity(
@@ -638,11 +648,17 @@ def _phases(
 ) -> tuple[PhaseCountTest, dict[int, BoundaryBootstrap], dict[str, tuple[int, ...]]]:
     """Phase-count test, the three-phase cut and the chosen cut, with item-bootstrap intervals, and the
     three-phase boundaries with each profile metric left out."""
-    layers = measured.table.index.tolist()
-    profile_fn = functools.partial(item_metric_profile, measured.values, layers=layers)
-    profile = profile_fn(np.arange(len(measured.idx)))
+    return _cut_profile(measured.values, measured.table.index.tolist(), config)
+
+
+def _cut_profile(
+    values: Mapping[str, np.ndarray], layers: Sequence[int], config: FlowConfig
+) -> tuple[PhaseCountTest, dict[int, BoundaryBootstrap], dict[str, tuple[int, ...]]]:
+    """`_phases` of per-item outcomes `values` (metric -> [layers, items])."""
+    profile_fn = functools.partial(item_metric_profile, values, layers=list(layers))
+    n = next(iter(values.values())).shape[1]
+    profile = profile_fn(np.arange(n))
     candidates = feasible_candidates(config.candidates, len(layers))
-    n = len(measured.idx)
     rng = np.random.default_rng(1)  # not the boundary bootstrap's stream (seed 0)
     resamples = [profile_fn(rng.integers(0, n, size=n)) for _ in range(config.penalty_resamples)]
     penalty = bootstrap_penalty(profile, resamples) if len(candidates) > 1 else 0.0
@@ -1844,3 +1860,167 @@ class FlowResult:
             if payload.get("seed_features") is None
             else table(payload["seed_features"], ["seed", "layer"]),
         )
+
+
+# ------------------------------------------------------------------------------------------------ another dataset
+# Chapter 5 asks whether chapter 1's phases are the model's or the dataset's: the same profile, cut the same way, on
+# another dataset's items, through the same SAEs.
+
+
+@dataclass(frozen=True)
+class DatasetPhases:
+    """Chapter 1's phase analysis of one model on another dataset's items: the phase-count test over the same
+    profile (`test`, its choice, the smooth trend's R^2) and the three-phase cut with item-bootstrap intervals."""
+
+    study: ClassVar[str] = "dataset_phases"
+
+    model: str
+    dataset: str
+    n_items: int
+    labels: tuple[str, ...]
+    accuracy: float
+    test: pd.DataFrame
+    chosen: int
+    trend_r2: float
+    cut: PhaseCut
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "n_items": self.n_items,
+            "labels": list(self.labels),
+            "accuracy": self.accuracy,
+            "phase_count_test": records(self.test),
+            "chosen": self.chosen,
+            "trend_r2": self.trend_r2,
+            "cut": self.cut.to_json(),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> DatasetPhases:
+        test = table(payload["phase_count_test"], "n_phases")
+        if "boundaries" in test:
+            test["boundaries"] = [tuple(b) for b in test["boundaries"]]
+        return cls(
+            model=payload["model"],
+            dataset=payload["dataset"],
+            n_items=int(payload["n_items"]),
+            labels=tuple(payload["labels"]),
+            accuracy=float(payload["accuracy"]),
+            test=test,
+            chosen=int(payload["chosen"]),
+            trend_r2=float(payload["trend_r2"]),
+            cut=PhaseCut.from_json(payload["cut"]),
+            seconds=float(payload["seconds"]),
+        )
+
+
+def _profile_outcomes(
+    lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConfig
+) -> dict[str, np.ndarray]:
+    """Per profile metric, every layer's per-item outcomes ([layers, items]) on all of `aset`'s items: what chapter
+    1's profile averages, without its other measurements (nor the probes' shuffled-label controls)."""
+    gold = aset.gold
+    no_control = dataclasses.replace(config.probe, control=False)
+    rows: dict[str, list[np.ndarray]] = {name: [] for name, _ in config.profile_metrics}
+    for layer in tqdm(aset.layers, desc=f"phase profile, {aset.dataset}"):
+        h = aset.resid(layer)
+        z = aset.codes(layer, suite.saes[_hook(layer)])
+        active = z.max(axis=0) > z.min(axis=0)
+        _, p_gold, log_mass = _lens_outcomes(lm, aset, h, gold)
+        outcomes = {"lens_gold": p_gold, "lens_log_mass": log_mass}
+        if "probe_resid" in rows:
+            outcomes["probe_resid"] = probe_accuracy(h, gold, no_control).correct
+        if "probe_sae" in rows:
+            outcomes["probe_sae"] = probe_accuracy(z[:, active], gold, no_control).correct
+        for name in rows:
+            rows[name].append(outcomes[name])
+    return {name: np.stack(values) for name, values in rows.items()}
+
+
+def _dataset_phases(lm: LoadedModel, aset: AnalysisSet, suite: SAESuite, config: FlowConfig) -> DatasetPhases:
+    began = time.time()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="probe folds reduced")
+        values = _profile_outcomes(lm, aset, suite, config)
+    test, boots, _ = _cut_profile(values, aset.layers, config)
+    return DatasetPhases(
+        model=lm.info.name,
+        dataset=aset.dataset,
+        n_items=aset.n,
+        labels=tuple(aset.labels),
+        accuracy=float(aset.correct.mean()),
+        test=test.table,
+        chosen=test.chosen,
+        trend_r2=test.trend_r2,
+        cut=_phase_cut(boots[3]),
+        seconds=time.time() - began,
+    )
+
+
+def dataset_phases(model: str | LoadedModel, dataset: str, config: FlowConfig | None = None) -> DatasetPhases:
+    """Chapter 1's phase-count test and three-phase cut of `model` on `dataset`'s items (sampled as chapter 1's,
+    per `config.items`, through the same SAEs), cached under the config and the items' and SAEs' keys."""
+    config = config or FlowConfig()
+    if dataset not in data.available_datasets():
+        raise FlowError(f"dataset {dataset!r} is not available here (have {data.available_datasets()})")
+    lm = load_model(model) if isinstance(model, str) else model
+    aset = analysis_set(lm, config.preset, dataclasses.replace(config.items, dataset=dataset))
+    suite = sae_suite(lm, config.preset, config.saes)
+    profile_config = (
+        config.probe,
+        config.profile_metrics,
+        config.candidates,
+        config.n_boot,
+        config.penalty_resamples,
+    )
+    key_parts = (STUDY_VERSION, profile_config, aset.store.key, suite.key)
+    return cached_result(
+        DatasetPhases, lm.info.cache_name, key_parts, lambda: _dataset_phases(lm, aset, suite, config)
+    )
+
+
+def _boundary_agreement(source: Estimate, target: Estimate) -> str:
+    """ "agrees" when each boundary lies inside the other's bootstrap interval, "differs" when the intervals are
+    disjoint, "unclear" in between."""
+    inside = source.low <= target.value <= source.high and target.low <= source.value <= target.high
+    if inside:
+        return "agrees"
+    return "differs" if source.high < target.low or target.high < source.low else "unclear"
+
+
+def phases_reappear_verdict(
+    source: PhaseCut, target: PhaseCut, source_name: str, target_name: str
+) -> Verdict:
+    """Do the three-phase boundaries chapter 1 found on `source_name` reappear on `target_name`? Per boundary,
+    `_boundary_agreement` of the two item-bootstrap intervals: "holds" when every boundary agrees, "partly" when
+    some do, "does not hold" when none agrees and one differs, "inconclusive" when every boundary is unclear."""
+    if len(source.intervals) != len(target.intervals):
+        raise FlowError(
+            f"cuts of {len(source.phases)} and {len(target.phases)} phases cannot be compared boundary by boundary"
+        )
+    found = [_boundary_agreement(s, t) for s, t in zip(source.intervals, target.intervals, strict=True)]
+    agree, differ = found.count("agrees"), found.count("differs")
+    numbers = {
+        "boundaries": len(found),
+        "agree": agree,
+        "differ": differ,
+        f"{source_name} cut": source.boundaries_text(),
+        f"{target_name} cut": target.boundaries_text(),
+    }
+    reason = (
+        f"boundaries {source.boundaries_text()} on {source_name} and {target.boundaries_text()} on {target_name}: "
+        + ", ".join(found)
+    )
+    if agree == len(found):
+        verdict = "holds"
+    elif agree:
+        verdict = "partly"
+    elif differ:
+        verdict = "does not hold"
+    else:
+        verdict = "inconclusive"
+    return Verdict(verdict, reason, numbers, "phases_reappear_verdict")

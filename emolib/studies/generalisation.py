@@ -16,7 +16,9 @@
 Mechanisms (beside the regimes, from the same runs): on each target, the gold-gap drop when the source's top-k
 causal features of a shared emotion are zeroed, against its matched random features (`TransferResult.ablation`),
 and the overlap of the top-k sets ranked independently on each dataset, against matched random features and a
-hypergeometric null (`feature_overlap`).
+hypergeometric null (`feature_overlap`). And whether chapter 1's phases are the model's or the source dataset's:
+chapter 1's profile and three-phase cut on the items of each of `config.phase_datasets`, through the same SAEs
+(`emolib.studies.flow.dataset_phases`), boundary by boundary against the source's (`phase_verdicts`).
 
 Verdicts (fixed before the run, `TransferRule`): per (model, dataset, regime) cell, causal steering "holds" when
 it beats zero-shot and every equal-data baseline of its regime (one-sided paired bootstrap, Holm across the
@@ -24,7 +26,7 @@ regime's cells) within the perplexity tolerance; "partly" when it beats zero-sho
 for a model when most of its in-domain cells hold (a cell not run or inconclusive counts as not holding; when no
 cell could be measured at all the claim is inconclusive, not refuted); "across models" holds when "across datasets"
 holds for every book model. The mechanism verdicts
-(`mechanism_verdicts`) are reported beside them.
+(`mechanism_verdicts`) and the phases' (`phase_verdicts`) are reported beside them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ from emolib.methods.tracing import gold_gaps
 from emolib.sae.suite import SAESuite, sae_suite
 from emolib.stats import format_interval
 from emolib.studies.base import cached_result, records, table
+from emolib.studies.flow import (
+    DatasetPhases,
+    FlowConfig,
+    FlowResult,
+    PhaseCut,
+    dataset_phases,
+    phases_reappear_verdict,
+)
 from emolib.studies.steering import (
     INTERVENTIONS,
     REQUIRED_BASELINES,
@@ -63,7 +73,7 @@ from emolib.studies.steering import (
 from emolib.verdicts import Verdict, capped_by_sae
 
 #: Bump when `GeneralisationResult` or its computation changes, so cached results are rebuilt.
-GENERALISATION_VERSION = "1"
+GENERALISATION_VERSION = "2"  # 2: chapter 1's phases on other datasets
 
 CLAIMS = {
     "across_datasets": "The gains hold across datasets",
@@ -100,6 +110,8 @@ class GeneralisationConfig:
     `source` is chapter 4's config (its dataset is the source of the frozen plans and one in-domain cell, read from
     chapter 4's cache); `steering` is the protocol on every other dataset in `datasets` (its `items` name no
     dataset: each cell sets its own, and nothing is excluded there, chapters 1-3 never read those datasets).
+    `phase_datasets` are the datasets on which chapter 1's phase analysis (`flow`, chapter 1's config) runs again;
+    it chooses nothing the steering reads, so its items may be the steering cells' too.
     """
 
     preset: str = "full"
@@ -110,6 +122,8 @@ class GeneralisationConfig:
         )
     )
     datasets: tuple[str, ...] = ("meld", "goemotions", "carer_emotion")
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    phase_datasets: tuple[str, ...] = ("goemotions",)
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
@@ -129,6 +143,11 @@ class GeneralisationConfig:
         """The datasets of `datasets` that are available here, the source left out (it is chapter 4's cell)."""
         available = data.available_datasets()
         return [d for d in self.datasets if d in available and d != self.source_dataset()]
+
+    def phase_targets(self) -> list[str]:
+        """The datasets of `phase_datasets` that are available here, the source left out (it is chapter 1's)."""
+        available = data.available_datasets()
+        return [d for d in self.phase_datasets if d in available and d != self.source_dataset()]
 
     def in_domain(self, dataset: str) -> SteeringConfig:
         """The steering protocol on `dataset` (the source: chapter 4's own config)."""
@@ -425,8 +444,9 @@ def _transfer_summaries(
 
 @dataclass
 class GeneralisationResult:
-    """One model's chapter 5: the in-domain steering result per dataset (the source's is chapter 4's) and the
-    frozen source plans per target dataset; `meta` holds the timings."""
+    """One model's chapter 5: the in-domain steering result per dataset (the source's is chapter 4's), the
+    frozen source plans per target dataset and chapter 1's phase analysis per phase dataset; `meta` holds the
+    timings."""
 
     study: ClassVar[str] = "generalisation"
 
@@ -436,6 +456,7 @@ class GeneralisationResult:
     cross: dict[str, TransferResult]
     overlap: dict[str, pd.DataFrame]
     meta: dict[str, Any]
+    phases: dict[str, DatasetPhases] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -444,6 +465,7 @@ class GeneralisationResult:
             "in_domain": {d: r.to_json() for d, r in self.in_domain.items()},
             "cross": {d: r.to_json() for d, r in self.cross.items()},
             "overlap": {d: records(t, index=False) for d, t in self.overlap.items()},
+            "phases": {d: p.to_json() for d, p in self.phases.items()},
             "meta": self.meta,
         }
 
@@ -456,6 +478,7 @@ class GeneralisationResult:
             cross={d: TransferResult.from_json(r) for d, r in payload["cross"].items()},
             overlap={d: table(t) for d, t in payload["overlap"].items()},
             meta=dict(payload["meta"]),
+            phases={d: DatasetPhases.from_json(p) for d, p in payload.get("phases", {}).items()},
         )
 
     def headroom(self) -> pd.DataFrame:
@@ -515,6 +538,11 @@ def generalisation_study(
         cross[dataset] = transfer_study(lm, source, config.in_domain(dataset), final, saes, config)
         timings[f"cross {dataset}"] = time.perf_counter() - began
         overlap[dataset] = feature_overlap(source, in_domain[dataset])
+    phases_on = {}
+    for dataset in config.phase_targets():
+        began = time.perf_counter()
+        phases_on[dataset] = dataset_phases(lm, dataset, config.flow)
+        timings[f"phases {dataset}"] = time.perf_counter() - began
     return GeneralisationResult(
         model=lm.info.name,
         source=source_name,
@@ -522,6 +550,7 @@ def generalisation_study(
         cross=cross,
         overlap=overlap,
         meta={"timings_seconds": timings, "datasets_missing": sorted(set(config.datasets) - set(in_domain))},
+        phases=phases_on,
     )
 
 
@@ -705,6 +734,39 @@ def mechanism_verdicts(
     return out
 
 
+def phase_verdicts(
+    results: Mapping[str, GeneralisationResult], flows: Mapping[str, FlowResult], config: GeneralisationConfig
+) -> dict[tuple[str, str, str], Verdict]:
+    """Per (model, phase dataset): do chapter 1's three-phase boundaries (`flows`, found on the source) reappear on
+    the dataset (`phases_reappear_verdict`)? A dataset not run here, or a model without chapter 1's cut, is
+    inconclusive (counted, not dropped). The phase-count test's choice on both is in the numbers and the reason."""
+    out = {}
+    for model, result in results.items():
+        flow, source_name = flows.get(model), result.source
+        for dataset in [d for d in config.phase_datasets if d != source_name]:
+            target = result.phases.get(dataset)
+            if target is None or flow is None:
+                missing = f"{dataset} is not available here" if target is None else "chapter 1 has no cut"
+                verdict = Verdict(
+                    "inconclusive", f"{dataset}: not measured ({missing})", {}, "phases_reappear_verdict"
+                )
+            else:
+                source = flow.subset("all")
+                verdict = phases_reappear_verdict(source.cut(3), target.cut, source_name, dataset)
+                counts = {
+                    f"phases chosen on {source_name}": source.chosen,
+                    f"phases chosen on {dataset}": target.chosen,
+                }
+                verdict = dataclasses.replace(
+                    verdict,
+                    reason=f"{dataset}: {verdict.reason}; the phase-count test picks {source.chosen} phases on "
+                    f"{source_name} and {target.chosen} on {dataset}",
+                    numbers={**verdict.numbers, **counts},
+                )
+            out[(model, dataset, "phases")] = verdict.about("phases", model, dataset)
+    return out
+
+
 def claim_verdicts(
     results: Mapping[str, GeneralisationResult],
     cells: Mapping[tuple[str, str, str], Verdict],
@@ -834,6 +896,7 @@ _NOTE_WORDING = {
     "cross": "Chapter 4's frozen plans on {dataset}",
     "mechanism": "Chapter 4's causal features drive predictions on {dataset}",
     "overlap": "The causal features found on {dataset} are those found on the source",
+    "phases": "Chapter 1's phases reappear on {dataset}",
 }
 
 
@@ -845,6 +908,58 @@ def transfer_notes(cells: Mapping[tuple[str, str, str], Verdict]) -> dict[str, l
             what = _NOTE_WORDING[regime].format(dataset=dataset)
             notes.setdefault(model, []).append(f"{what}: **{v.verdict}** ({v.reason}).")
     return notes
+
+
+def phases_table(
+    results: Mapping[str, GeneralisationResult], flows: Mapping[str, FlowResult]
+) -> pd.DataFrame:
+    """Per (model, dataset): items, the model's accuracy, the phase-count test's choice, the R^2 of three phases
+    and of the smooth trend, and the three-phase boundaries with their bootstrap intervals; the source's row from
+    chapter 1 first."""
+    rows = []
+    for model, result in results.items():
+        flow = flows.get(model)
+        if flow is not None:
+            source = flow.subset("all")
+            r2 = float(source.test.loc[3, "r2"]) if 3 in source.test.index else np.nan
+            rows.append(
+                _phases_row(
+                    model,
+                    result.source,
+                    source.n_items,
+                    flow.facts.get("model accuracy"),
+                    source.chosen,
+                    r2,
+                    source.trend_r2,
+                    source.cut(3),
+                )
+            )
+        for dataset, p in result.phases.items():
+            r2 = float(p.test.loc[3, "r2"]) if 3 in p.test.index else np.nan
+            rows.append(_phases_row(model, dataset, p.n_items, p.accuracy, p.chosen, r2, p.trend_r2, p.cut))
+    return pd.DataFrame(rows).set_index(["model", "dataset"]) if rows else pd.DataFrame()
+
+
+def _phases_row(
+    model: str,
+    dataset: str,
+    n_items: int,
+    accuracy: float | None,
+    chosen: int,
+    r2_three: float,
+    r2_trend: float | None,
+    cut: PhaseCut,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "dataset": dataset,
+        "items": n_items,
+        "accuracy": accuracy,
+        "phases chosen": chosen,
+        "R2 three phases": r2_three,
+        "R2 smooth trend": r2_trend,
+        "three-phase boundaries [95% CI]": cut.boundaries_text(),
+    }
 
 
 def ablation_table(results: Mapping[str, GeneralisationResult]) -> pd.DataFrame:

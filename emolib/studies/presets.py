@@ -80,7 +80,9 @@ class Preset:
             tracing=dataclasses.replace(self.tracing, saes=suite),
             steering=dataclasses.replace(self.steering, saes=suite),
             generalisation=dataclasses.replace(
-                self.generalisation, source=dataclasses.replace(self.generalisation.source, saes=suite)
+                self.generalisation,
+                source=dataclasses.replace(self.generalisation.source, saes=suite),
+                flow=dataclasses.replace(self.generalisation.flow, saes=suite),
             ),
         )
 
@@ -185,6 +187,7 @@ def _preset(
     """One preset: every analysis study reads the same `items` and `suite`, keyed under `name`."""
     shared = {"preset": name, "items": items, "saes": suite}
     steering_config = SteeringConfig(**shared, **steering)
+    flow_config = FlowConfig(**shared, **flow)
     in_domain = dataclasses.replace(
         steering_config, exclude_analysed=False, generation_per_label=0, **generalisation.pop("steering")
     )
@@ -193,12 +196,12 @@ def _preset(
         items=items,
         saes=SaesConfig(preset=name, suite=suite),
         setup=SetupConfig(preset=name, baseline=baseline),
-        flow=FlowConfig(**shared, **flow),
+        flow=flow_config,
         features=FeaturesConfig(**shared, **features),
         tracing=TracingConfig(**shared, **tracing),
         steering=steering_config,
         generalisation=GeneralisationConfig(
-            preset=name, source=steering_config, steering=in_domain, **generalisation
+            preset=name, source=steering_config, steering=in_domain, flow=flow_config, **generalisation
         ),
         scale_reference=scale_reference,
         models=models,
@@ -269,6 +272,7 @@ PRESETS: dict[str, Preset] = {
         generalisation=dict(
             steering=dict(n_examples=(3,), n_draws=1, icl_ns=(), variants=("gain",)),
             datasets=("meld",),
+            phase_datasets=("meld",),
             n_boot=200,
         ),
         models=QUICK_MODELS,
