@@ -4,6 +4,7 @@ reuses every stage, and the evaluation batch leaves out what training leaves out
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import pandas as pd
@@ -125,6 +126,15 @@ def test_a_seeds_run_of_every_layer_gives_each_layer_and_is_read_for_a_few(tiny_
     suite = sae_suite(tiny_lm, "test", TINY_SUITE)
     assert list(suite_module.seed_flags(tiny_lm, suite, alone, 7)) == [1]
     assert list(suite_module.seed_flags(tiny_lm, suite, every, 7)) == every_layer
+    # once every layer is measured, a few layers read their rows of it instead of being measured again
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(suite_module, "measure_saes", lambda *a, **k: pytest.fail("measured again"))
+        for folder in (tmp_cache / "sae_quality").iterdir():
+            if len(json.loads((folder / "quality.json").read_text())["hooks"]) == 1:
+                shutil.rmtree(folder)
+        assert suite_module.seed_flags(tiny_lm, suite, alone, 7) == {
+            1: suite_module.seed_flags(tiny_lm, suite, every, 7)[1]
+        }
     # ... and on the tokens their training saw, so one layer's numbers are those of the run of every layer
     strict = dataclasses.replace(
         TINY_SUITE, extraction=dataclasses.replace(TINY_SUITE.extraction, outlier_factor=1.3)

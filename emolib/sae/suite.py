@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,11 +336,38 @@ def _measured(
     lm: LoadedModel, saes: dict[str, SAE], saes_id: str, config: SuiteConfig
 ) -> tuple[Corpus, pd.DataFrame, Path]:
     """The evaluation corpus, the SAEs' quality table on it and its cache entry (keyed by `saes_id` and the hooks
-    measured: one seed's SAEs of a few layers and of every layer are two entries)."""
-    precision = compute_dtype(lm.model)
+    measured). A few layers of SAEs whose every layer is measured already (a seed's final phase in chapters 2 and
+    3, after chapter 1's run of every layer with that seed) read those layers' rows of that measurement: on the
+    same tokens their numbers are the same (tested), so they are not measured again."""
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
+    every_hook = sorted(resid_hooks(lm.info.n_layers))
+    if sorted(saes) != every_hook:
+        whole = _quality_folder(
+            lm, saes_id, every_hook, _eval_settings(lm, config, eval_corpus, every_layer=True)
+        )
+        if verify_entry(whole):
+            quality = quality_table(json.loads((whole / "quality.json").read_text()))
+            return eval_corpus, quality.loc[[hook for hook in quality.index if hook in saes]], whole
+    settings = _eval_settings(lm, config, eval_corpus, every_layer=sorted(saes) == every_hook)
+
+    def evaluate(tmp: Path) -> None:
+        write_json(tmp / "quality.json", quality_dict(measure_saes(lm, saes, eval_corpus, config)))
+
+    quality_folder = cached_entry(
+        _quality_folder(lm, saes_id, sorted(saes), settings),
+        evaluate,
+        meta={"model": lm.info.name, "saes": saes_id, **settings},
+    )
+    quality = quality_table(json.loads((quality_folder / "quality.json").read_text()))
+    return eval_corpus, quality, quality_folder
+
+
+def _eval_settings(
+    lm: LoadedModel, config: SuiteConfig, eval_corpus: Corpus, every_layer: bool
+) -> dict[str, Any]:
+    """What a quality measurement depends on besides the SAEs (its cache key)."""
     extraction = config.extraction
-    eval_settings = {
+    settings = {
         "corpus": eval_corpus.digest(),
         "skip_first": extraction.skip_first,
         "outlier_factor": extraction.outlier_factor,
@@ -348,23 +375,17 @@ def _measured(
         "batch_size": config.eval_batch_size,
         "seed": config.seed,
     }
-    if sorted(saes) != sorted(resid_hooks(lm.info.n_layers)):
+    if not every_layer:
         # measured on training's tokens (outliers at any layer); earlier entries of a few layers used only theirs
-        eval_settings["outliers_at"] = "every layer"
+        settings["outliers_at"] = "every layer"
+    precision = compute_dtype(lm.model)
     if precision != torch.float32:  # quality measured through bf16 forwards is another number
-        eval_settings["precision"] = dtype_name(precision)
+        settings["precision"] = dtype_name(precision)
     device = device_of(lm.model)
     if torch.device(device).type != "cpu":
-        eval_settings["device"] = torch.device(device).type
+        settings["device"] = torch.device(device).type
+    return settings
 
-    def evaluate(tmp: Path) -> None:
-        write_json(tmp / "quality.json", quality_dict(measure_saes(lm, saes, eval_corpus, config)))
 
-    name = lm.info.name
-    quality_folder = cached_entry(
-        cache_dir("sae_quality") / f"{name}-{config_key(saes_id, sorted(saes), eval_settings)}",
-        evaluate,
-        meta={"model": name, "saes": saes_id, **eval_settings},
-    )
-    quality = quality_table(json.loads((quality_folder / "quality.json").read_text()))
-    return eval_corpus, quality, quality_folder
+def _quality_folder(lm: LoadedModel, saes_id: str, hooks: Sequence[str], settings: Mapping[str, Any]) -> Path:
+    return cache_dir("sae_quality") / f"{lm.info.name}-{config_key(saes_id, list(hooks), dict(settings))}"
