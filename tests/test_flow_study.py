@@ -610,5 +610,10 @@ def test_phases_reappear_rule_with_its_failing_cases():
     assert rule(isear, cut((7, 6, 8), (11, 11, 11)), "isear", "carer").verdict == "does not hold"
     unclear = rule(isear, cut((6, 5, 7), (11, 10, 11)), "isear", "carer")  # overlapping, outside each other
     assert unclear.verdict == "inconclusive" and unclear.numbers["differ"] == 0
+    # inside each other's intervals, but one of them spans half the layers: it locates no boundary
+    wide = rule(isear, cut((4, 1, 7), (9, 8, 10)), "isear", "carer")
+    assert wide.verdict == "partly" and wide.numbers["max_interval_width"] == 3
+    with pytest.raises(FlowError, match="over 12 and 9 layers"):
+        rule(isear, PhaseCut(phases=((0, 2), (3, 5), (6, 8)), intervals=isear.intervals), "isear", "carer")
     with pytest.raises(FlowError, match="cannot be compared"):
         rule(isear, PhaseCut(phases=((0, 5), (6, 11)), intervals=(Estimate(6, 5, 7),)), "isear", "carer")

@@ -312,7 +312,7 @@ def test_phase_verdicts_compare_chapter_1s_cut_with_each_datasets():
     assert verdicts[("m", "meld", "phases")].verdict == "holds"
     moved = verdicts[("m", "carer_emotion", "phases")]
     assert moved.verdict == "does not hold" and moved.numbers["differ"] == 2
-    assert "picks 2 phases on isear and 3 on carer_emotion" in moved.reason
+    assert "picks 2 phases on isear and 3 phases on carer_emotion" in moved.reason
     assert moved.claim == "phases" and moved.scope == "carer_emotion"
     assert len(G.transfer_notes(verdicts)["m"]) == 2
     rows = G.phases_table(results, flows)

@@ -1983,37 +1983,51 @@ def dataset_phases(model: str | LoadedModel, dataset: str, config: FlowConfig | 
     )
 
 
-def _boundary_agreement(source: Estimate, target: Estimate) -> str:
-    """ "agrees" when each boundary lies inside the other's bootstrap interval, "differs" when the intervals are
-    disjoint, "unclear" in between."""
+def _boundary_agreement(source: Estimate, target: Estimate, max_width: float) -> str:
+    """ "agrees" when each boundary lies inside the other's bootstrap interval and neither interval is wider than
+    `max_width` layers (a wider one does not locate its boundary), "differs" when the intervals are disjoint,
+    "unclear" otherwise."""
+    if source.high < target.low or target.high < source.low:
+        return "differs"
     inside = source.low <= target.value <= source.high and target.low <= source.value <= target.high
-    if inside:
-        return "agrees"
-    return "differs" if source.high < target.low or target.high < source.low else "unclear"
+    located = max(source.high - source.low, target.high - target.low) <= max_width
+    return "agrees" if inside and located else "unclear"
+
+
+#: A boundary is located when its bootstrap interval spans at most this share of the model's layers.
+LOCATED_SHARE = 0.25
 
 
 def phases_reappear_verdict(
     source: PhaseCut, target: PhaseCut, source_name: str, target_name: str
 ) -> Verdict:
     """Do the three-phase boundaries chapter 1 found on `source_name` reappear on `target_name`? Per boundary,
-    `_boundary_agreement` of the two item-bootstrap intervals: "holds" when every boundary agrees, "partly" when
-    some do, "does not hold" when none agrees and one differs, "inconclusive" when every boundary is unclear."""
-    if len(source.intervals) != len(target.intervals):
+    `_boundary_agreement` of the two item-bootstrap intervals (located: at most `LOCATED_SHARE` of the layers wide):
+    "holds" when every boundary agrees, "partly" when some do, "does not hold" when none agrees and one differs,
+    "inconclusive" when every boundary is unclear."""
+    n_layers = source.phases[-1][1] + 1
+    if len(source.intervals) != len(target.intervals) or target.phases[-1][1] + 1 != n_layers:
         raise FlowError(
-            f"cuts of {len(source.phases)} and {len(target.phases)} phases cannot be compared boundary by boundary"
+            f"cuts of {len(source.phases)} and {len(target.phases)} phases over {n_layers} and "
+            f"{target.phases[-1][1] + 1} layers cannot be compared boundary by boundary"
         )
-    found = [_boundary_agreement(s, t) for s, t in zip(source.intervals, target.intervals, strict=True)]
+    max_width = LOCATED_SHARE * n_layers
+    found = [
+        _boundary_agreement(s, t, max_width) for s, t in zip(source.intervals, target.intervals, strict=True)
+    ]
     agree, differ = found.count("agrees"), found.count("differs")
     numbers = {
         "boundaries": len(found),
         "agree": agree,
         "differ": differ,
+        "max_interval_width": max_width,
         f"{source_name} cut": source.boundaries_text(),
         f"{target_name} cut": target.boundaries_text(),
     }
     reason = (
         f"boundaries {source.boundaries_text()} on {source_name} and {target.boundaries_text()} on {target_name}: "
         + ", ".join(found)
+        + f" (an interval wider than {max_width:g} layers locates nothing)"
     )
     if agree == len(found):
         verdict = "holds"

@@ -759,8 +759,8 @@ def phase_verdicts(
                 }
                 verdict = dataclasses.replace(
                     verdict,
-                    reason=f"{dataset}: {verdict.reason}; the phase-count test picks {source.chosen} phases on "
-                    f"{source_name} and {target.chosen} on {dataset}",
+                    reason=f"{dataset}: {verdict.reason}; the phase-count test picks {_phases(source.chosen)} "
+                    f"on {source_name} and {_phases(target.chosen)} on {dataset}",
                     numbers={**verdict.numbers, **counts},
                 )
             out[(model, dataset, "phases")] = verdict.about("phases", model, dataset)
@@ -908,6 +908,10 @@ def transfer_notes(cells: Mapping[tuple[str, str, str], Verdict]) -> dict[str, l
             what = _NOTE_WORDING[regime].format(dataset=dataset)
             notes.setdefault(model, []).append(f"{what}: **{v.verdict}** ({v.reason}).")
     return notes
+
+
+def _phases(n: int) -> str:
+    return f"{n} phase" if n == 1 else f"{n} phases"
 
 
 def phases_table(
