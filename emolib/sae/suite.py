@@ -341,14 +341,15 @@ def _measured(
     same tokens their numbers are the same (tested), so they are not measured again."""
     eval_corpus = build_corpus(lm.tokenizer, lm.info.chat, config.eval_corpus)
     every_hook = sorted(resid_hooks(lm.info.n_layers))
-    if sorted(saes) != every_hook:
+    every_layer = sorted(saes) == every_hook
+    if not every_layer:
         whole = _quality_folder(
             lm, saes_id, every_hook, _eval_settings(lm, config, eval_corpus, every_layer=True)
         )
         if verify_entry(whole):
             quality = quality_table(json.loads((whole / "quality.json").read_text()))
             return eval_corpus, quality.loc[[hook for hook in quality.index if hook in saes]], whole
-    settings = _eval_settings(lm, config, eval_corpus, every_layer=sorted(saes) == every_hook)
+    settings = _eval_settings(lm, config, eval_corpus, every_layer)
 
     def evaluate(tmp: Path) -> None:
         write_json(tmp / "quality.json", quality_dict(measure_saes(lm, saes, eval_corpus, config)))

@@ -490,7 +490,7 @@ def _measure_layer(
     sae = suite.saes[_hook(layer)]
     z = aset.codes(layer, sae)[idx]
     probe_h = probe_accuracy(h, gold, config.probe)
-    probe_z = _codes_probe(z, gold, config)
+    probe_z = _codes_probe(z, gold, config.probe)
     # SAE adequacy at the answer position: what the reconstruction and the error term each carry
     with torch.no_grad():
         recon = sae.decode(torch.from_numpy(z).to(sae.W_dec.device)).cpu().numpy().astype(np.float64)
@@ -573,10 +573,11 @@ def _layer_selectivity(
     )
 
 
-def _codes_probe(z: np.ndarray, gold: np.ndarray, config: FlowConfig) -> ProbeResult:
-    """The emotion probe on SAE codes, beside its control; constant columns carry nothing after standardising."""
+def _codes_probe(z: np.ndarray, gold: np.ndarray, probe: ProbeConfig) -> ProbeResult:
+    """The emotion probe on SAE codes (beside its control if `probe` asks); constant columns carry nothing after
+    standardising."""
     active = z.max(axis=0) > z.min(axis=0)
-    return probe_accuracy(z[:, active], gold, config.probe)
+    return probe_accuracy(z[:, active], gold, probe)
 
 
 def _codes_probe_row(probe: ProbeResult) -> dict[str, float]:
@@ -873,7 +874,7 @@ def _seed_layers(
     for layer in aset.layers:
         codes[layer] = aset.codes(layer, saes[_hook(layer)])[idx]
         selective[layer] = _layer_selectivity(gold, labels, config, len(aset.layers), layer)(codes[layer])
-        probe = _codes_probe(codes[layer], gold, config)
+        probe = _codes_probe(codes[layer], gold, config.probe)
         rows.append({"layer": layer, **_codes_probe_row(probe), **selective[layer].row()})
     frame = pd.DataFrame(rows).set_index("layer")
     _mark_beyond_control(frame, config, ("",))
@@ -1335,9 +1336,7 @@ class SubsetFlow:
     @classmethod
     def from_json(cls, subset: str, payload: Mapping[str, Any]) -> SubsetFlow:
         test = payload["phase_count_test"]
-        test_table = table(test["table"], "n_phases")
-        if "boundaries" in test_table:
-            test_table["boundaries"] = [tuple(b) for b in test_table["boundaries"]]
+        test_table = _test_table(test["table"])
         shares = test["bootstrap_choice_shares"]
         labels = tuple(payload["labels"])
         return cls(
@@ -1365,6 +1364,14 @@ class SubsetFlow:
             role_counts_per_phase=_optional_table(payload.get("role_counts_per_phase"), "phase"),
             final_agreement=payload.get("final_agreement"),
         )
+
+
+def _test_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """A phase-count test's table from its JSON rows (index n_phases, boundaries as tuples)."""
+    test = table(rows, "n_phases")
+    if "boundaries" in test:
+        test["boundaries"] = [tuple(b) for b in test["boundaries"]]
+    return test
 
 
 def _without(payload: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]] | None:
@@ -1901,16 +1908,13 @@ class DatasetPhases:
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any]) -> DatasetPhases:
-        test = table(payload["phase_count_test"], "n_phases")
-        if "boundaries" in test:
-            test["boundaries"] = [tuple(b) for b in test["boundaries"]]
         return cls(
             model=payload["model"],
             dataset=payload["dataset"],
             n_items=int(payload["n_items"]),
             labels=tuple(payload["labels"]),
             accuracy=float(payload["accuracy"]),
-            test=test,
+            test=_test_table(payload["phase_count_test"]),
             chosen=int(payload["chosen"]),
             trend_r2=float(payload["trend_r2"]),
             cut=PhaseCut.from_json(payload["cut"]),
@@ -1929,13 +1933,12 @@ def _profile_outcomes(
     for layer in tqdm(aset.layers, desc=f"phase profile, {aset.dataset}"):
         h = aset.resid(layer)
         z = aset.codes(layer, suite.saes[_hook(layer)])
-        active = z.max(axis=0) > z.min(axis=0)
         _, p_gold, log_mass = _lens_outcomes(lm, aset, h, gold)
         outcomes = {"lens_gold": p_gold, "lens_log_mass": log_mass}
         if "probe_resid" in rows:
             outcomes["probe_resid"] = probe_accuracy(h, gold, no_control).correct
         if "probe_sae" in rows:
-            outcomes["probe_sae"] = probe_accuracy(z[:, active], gold, no_control).correct
+            outcomes["probe_sae"] = _codes_probe(z, gold, no_control).correct
         for name in rows:
             rows[name].append(outcomes[name])
     return {name: np.stack(values) for name, values in rows.items()}
