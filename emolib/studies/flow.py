@@ -60,7 +60,13 @@ from emolib.methods.roles import (
     token_codes,
     top_tokens,
 )
-from emolib.methods.selectivity import SelectiveCount, SelectivityConfig, gold_or_answer, selective_with_null
+from emolib.methods.selectivity import (
+    TOP_AUROCS,
+    SelectiveCount,
+    SelectivityConfig,
+    gold_or_answer,
+    selective_with_null,
+)
 from emolib.methods.similarity import consecutive_cka
 from emolib.sae.activations import (
     ActivationStore,
@@ -1422,9 +1428,11 @@ def emergence_row(per_layer: pd.DataFrame, cut: PhaseCut, n_items: int) -> dict[
         "first layer, residual probe above control (phase)": where(first_probe),
         "first layer, SAE probe above control (phase)": where(first_probe_sae),
         "first layer, lens above chance (phase)": where(first_lens),
-        "first layer, top-10 AUROC beyond null (phase)": first_of("auroc_top_beyond_control"),
+        f"first layer, top-{TOP_AUROCS} AUROC beyond null (phase)": first_of("auroc_top_beyond_control"),
         "first layer, text-token features beyond control (phase)": first_of("text_selective_beyond_control"),
-        "first layer, text-token top-10 AUROC beyond null (phase)": first_of("text_auroc_top_beyond_control"),
+        f"first layer, text-token top-{TOP_AUROCS} AUROC beyond null (phase)": first_of(
+            "text_auroc_top_beyond_control"
+        ),
     }
 
 
@@ -1703,7 +1711,7 @@ class FlowResult:
         )
 
     def auroc_table(self) -> pd.DataFrame:
-        """Per layer (all items), without a count threshold: the mean of the top-10 and the largest one-vs-rest
+        """Per layer (all items), without a count threshold: the mean of the `TOP_AUROCS` largest and the largest one-vs-rest
         AUROC of the SAE features at the answer position and averaged over the text's own tokens, each with the
         largest value of its shuffled-label null, and the text tokens' selective-feature count beside its null's
         largest; a star where the permutation test passes after Holm correction across layers (empty for results
@@ -1724,9 +1732,9 @@ class FlowResult:
         return pd.DataFrame(
             {
                 "model": self.model,
-                "answer: top-10 AUROC (null max)": cell("", "auroc_top"),
+                f"answer: top-{TOP_AUROCS} AUROC (null max)": cell("", "auroc_top"),
                 "answer: max AUROC (null max)": cell("", "auroc_max"),
-                "text: top-10 AUROC (null max)": cell("text_", "auroc_top"),
+                f"text: top-{TOP_AUROCS} AUROC (null max)": cell("text_", "auroc_top"),
                 "text: max AUROC (null max)": cell("text_", "auroc_max"),
                 "text: selective (null max)": cell("text_", "selective", digits=0),
                 "SAE misses": t["sae_misses"],

@@ -925,43 +925,54 @@ def phases_table(
         flow = flows.get(model)
         if flow is not None:
             source = flow.subset("all")
-            r2 = float(source.test.loc[3, "r2"]) if 3 in source.test.index else np.nan
             rows.append(
                 _phases_row(
                     model,
                     result.source,
-                    source.n_items,
-                    flow.facts.get("model accuracy"),
-                    source.chosen,
-                    r2,
-                    source.trend_r2,
-                    source.cut(3),
+                    n_items=source.n_items,
+                    accuracy=flow.facts.get("model accuracy"),
+                    test=source.test,
+                    chosen=source.chosen,
+                    trend_r2=source.trend_r2,
+                    cut=source.cut(3),
                 )
             )
         for dataset, p in result.phases.items():
-            r2 = float(p.test.loc[3, "r2"]) if 3 in p.test.index else np.nan
-            rows.append(_phases_row(model, dataset, p.n_items, p.accuracy, p.chosen, r2, p.trend_r2, p.cut))
+            rows.append(
+                _phases_row(
+                    model,
+                    dataset,
+                    n_items=p.n_items,
+                    accuracy=p.accuracy,
+                    test=p.test,
+                    chosen=p.chosen,
+                    trend_r2=p.trend_r2,
+                    cut=p.cut,
+                )
+            )
     return pd.DataFrame(rows).set_index(["model", "dataset"]) if rows else pd.DataFrame()
 
 
 def _phases_row(
     model: str,
     dataset: str,
+    *,
     n_items: int,
     accuracy: float | None,
+    test: pd.DataFrame,
     chosen: int,
-    r2_three: float,
-    r2_trend: float | None,
+    trend_r2: float | None,
     cut: PhaseCut,
 ) -> dict[str, Any]:
+    """One row of `phases_table`: chapter 1's subset and another dataset's cut carry the same fields."""
     return {
         "model": model,
         "dataset": dataset,
         "items": n_items,
         "accuracy": accuracy,
         "phases chosen": chosen,
-        "R2 three phases": r2_three,
-        "R2 smooth trend": r2_trend,
+        "R2 three phases": float(test.loc[3, "r2"]) if 3 in test.index else np.nan,
+        "R2 smooth trend": trend_r2,
         "three-phase boundaries [95% CI]": cut.boundaries_text(),
     }
 
