@@ -1711,11 +1711,11 @@ class FlowResult:
         )
 
     def auroc_table(self) -> pd.DataFrame:
-        """Per layer (all items), without a count threshold: the mean of the `TOP_AUROCS` largest and the largest one-vs-rest
-        AUROC of the SAE features at the answer position and averaged over the text's own tokens, each with the
-        largest value of its shuffled-label null, and the text tokens' selective-feature count beside its null's
-        largest; a star where the permutation test passes after Holm correction across layers (empty for results
-        files written before these were measured)."""
+        """Per layer (all items), without a count threshold: the mean of the `TOP_AUROCS` largest and the largest
+        one-vs-rest AUROC of the SAE features at the answer position and averaged over the text's own tokens, each with
+        the largest value of its shuffled-label null, and the text tokens' selective-feature count beside its null's
+        largest; a star where the permutation test passes after Holm correction across layers (empty for results files
+        written before these were measured)."""
         part = self.subsets.get("all")
         if not isinstance(part, SubsetFlow) or "text_auroc_top" not in part.per_layer.columns:
             return pd.DataFrame()

@@ -57,6 +57,7 @@ from emolib.studies.flow import (
     FlowConfig,
     FlowResult,
     PhaseCut,
+    SubsetFlow,
     dataset_phases,
     phases_reappear_verdict,
 )
@@ -927,52 +928,28 @@ def phases_table(
             source = flow.subset("all")
             rows.append(
                 _phases_row(
-                    model,
-                    result.source,
-                    n_items=source.n_items,
-                    accuracy=flow.facts.get("model accuracy"),
-                    test=source.test,
-                    chosen=source.chosen,
-                    trend_r2=source.trend_r2,
-                    cut=source.cut(3),
+                    model, result.source, source, accuracy=flow.facts.get("model accuracy"), cut=source.cut(3)
                 )
             )
         for dataset, p in result.phases.items():
-            rows.append(
-                _phases_row(
-                    model,
-                    dataset,
-                    n_items=p.n_items,
-                    accuracy=p.accuracy,
-                    test=p.test,
-                    chosen=p.chosen,
-                    trend_r2=p.trend_r2,
-                    cut=p.cut,
-                )
-            )
+            rows.append(_phases_row(model, dataset, p, accuracy=p.accuracy, cut=p.cut))
     return pd.DataFrame(rows).set_index(["model", "dataset"]) if rows else pd.DataFrame()
 
 
 def _phases_row(
-    model: str,
-    dataset: str,
-    *,
-    n_items: int,
-    accuracy: float | None,
-    test: pd.DataFrame,
-    chosen: int,
-    trend_r2: float | None,
-    cut: PhaseCut,
+    model: str, dataset: str, phases: SubsetFlow | DatasetPhases, *, accuracy: float | None, cut: PhaseCut
 ) -> dict[str, Any]:
-    """One row of `phases_table`: chapter 1's subset and another dataset's cut carry the same fields."""
+    """One row of `phases_table`: chapter 1's subset and another dataset's analysis carry the same phase-count
+    fields (`n_items`, `test`, `chosen`, `trend_r2`); their accuracy and three-phase cut are read differently."""
+    test = phases.test
     return {
         "model": model,
         "dataset": dataset,
-        "items": n_items,
+        "items": phases.n_items,
         "accuracy": accuracy,
-        "phases chosen": chosen,
+        "phases chosen": phases.chosen,
         "R2 three phases": float(test.loc[3, "r2"]) if 3 in test.index else np.nan,
-        "R2 smooth trend": trend_r2,
+        "R2 smooth trend": phases.trend_r2,
         "three-phase boundaries [95% CI]": cut.boundaries_text(),
     }
 
