@@ -162,3 +162,31 @@ def test_machine_reads_the_cpu_model_and_amx(tmp_path):
     assert machine(cpuinfo)["amx_bf16"] is False
     unknown = machine(tmp_path / "missing")
     assert unknown["amx_bf16"] is None and unknown["cpu"]
+
+
+def _kernel_in_a_fresh_process(**env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = "from emolib.pipeline.provenance import bf16_matmul_kernel as k; print('KERNEL=' + k())"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("KERNEL=")]
+    assert len(lines) == 1, run.stdout  # oneDNN's own verbose lines must not leak to standard output
+    return lines[0].removeprefix("KERNEL=")
+
+
+def test_the_bf16_kernel_is_read_from_onednn_and_changes_with_its_isa():
+    """bfloat16 numbers depend on the oneDNN kernel (README, Reproducibility): provenance names it, and a run whose
+    oneDNN is held to AVX2 (no bf16 units) records that no oneDNN kernel took the product."""
+    from emolib.lm.precision import bf16_is_fast
+    from emolib.pipeline.provenance import NOT_ONEDNN, machine
+
+    if not bf16_is_fast("cpu"):
+        pytest.skip("this CPU has no bfloat16 units: oneDNN takes no bf16 product")
+    here = _kernel_in_a_fresh_process()
+    assert here != NOT_ONEDNN and ":" in here  # e.g. brg_matmul:avx10_1_512_amx
+    assert _kernel_in_a_fresh_process(ONEDNN_MAX_CPU_ISA="AVX2") == NOT_ONEDNN
+    assert machine()["bf16_matmul_kernel"] == here

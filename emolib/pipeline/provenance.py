@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +64,43 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     return fields
 
 
+#: The oneDNN kernel family a bfloat16 product runs on when no oneDNN kernel takes it (ATen's own code).
+NOT_ONEDNN = "not oneDNN"
+
+
+@functools.cache
+def bf16_matmul_kernel() -> str:
+    """The oneDNN implementation a bfloat16 matrix product runs on here (e.g. `brg_matmul:avx10_1_512_amx`), or
+    `NOT_ONEDNN`. bfloat16 numbers depend on it: SmolLM2's 560 analysis-set answers computed through the AMX,
+    AVX-512 bf16 and AVX2 kernels of one machine differ in 17-25 answers, where float32 forwards are bitwise equal
+    (README, Reproducibility). Read from oneDNN's verbose lines, which it prints to file descriptor 1."""
+    import torch
+
+    sys.stdout.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(1)
+        try:
+            os.dup2(sink.fileno(), 1)
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                square = torch.ones(32, 32, dtype=torch.bfloat16)
+                torch.nn.functional.linear(square, square)
+            ctypes.CDLL(None).fflush(None)  # C stdio may still hold verbose lines
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        sink.seek(0)
+        lines = sink.read().decode(errors="replace").splitlines()
+    kernels = [
+        line.split(",")[6] for line in lines if line.startswith("onednn_verbose") and ",exec,cpu," in line
+    ]
+    return kernels[0] if kernels else NOT_ONEDNN
+
+
 def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
-    """What ran a result: CPU model, logical cores, torch's threads and the CPU kernels it dispatches to, and
-    whether the CPU has AMX (bf16 matrix tiles). Two machines can give different last digits (bf16 products run
-    through other kernels), so a numbers' comparison across builds needs to know whether the machine changed."""
+    """What ran a result: CPU model, logical cores, torch's threads and the CPU kernels it dispatches to (its
+    vector level and the oneDNN kernel of a bfloat16 product), and whether the CPU has AMX (bf16 matrix tiles).
+    Two machines, or one machine whose oneDNN takes another kernel, give different bfloat16 numbers, so a numbers'
+    comparison across builds needs to know whether the machine changed."""
     import torch  # lazily: writing a results file should not be what imports torch
 
     info = _cpuinfo(cpuinfo)
@@ -74,6 +111,7 @@ def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx_bf16": "amx_bf16" in flags if flags else None,
+        "bf16_matmul_kernel": bf16_matmul_kernel(),
     }
 
 
