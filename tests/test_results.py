@@ -190,3 +190,36 @@ def test_the_bf16_kernel_is_read_from_onednn_and_changes_with_its_isa():
     assert here != NOT_ONEDNN and ":" in here  # e.g. brg_matmul:avx10_1_512_amx
     assert _kernel_in_a_fresh_process(ONEDNN_MAX_CPU_ISA="AVX2") == NOT_ONEDNN
     assert machine()["bf16_matmul_kernel"] == here
+
+
+def test_the_bf16_kernel_is_unknown_not_an_error_where_onednn_cannot_be_read(monkeypatch):
+    """A torch built without oneDNN raises from its verbose switch: the results file says so, the chapter runs on."""
+    import torch
+
+    from emolib.pipeline import provenance
+
+    def no_onednn(level):
+        raise RuntimeError("MKLDNN verbose only works when torch is built with MKLDNN")
+
+    monkeypatch.setattr(torch.backends.mkldnn, "verbose", no_onednn)
+    provenance.bf16_matmul_kernel.cache_clear()
+    try:
+        assert provenance.bf16_matmul_kernel() == (
+            "unknown (RuntimeError: MKLDNN verbose only works when torch is built with MKLDNN)"
+        )
+    finally:
+        provenance.bf16_matmul_kernel.cache_clear()
+
+
+def test_the_implementation_is_read_from_exec_lines_only():
+    from emolib.pipeline.provenance import _implementation
+
+    lines = {
+        "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx10_1_512_amx,undef,src:bf16,,32x32:32x32,0.1": (
+            "brg_matmul:avx10_1_512_amx"
+        ),
+        "onednn_verbose,v1,info,cpu,isa:Intel AVX10.1": None,
+        "onednn_verbose,v1,primitive,exec,gpu,matmul,jit:gemm": None,
+    }
+    for line, implementation in lines.items():
+        assert _implementation(line.split(",")) == implementation, line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import functools
@@ -70,10 +71,29 @@ NOT_ONEDNN = "not oneDNN"
 
 @functools.cache
 def bf16_matmul_kernel() -> str:
-    """The oneDNN implementation a bfloat16 matrix product runs on here (e.g. `brg_matmul:avx10_1_512_amx`), or
-    `NOT_ONEDNN`. bfloat16 numbers depend on it: SmolLM2's 560 analysis-set answers computed through the AMX,
-    AVX-512 bf16 and AVX2 kernels of one machine differ in 17-25 answers, where float32 forwards are bitwise equal
-    (README, Reproducibility). Read from oneDNN's verbose lines, which it prints to file descriptor 1."""
+    """The oneDNN implementation a bfloat16 matrix product runs on here (e.g. `brg_matmul:avx10_1_512_amx`),
+    `NOT_ONEDNN`, or "unknown (why)" where it cannot be read (a torch without oneDNN, no file descriptor 1).
+    bfloat16 numbers depend on it: SmolLM2's 560 analysis-set answers computed through the AMX, AVX-512 bf16 and
+    AVX2 kernels of one machine differ in 17-25 answers, where float32 forwards are bitwise equal (README,
+    Reproducibility). Read from oneDNN's verbose lines, which it prints to file descriptor 1."""
+    try:
+        lines = _onednn_verbose_of_a_bf16_product()
+    except (OSError, RuntimeError, AttributeError) as error:
+        return f"unknown ({type(error).__name__}: {error})"
+    kernels = [_implementation(line.split(",")) for line in lines if line.startswith("onednn_verbose")]
+    kernels = [kernel for kernel in kernels if kernel]
+    return kernels[0] if kernels else NOT_ONEDNN
+
+
+def _implementation(fields: list[str]) -> str | None:
+    """The implementation field of an `exec` line (`...,exec,cpu,matmul,<implementation>,...`)."""
+    if "exec" not in fields:
+        return None
+    at = fields.index("exec") + 3
+    return fields[at] if at < len(fields) and fields[at - 2] == "cpu" else None
+
+
+def _onednn_verbose_of_a_bf16_product() -> list[str]:
     import torch
 
     sys.stdout.flush()
@@ -84,16 +104,13 @@ def bf16_matmul_kernel() -> str:
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 square = torch.ones(32, 32, dtype=torch.bfloat16)
                 torch.nn.functional.linear(square, square)
-            ctypes.CDLL(None).fflush(None)  # C stdio may still hold verbose lines
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).fflush(None)  # C stdio may still hold verbose lines (not on Windows)
         finally:
             os.dup2(saved, 1)
             os.close(saved)
         sink.seek(0)
-        lines = sink.read().decode(errors="replace").splitlines()
-    kernels = [
-        line.split(",")[6] for line in lines if line.startswith("onednn_verbose") and ",exec,cpu," in line
-    ]
-    return kernels[0] if kernels else NOT_ONEDNN
+        return sink.read().decode(errors="replace").splitlines()
 
 
 def machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
