@@ -65,7 +65,7 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     return fields
 
 
-#: The oneDNN kernel family a bfloat16 product runs on when no oneDNN kernel takes it (ATen's own code).
+#: What `bf16_matmul_kernel` records when no oneDNN kernel takes a bfloat16 product (ATen's own code runs it).
 NOT_ONEDNN = "not oneDNN"
 
 
