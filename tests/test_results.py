@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,10 +168,6 @@ def test_machine_reads_the_cpu_model_and_amx(tmp_path):
 
 
 def _kernel_in_a_fresh_process(**env: str) -> str:
-    import os
-    import subprocess
-    import sys
-
     code = "from emolib.pipeline.provenance import bf16_matmul_kernel as k; print('KERNEL=' + k())"
     run = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
